@@ -1,0 +1,51 @@
+package ech
+
+import "errors"
+
+// Sentinel errors. Errors returned by this package wrap one of these, so
+// callers can test for them with [errors.Is]. Error strings never contain
+// key material or decrypted plaintext.
+//
+// The first four correspond to the TLS alerts that [NewConn] sends to the
+// client before returning the error (RFC 9849, Section 7 and 7.1).
+var (
+	// ErrDecodeError reports a malformed record, ClientHello or extension
+	// (alert decode_error).
+	ErrDecodeError = errors.New("ech: decode error")
+	// ErrIllegalParameter reports a well-formed message that breaks a rule
+	// of RFC 9849 (alert illegal_parameter).
+	ErrIllegalParameter = errors.New("ech: illegal parameter")
+	// ErrMissingExtension reports a second ClientHello without the ECH
+	// extension after ECH was accepted (alert missing_extension).
+	ErrMissingExtension = errors.New("ech: missing extension")
+	// ErrDecryptError reports a second ClientHello that does not decrypt
+	// after ECH was accepted (alert decrypt_error).
+	ErrDecryptError = errors.New("ech: decrypt error")
+
+	// ErrHelloTooLarge reports a ClientHello larger than the configured
+	// limit (see [WithMaxHelloSize]); the client gets a decode_error alert.
+	ErrHelloTooLarge = errors.New("ech: ClientHello too large")
+	// ErrNotTLS reports a first record that is not a TLS handshake record
+	// carrying a ClientHello; the client gets an unexpected_message alert.
+	ErrNotTLS = errors.New("ech: not a TLS ClientHello")
+
+	// ErrMalformedConfig reports an ECHConfig or ECHConfigList that does not
+	// parse or breaks a length or content rule of RFC 9849, Section 4.
+	ErrMalformedConfig = errors.New("ech: malformed ECHConfig")
+	// ErrUnsupportedVersion reports an ECHConfig version other than 0xfe0d.
+	ErrUnsupportedVersion = errors.New("ech: unsupported ECHConfig version")
+	// ErrInvalidPublicName reports a public_name that is not a valid LDH DNS
+	// name, or that is an IP address (RFC 9849, Section 4).
+	ErrInvalidPublicName = errors.New("ech: invalid public_name")
+	// ErrUnsupportedAlgorithm reports an HPKE KEM, KDF or AEAD this package
+	// does not implement or that is not valid for ECH.
+	ErrUnsupportedAlgorithm = errors.New("ech: unsupported HPKE algorithm")
+	// ErrInvalidKey reports a private key that does not parse for its KEM or
+	// does not match the public key of its ECHConfig.
+	ErrInvalidKey = errors.New("ech: invalid key")
+	// ErrMalformedPEM reports an ECH PEM file (RFC 9934) that does not hold
+	// exactly one ECHCONFIG block and at most one PRIVATE KEY block.
+	ErrMalformedPEM = errors.New("ech: malformed ECH PEM file")
+	// ErrNoKeys reports an empty key set where keys are required.
+	ErrNoKeys = errors.New("ech: no keys")
+)
