@@ -1,0 +1,669 @@
+package ech
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Status is the outcome of ECH on a connection.
+type Status uint8
+
+const (
+	// StatusNotOffered means the client sent no encrypted_client_hello
+	// extension.
+	StatusNotOffered Status = iota
+	// StatusAccepted means the ClientHelloOuter decrypted with one of the
+	// server's keys: the Conn replays the ClientHelloInner.
+	StatusAccepted
+	// StatusRejected means the client sent an outer ECH extension that
+	// did not decrypt: GREASE, an unknown config_id or a stale key. The
+	// Conn replays the ClientHelloOuter; the handshake should be completed
+	// for the public name with retry configs (see [KeySet.TLSKeys]).
+	StatusRejected
+)
+
+// String returns "not offered", "accepted" or "rejected".
+func (s Status) String() string {
+	switch s {
+	case StatusNotOffered:
+		return "not offered"
+	case StatusAccepted:
+		return "accepted"
+	case StatusRejected:
+		return "rejected"
+	}
+	return fmt.Sprintf("Status(%d)", uint8(s))
+}
+
+// TLS alerts sent by the client-facing server (RFC 8446, Section 6).
+type alert uint8
+
+const (
+	alertUnexpectedMessage alert = 10
+	alertIllegalParameter  alert = 47
+	alertDecodeError       alert = 50
+	alertDecryptError      alert = 51
+	alertInternalError     alert = 80
+	alertMissingExtension  alert = 109
+)
+
+// alertFor returns the alert that tells the peer about err, and false for
+// errors the peer is not told about (I/O errors, cancellation).
+func alertFor(err error) (alert, bool) {
+	switch {
+	case errors.Is(err, ErrIllegalParameter):
+		return alertIllegalParameter, true
+	case errors.Is(err, ErrDecodeError), errors.Is(err, ErrHelloTooLarge):
+		return alertDecodeError, true
+	case errors.Is(err, ErrMissingExtension):
+		return alertMissingExtension, true
+	case errors.Is(err, ErrDecryptError):
+		return alertDecryptError, true
+	case errors.Is(err, ErrNotTLS):
+		return alertUnexpectedMessage, true
+	case errors.Is(err, ErrInvalidKey), errors.Is(err, ErrMalformedConfig),
+		errors.Is(err, ErrUnsupportedAlgorithm), errors.Is(err, ErrInvalidPublicName):
+		return alertInternalError, true
+	}
+	return 0, false
+}
+
+// isSentinel reports whether err already wraps one of the alert sentinels.
+func isSentinel(err error) bool {
+	_, ok := alertFor(err)
+	return ok
+}
+
+// hrrRandom is ServerHello.random of a HelloRetryRequest
+// (RFC 8446, Section 4.1.3).
+var hrrRandom = [32]byte{
+	0xcf, 0x21, 0xad, 0x74, 0xe5, 0x9a, 0x61, 0x11, 0xbe, 0x1d, 0x8c, 0x02, 0x1e, 0x65, 0xb8, 0x91,
+	0xc2, 0xa2, 0x11, 0x16, 0x7a, 0xbb, 0x8c, 0x5e, 0x07, 0x9e, 0x09, 0xe2, 0xc8, 0xa8, 0x33, 0x9c,
+}
+
+// serverHelloPrefix is how many bytes of the server's first flight tell a
+// HelloRetryRequest from a ServerHello: record header, handshake header,
+// legacy_version and random.
+const serverHelloPrefix = recordHeaderLen + handshakeHeaderLen + 2 + 32
+
+// Server flight states, set by Write and read by Read.
+const (
+	serverUnseen uint32 = iota // nothing classified yet
+	serverHRR                  // the server sent a HelloRetryRequest
+	serverDone                 // the server sent a ServerHello or anything else
+)
+
+// Conn is a server connection whose ClientHello has been read and, when ECH
+// was accepted, decrypted. Reads return the ClientHello to pass on (the
+// ClientHelloInner when ECH was accepted, else the ClientHelloOuter) and
+// then the client's bytes; writes go to the client. When ECH was accepted
+// the Conn also handles a HelloRetryRequest: it decrypts the client's second
+// ClientHello with the same HPKE context and replays its inner hello.
+//
+// A Conn is used as any [net.Conn]: one goroutine may read while another
+// writes. Once the handshake messages are through, Read and Write go
+// straight to the wrapped connection.
+type Conn struct {
+	conn net.Conn
+
+	// Read side: owned by the reading goroutine.
+	replay  []byte       // bytes Read returns before the wrapped conn's
+	pooled  *[]byte      // buffer behind replay, returned to the pool when drained
+	watch   *secondHello // non-nil while a second ClientHello may come
+	rstate  atomic.Uint32
+	maxSize int
+
+	// Write side: owned by the writing goroutine.
+	wwatch bool
+	wn     int
+	whead  [serverHelloPrefix]byte
+
+	status     Status
+	presented  bool
+	configID   uint8
+	serverName string
+	outerName  string
+	alpn       []string
+	logger     *slog.Logger
+}
+
+var _ net.Conn = (*Conn)(nil)
+
+// secondHello is what decrypting a second ClientHello after a
+// HelloRetryRequest needs (RFC 9849, Section 7.1.1).
+type secondHello struct {
+	recipient *hpkeRecipient
+	suite     CipherSuite
+	configID  uint8
+	recVers   uint16
+	hdr       [recordHeaderLen]byte
+	msg       []byte // handshake message being reassembled
+}
+
+// bufPool holds ClientHello buffers: a hello is read into one, and the
+// replay of the outer hello is served from it.
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, 4096); return &b }}
+
+func getBuf() *[]byte { return bufPool.Get().(*[]byte) }
+
+func putBuf(b *[]byte) {
+	if cap(*b) <= 1<<17 {
+		*b = (*b)[:0]
+		bufPool.Put(b)
+	}
+}
+
+// scratch is per-hello working memory: the extension lists of the outer and
+// inner hellos and the AAD.
+type scratch struct {
+	outer, inner [48]extension
+	aad          []byte
+	cands        [MaxKeysPerHello]*parsedKey
+}
+
+var scratchPool = sync.Pool{New: func() any { return new(scratch) }}
+
+// aLongTimeAgo is a deadline in the past, to interrupt blocked I/O.
+var aLongTimeAgo = time.Unix(1, 0)
+
+// NewConn reads the ClientHello from conn and returns a [Conn] that replays
+// the hello to route onward: when the hello carries ECH that one of the
+// keys (given by [WithKeySet] or [WithKeys]) decrypts, the rebuilt
+// ClientHelloInner, else the hello as received. The Conn's [Conn.ServerName]
+// and [Conn.ALPNProtos] describe the hello it replays.
+//
+// Reading is bounded by ctx, by [WithHandshakeTimeout] when ctx has no
+// deadline, and by [WithMaxHelloSize]. NewConn sets conn's deadlines while
+// it works and clears them before it returns.
+//
+// A hello that breaks the rules of RFC 8446 or RFC 9849 gets the matching
+// alert (decode_error, illegal_parameter, ...) written to conn, and NewConn
+// returns an error wrapping the matching sentinel, such as
+// [ErrIllegalParameter]. A hello whose ECH does not decrypt (GREASE, an
+// unknown config_id, a stale key) is not an error: see [StatusRejected].
+// NewConn does not close conn.
+func NewConn(ctx context.Context, conn net.Conn, opts ...Option) (*Conn, error) {
+	o := defaultOptions()
+	for _, opt := range opts {
+		opt(&o)
+	}
+	deadline, ok := ctx.Deadline()
+	if !ok && o.timeout > 0 {
+		deadline = time.Now().Add(o.timeout)
+	}
+	if err := conn.SetDeadline(deadline); err != nil {
+		return nil, fmt.Errorf("ech: setting deadline: %w", err)
+	}
+	if ctx.Done() != nil {
+		interrupted := make(chan struct{})
+		stop := context.AfterFunc(ctx, func() {
+			conn.SetDeadline(aLongTimeAgo)
+			close(interrupted)
+		})
+		defer func() {
+			if !stop() {
+				<-interrupted
+			}
+		}()
+	}
+	defer conn.SetDeadline(time.Time{})
+
+	c := &Conn{conn: conn, maxSize: o.maxHelloSize, logger: o.logger}
+	err := c.readHello(ctx, &o)
+	if err == nil {
+		return c, nil
+	}
+	if ctxErr := ctx.Err(); ctxErr != nil {
+		err = fmt.Errorf("ech: reading ClientHello: %w (%w)", ctxErr, err)
+	} else if a, ok := alertFor(err); ok {
+		c.sendAlert(a)
+	}
+	if c.logger != nil {
+		c.logger.LogAttrs(ctx, slog.LevelInfo, "ech: ClientHello refused",
+			slog.String("remote", addrString(conn.RemoteAddr())), slog.String("error", err.Error()))
+	}
+	return nil, err
+}
+
+func addrString(a net.Addr) string {
+	if a == nil {
+		return ""
+	}
+	return a.String()
+}
+
+func (c *Conn) sendAlert(a alert) {
+	// RFC 8446, Section 6: level fatal(2). The record version is TLS 1.2's,
+	// as before the version is negotiated.
+	c.conn.Write([]byte{recordTypeAlert, 3, 3, 0, 2, 2, byte(a)})
+}
+
+// readHandshakeMessage reads records from r until one whole handshake
+// message has been read, and appends to dst a record header's room
+// followed by the message. It reads exactly the records that hold the
+// message. It returns the version of the first record and the number of
+// records read.
+func readHandshakeMessage(r io.Reader, dst []byte, hdr *[recordHeaderLen]byte, maxSize int) (out []byte, vers uint16, records int, err error) {
+	start := len(dst)
+	out = append(dst, make([]byte, recordHeaderLen)...)
+	for {
+		if _, err := io.ReadFull(r, hdr[:]); err != nil {
+			if records > 0 && err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return nil, 0, records, fmt.Errorf("ech: reading ClientHello: %w", err)
+		}
+		typ, rv, n := hdr[0], uint16(hdr[1])<<8|uint16(hdr[2]), int(hdr[3])<<8|int(hdr[4])
+		if typ != recordTypeHandshake || hdr[1] != 3 {
+			return nil, 0, records, fmt.Errorf("%w: record type %d, version 0x%04x", ErrNotTLS, typ, rv)
+		}
+		// RFC 8446, Section 5.1: no empty handshake fragments, at most 2^14 bytes.
+		if n == 0 || n > maxPlaintext {
+			return nil, 0, records, fmt.Errorf("%w: handshake record of %d bytes", ErrDecodeError, n)
+		}
+		if records == 0 {
+			vers = rv
+		}
+		records++
+		out = slices.Grow(out, n)
+		if _, err := io.ReadFull(r, out[len(out):len(out)+n]); err != nil {
+			return nil, 0, records, fmt.Errorf("ech: reading ClientHello: %w", noEOF(err))
+		}
+		out = out[:len(out)+n]
+		got := len(out) - start - recordHeaderLen
+		if got < handshakeHeaderLen {
+			continue
+		}
+		msg := out[start+recordHeaderLen:]
+		if msg[0] != typeClientHello {
+			return nil, 0, records, fmt.Errorf("%w: handshake message type %d", ErrNotTLS, msg[0])
+		}
+		msgLen := int(msg[1])<<16 | int(msg[2])<<8 | int(msg[3])
+		if msgLen > maxSize {
+			return nil, 0, records, fmt.Errorf("%w: %d bytes, limit %d", ErrHelloTooLarge, msgLen, maxSize)
+		}
+		switch {
+		case got == handshakeHeaderLen+msgLen:
+			return out, vers, records, nil
+		case got > handshakeHeaderLen+msgLen:
+			return nil, 0, records, fmt.Errorf("%w: data after the ClientHello in its record", ErrDecodeError)
+		}
+	}
+}
+
+func noEOF(err error) error {
+	if err == io.EOF {
+		return io.ErrUnexpectedEOF
+	}
+	return err
+}
+
+// readHello reads and processes the first ClientHello.
+func (c *Conn) readHello(ctx context.Context, o *options) error {
+	bp := getBuf()
+	var hdr [recordHeaderLen]byte
+	buf, vers, records, err := readHandshakeMessage(c.conn, *bp, &hdr, o.maxHelloSize)
+	if err != nil {
+		putBuf(bp)
+		return err
+	}
+	*bp = buf
+	msg := buf[recordHeaderLen:]
+	sc := scratchPool.Get().(*scratch)
+	defer scratchPool.Put(sc)
+
+	outer, err := parseClientHello(msg[handshakeHeaderLen:], sc.outer[:])
+	if err != nil {
+		putBuf(bp)
+		return err
+	}
+	c.outerName = outer.serverName
+	c.serverName = outer.serverName
+	replayOuter := func() error {
+		alpn, err := outer.alpn()
+		if err != nil {
+			putBuf(bp)
+			return err
+		}
+		c.alpn = alpn
+		if records == 1 {
+			// The hello came in one record: replay the bytes as received.
+			buf[0], buf[1], buf[2] = recordTypeHandshake, byte(vers>>8), byte(vers)
+			buf[3], buf[4] = byte(len(msg)>>8), byte(len(msg))
+			c.replay, c.pooled = buf, bp
+			return nil
+		}
+		c.replay = appendRecords(nil, vers, msg)
+		putBuf(bp)
+		return nil
+	}
+	if !outer.hasECH {
+		c.status = StatusNotOffered
+		c.log(ctx)
+		return replayOuter()
+	}
+	typ, ech, err := parseECHExtension(outer.ech)
+	if err != nil {
+		putBuf(bp)
+		return err
+	}
+	if typ == echTypeInner {
+		putBuf(bp)
+		// RFC 9849, Section 7: a client-facing server aborts on an inner extension.
+		return fmt.Errorf("%w: client sent an inner encrypted_client_hello to the client-facing server", ErrIllegalParameter)
+	}
+	c.presented, c.configID = true, ech.configID
+
+	cands := sc.cands[:0]
+	if o.keySet != nil {
+		cands = o.keySet.table().candidates(cands, ech.configID, ech.suite)
+	}
+	if len(o.keys) > 0 && len(cands) < MaxKeysPerHello {
+		parsed, err := parseKeys(o.keys)
+		if err != nil {
+			putBuf(bp)
+			return err
+		}
+		cands = newKeyTable(parsed).candidates(cands, ech.configID, ech.suite)
+	}
+	if len(cands) > 0 {
+		sc.aad = outerAAD(sc.aad, msg[handshakeHeaderLen:], outer, len(ech.payload))
+	}
+	for _, pk := range cands {
+		r, err := newRecipient(pk.sk, ech.suite, ech.enc, pk.info)
+		if err != nil {
+			continue // try the next key
+		}
+		encoded, err := r.open(sc.aad, ech.payload)
+		if err != nil {
+			continue // try the next key
+		}
+		// RFC 9849, Section 7.1: optionally, the outer SNI is the public_name.
+		if o.checkPublicName && outer.serverName != pk.config.PublicName {
+			putBuf(bp)
+			return fmt.Errorf("%w: outer server_name is not the public_name of config_id %d", ErrIllegalParameter, ech.configID)
+		}
+		ib := getBuf()
+		ibuf := append((*ib)[:0], make([]byte, recordHeaderLen)...)
+		innerMsg, inner, err := appendInnerHello(ibuf, outer, encoded, sc.inner[:])
+		putBuf(bp)
+		if err != nil {
+			putBuf(ib)
+			return err
+		}
+		alpn, err := inner.alpn()
+		if err != nil {
+			putBuf(ib)
+			return err
+		}
+		c.status, c.serverName, c.alpn = StatusAccepted, inner.serverName, alpn
+		ibuf = ibuf[:recordHeaderLen+len(innerMsg)]
+		if len(innerMsg) <= maxPlaintext {
+			ibuf[0], ibuf[1], ibuf[2] = recordTypeHandshake, byte(vers>>8), byte(vers)
+			ibuf[3], ibuf[4] = byte(len(innerMsg)>>8), byte(len(innerMsg))
+			*ib = ibuf
+			c.replay, c.pooled = ibuf, ib
+		} else {
+			c.replay = appendRecords(nil, vers, innerMsg)
+			putBuf(ib)
+		}
+		c.watch = &secondHello{recipient: r, suite: ech.suite, configID: ech.configID}
+		c.wwatch = true
+		c.log(ctx)
+		return nil
+	}
+	c.status = StatusRejected
+	c.log(ctx)
+	return replayOuter()
+}
+
+func (c *Conn) log(ctx context.Context) {
+	if c.logger == nil {
+		return
+	}
+	attrs := []slog.Attr{
+		slog.String("remote", addrString(c.conn.RemoteAddr())),
+		slog.String("ech", c.status.String()),
+		slog.String("outer_sni", c.outerName),
+		slog.String("sni", c.serverName),
+	}
+	if c.presented {
+		attrs = append(attrs, slog.Int("config_id", int(c.configID)))
+	}
+	c.logger.LogAttrs(ctx, slog.LevelDebug, "ech: ClientHello", attrs...)
+}
+
+// Read reads from the connection: first the ClientHello to pass on, then
+// the client's bytes. After the handshake messages it is a direct read of
+// the wrapped connection.
+func (c *Conn) Read(p []byte) (int, error) {
+	if c.replay == nil && c.watch == nil {
+		return c.conn.Read(p)
+	}
+	if c.replay == nil {
+		if err := c.readWatching(); err != nil {
+			return 0, err
+		}
+		if c.replay == nil {
+			return c.conn.Read(p)
+		}
+	}
+	n := copy(p, c.replay)
+	c.replay = c.replay[n:]
+	if len(c.replay) == 0 {
+		c.replay = nil
+		if c.pooled != nil {
+			putBuf(c.pooled)
+			c.pooled = nil
+		}
+	}
+	return n, nil
+}
+
+// readWatching reads the next client record after an accepted hello, while
+// a second ClientHello may come. It passes records other than handshake
+// records through unchanged (change_cipher_spec, early data), decrypts a
+// second ClientHello, and stops watching once the server has answered with
+// a ServerHello.
+func (c *Conn) readWatching() error {
+	w := c.watch
+	if c.rstate.Load() == serverDone && len(w.msg) == 0 {
+		c.watch = nil // the server accepted the first hello: no second one
+		return nil
+	}
+	if _, err := io.ReadFull(c.conn, w.hdr[:]); err != nil {
+		return err
+	}
+	typ, n := w.hdr[0], int(w.hdr[3])<<8|int(w.hdr[4])
+	if typ != recordTypeHandshake {
+		if len(w.msg) > 0 {
+			return c.fail(fmt.Errorf("%w: record type %d inside a ClientHello", ErrDecodeError, typ))
+		}
+		// RFC 8446, Section 5.2: protected records carry at most 2^14+256 bytes.
+		if n > maxPlaintext+256 {
+			return c.fail(fmt.Errorf("%w: record of %d bytes", ErrDecodeError, n))
+		}
+		rec := make([]byte, recordHeaderLen+n)
+		copy(rec, w.hdr[:])
+		if _, err := io.ReadFull(c.conn, rec[recordHeaderLen:]); err != nil {
+			return noEOF(err)
+		}
+		c.replay = rec
+		return nil
+	}
+	if n == 0 || n > maxPlaintext {
+		return c.fail(fmt.Errorf("%w: handshake record of %d bytes", ErrDecodeError, n))
+	}
+	if len(w.msg) == 0 {
+		w.recVers = uint16(w.hdr[1])<<8 | uint16(w.hdr[2]) // replay with the client's framing
+	}
+	if len(w.msg)+n > handshakeHeaderLen+c.maxSize {
+		return c.fail(fmt.Errorf("%w: second ClientHello over %d bytes", ErrHelloTooLarge, c.maxSize))
+	}
+	w.msg = slices.Grow(w.msg, n)
+	if _, err := io.ReadFull(c.conn, w.msg[len(w.msg):len(w.msg)+n]); err != nil {
+		return noEOF(err)
+	}
+	w.msg = w.msg[:len(w.msg)+n]
+	if len(w.msg) < handshakeHeaderLen {
+		return nil
+	}
+	msgLen := int(w.msg[1])<<16 | int(w.msg[2])<<8 | int(w.msg[3])
+	switch {
+	case msgLen > c.maxSize:
+		return c.fail(fmt.Errorf("%w: second ClientHello of %d bytes", ErrHelloTooLarge, msgLen))
+	case len(w.msg) < handshakeHeaderLen+msgLen:
+		return nil // more records to come
+	case len(w.msg) > handshakeHeaderLen+msgLen:
+		return c.fail(fmt.Errorf("%w: data after the second ClientHello in its record", ErrDecodeError))
+	}
+	if w.msg[0] != typeClientHello {
+		// Not ours to judge: pass it on and stop watching.
+		c.replay, c.watch = appendRecords(nil, w.recVers, w.msg), nil
+		return nil
+	}
+	inner, err := c.decryptSecondHello(w)
+	if err != nil {
+		return c.fail(err)
+	}
+	c.replay, c.watch = appendRecords(nil, w.recVers, inner), nil
+	return nil
+}
+
+// decryptSecondHello applies RFC 9849, Section 7.1.1 to the second
+// ClientHello and returns its ClientHelloInner.
+func (c *Conn) decryptSecondHello(w *secondHello) ([]byte, error) {
+	sc := scratchPool.Get().(*scratch)
+	defer scratchPool.Put(sc)
+	body := w.msg[handshakeHeaderLen:]
+	ch, err := parseClientHello(body, sc.outer[:])
+	if err != nil {
+		return nil, err
+	}
+	if !ch.hasECH {
+		return nil, fmt.Errorf("%w: second ClientHello lacks encrypted_client_hello", ErrMissingExtension)
+	}
+	typ, ech, err := parseECHExtension(ch.ech)
+	if err != nil {
+		return nil, err
+	}
+	if typ != echTypeOuter {
+		return nil, fmt.Errorf("%w: second ClientHello has an inner encrypted_client_hello", ErrIllegalParameter)
+	}
+	if ech.suite != w.suite || ech.configID != w.configID || len(ech.enc) != 0 {
+		return nil, fmt.Errorf("%w: second ClientHello changes cipher_suite or config_id, or has enc", ErrIllegalParameter)
+	}
+	sc.aad = outerAAD(sc.aad, body, ch, len(ech.payload))
+	encoded, err := w.recipient.open(sc.aad, ech.payload)
+	if err != nil {
+		return nil, fmt.Errorf("%w: second ClientHello", ErrDecryptError)
+	}
+	inner, _, err := appendInnerHello(nil, ch, encoded, sc.inner[:])
+	return inner, err
+}
+
+// fail sends the alert for err and returns it.
+func (c *Conn) fail(err error) error {
+	if a, ok := alertFor(err); ok {
+		c.sendAlert(a)
+	}
+	c.watch = nil
+	return err
+}
+
+// Write writes to the client. Until the server's first handshake message
+// has gone through, it notes whether it is a HelloRetryRequest.
+func (c *Conn) Write(p []byte) (int, error) {
+	if c.wwatch {
+		c.observe(p)
+	}
+	return c.conn.Write(p)
+}
+
+// observe classifies the server's first flight.
+func (c *Conn) observe(p []byte) {
+	c.wn += copy(c.whead[c.wn:], p)
+	h := c.whead[:c.wn]
+	if len(h) >= 1 && h[0] != recordTypeHandshake ||
+		len(h) >= recordHeaderLen+1 && h[recordHeaderLen] != typeServerHello {
+		c.wwatch = false
+		c.rstate.Store(serverDone)
+		return
+	}
+	if len(h) < serverHelloPrefix {
+		return
+	}
+	c.wwatch = false
+	if [32]byte(h[serverHelloPrefix-32:]) == hrrRandom {
+		c.rstate.Store(serverHRR)
+	} else {
+		c.rstate.Store(serverDone)
+	}
+}
+
+// Close closes the connection.
+func (c *Conn) Close() error { return c.conn.Close() }
+
+// CloseWrite shuts down the writing side of the wrapped connection, if it
+// supports that (as [net.TCPConn] does), for proxies that forward a
+// half-close.
+func (c *Conn) CloseWrite() error {
+	if cw, ok := c.conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return errors.New("ech: wrapped connection has no CloseWrite")
+}
+
+// LocalAddr returns the local network address.
+func (c *Conn) LocalAddr() net.Addr { return c.conn.LocalAddr() }
+
+// RemoteAddr returns the client's network address.
+func (c *Conn) RemoteAddr() net.Addr { return c.conn.RemoteAddr() }
+
+// SetDeadline sets the read and write deadlines of the wrapped connection.
+func (c *Conn) SetDeadline(t time.Time) error { return c.conn.SetDeadline(t) }
+
+// SetReadDeadline sets the read deadline of the wrapped connection.
+func (c *Conn) SetReadDeadline(t time.Time) error { return c.conn.SetReadDeadline(t) }
+
+// SetWriteDeadline sets the write deadline of the wrapped connection.
+func (c *Conn) SetWriteDeadline(t time.Time) error { return c.conn.SetWriteDeadline(t) }
+
+// NetConn returns the wrapped connection.
+func (c *Conn) NetConn() net.Conn { return c.conn }
+
+// Status returns the outcome of ECH for this connection.
+func (c *Conn) Status() Status { return c.status }
+
+// ECHAccepted reports whether the client's ECH was decrypted, so that the
+// Conn replays the ClientHelloInner.
+func (c *Conn) ECHAccepted() bool { return c.status == StatusAccepted }
+
+// ECHPresented reports whether the client sent an outer ECH extension, real
+// or GREASE.
+func (c *Conn) ECHPresented() bool { return c.presented }
+
+// ConfigID returns the config_id the client named, and whether it sent an
+// ECH extension at all.
+func (c *Conn) ConfigID() (uint8, bool) { return c.configID, c.presented }
+
+// ServerName returns the server_name of the hello the Conn replays: the
+// inner name when ECH was accepted, else the outer (public) name. It is
+// empty when the client sent none.
+func (c *Conn) ServerName() string { return c.serverName }
+
+// OuterServerName returns the server_name of the ClientHelloOuter, the name
+// visible on the wire.
+func (c *Conn) OuterServerName() string { return c.outerName }
+
+// ALPNProtos returns a copy of the ALPN protocols of the hello the Conn
+// replays, in the client's order.
+func (c *Conn) ALPNProtos() []string { return slices.Clone(c.alpn) }

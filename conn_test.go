@@ -1,0 +1,272 @@
+package ech_test
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/echkit/ech"
+	"github.com/echkit/ech/internal/testpki"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+const (
+	publicName = "public.example"
+	innerName  = "secret.example"
+)
+
+// result is what the server side saw of one connection.
+type result struct {
+	status     ech.Status
+	serverName string
+	outerName  string
+	alpn       []string
+	configID   uint8
+	presented  bool
+	negotiated string // ALPN the backend negotiated
+	err        error  // from NewConn or the backend handshake
+}
+
+// frontend is a loopback split-mode server: NewConn in front of a crypto/tls
+// backend that answers "hello <name>" after the handshake.
+type frontend struct {
+	t       testing.TB
+	ln      net.Listener
+	ca      *testpki.CA
+	ks      *ech.KeySet
+	results chan result
+	opts    []ech.Option
+	backend func(*tls.Config) // adjusts the backend config
+}
+
+func newPKI(t testing.TB) (*testpki.CA, tls.Certificate) {
+	t.Helper()
+	ca, err := testpki.NewCA()
+	require.NoError(t, err)
+	cert, err := ca.Leaf(publicName, innerName, "other.example")
+	require.NoError(t, err)
+	return ca, cert
+}
+
+func newKeySet(t testing.TB, opts *ech.KeyOptions) *ech.KeySet {
+	t.Helper()
+	k, err := ech.GenerateKey(publicName, opts)
+	require.NoError(t, err)
+	k.SendAsRetry = true
+	ks, err := ech.NewKeySet(k)
+	require.NoError(t, err)
+	return ks
+}
+
+func startFrontend(t testing.TB, ks *ech.KeySet, backend func(*tls.Config), opts ...ech.Option) *frontend {
+	t.Helper()
+	ca, cert := newPKI(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	f := &frontend{t: t, ln: ln, ca: ca, ks: ks, results: make(chan result, 1000), opts: opts, backend: backend}
+	var wg sync.WaitGroup
+	t.Cleanup(func() { ln.Close(); wg.Wait() })
+	wg.Go(func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Go(func() { f.serve(conn, cert) })
+		}
+	})
+	return f
+}
+
+func (f *frontend) serve(conn net.Conn, cert tls.Certificate) {
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	opts := append([]ech.Option{ech.WithKeySet(f.ks)}, f.opts...)
+	c, err := ech.NewConn(ctx, conn, opts...)
+	if err != nil {
+		f.results <- result{err: err}
+		return
+	}
+	r := result{status: c.Status(), serverName: c.ServerName(), outerName: c.OuterServerName(),
+		alpn: c.ALPNProtos(), presented: c.ECHPresented()}
+	r.configID, _ = c.ConfigID()
+	cfg := &tls.Config{
+		Certificates: []tls.Certificate{cert},
+		MinVersion:   tls.VersionTLS13,
+		NextProtos:   []string{"h2", "http/1.1"},
+	}
+	if !c.ECHAccepted() {
+		// The public name's server sends retry configs.
+		cfg.GetEncryptedClientHelloKeys = f.ks.GetEncryptedClientHelloKeys
+		cfg.MinVersion = tls.VersionTLS12
+	}
+	if f.backend != nil {
+		f.backend(cfg)
+	}
+	tc := tls.Server(c, cfg)
+	tc.SetDeadline(time.Now().Add(10 * time.Second))
+	if err := tc.HandshakeContext(ctx); err != nil {
+		r.err = err
+		f.results <- r
+		return
+	}
+	r.negotiated = tc.ConnectionState().NegotiatedProtocol
+	f.results <- r
+	fmt.Fprintf(tc, "hello %s\n", c.ServerName())
+	tc.Close()
+}
+
+func (f *frontend) addr() string { return f.ln.Addr().String() }
+
+// clientConfig returns a crypto/tls client config for name with ECH.
+func (f *frontend) clientConfig(name string) *tls.Config {
+	list, err := f.ks.ConfigList()
+	require.NoError(f.t, err)
+	return &tls.Config{
+		ServerName:                     name,
+		RootCAs:                        f.ca.Pool,
+		MinVersion:                     tls.VersionTLS13,
+		EncryptedClientHelloConfigList: list,
+	}
+}
+
+// dial runs a client handshake with cfg over conn (or a new loopback
+// connection) and reads the greeting.
+func (f *frontend) dial(cfg *tls.Config) (tls.ConnectionState, string, error) {
+	conn, err := net.DialTimeout("tcp", f.addr(), 5*time.Second)
+	if err != nil {
+		return tls.ConnectionState{}, "", err
+	}
+	return clientHandshake(conn, cfg)
+}
+
+func clientHandshake(conn net.Conn, cfg *tls.Config) (tls.ConnectionState, string, error) {
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	tc := tls.Client(conn, cfg)
+	if err := tc.Handshake(); err != nil {
+		return tls.ConnectionState{}, "", err
+	}
+	line, err := io.ReadAll(tc)
+	return tc.ConnectionState(), strings.TrimSpace(string(line)), err
+}
+
+func (f *frontend) result() result {
+	f.t.Helper()
+	select {
+	case r := <-f.results:
+		return r
+	case <-time.After(10 * time.Second):
+		f.t.Fatal("no result from the frontend")
+		return result{}
+	}
+}
+
+func TestAcceptedEveryKEMAndSuite(t *testing.T) {
+	t.Parallel()
+	kems := []ech.KEMID{ech.KEMX25519, ech.KEMP256, ech.KEMP384, ech.KEMP521, ech.KEMXWing}
+	suites := []ech.CipherSuite{
+		{KDF: ech.KDFHKDFSHA256, AEAD: ech.AEADAES128GCM},
+		{KDF: ech.KDFHKDFSHA256, AEAD: ech.AEADAES256GCM},
+		{KDF: ech.KDFHKDFSHA256, AEAD: ech.AEADChaCha20Poly1305},
+		{KDF: ech.KDFHKDFSHA384, AEAD: ech.AEADAES128GCM},
+		{KDF: ech.KDFHKDFSHA512, AEAD: ech.AEADAES256GCM},
+	}
+	for _, kem := range kems {
+		for _, cs := range suites {
+			t.Run(kem.String()+"/"+cs.String(), func(t *testing.T) {
+				t.Parallel()
+				ks := newKeySet(t, &ech.KeyOptions{KEM: kem, CipherSuites: []ech.CipherSuite{cs}})
+				f := startFrontend(t, ks, nil)
+				state, greeting, err := f.dial(f.clientConfig(innerName))
+				require.NoError(t, err)
+				assert.True(t, state.ECHAccepted, "client sees ECH accepted")
+				assert.Equal(t, "hello "+innerName, greeting)
+				r := f.result()
+				require.NoError(t, r.err)
+				assert.Equal(t, ech.StatusAccepted, r.status)
+				assert.Equal(t, innerName, r.serverName)
+				assert.Equal(t, publicName, r.outerName)
+				assert.True(t, r.presented)
+			})
+		}
+	}
+}
+
+func TestNoECHClient(t *testing.T) {
+	t.Parallel()
+	f := startFrontend(t, newKeySet(t, nil), nil)
+	for _, v := range []uint16{tls.VersionTLS13, tls.VersionTLS12} {
+		t.Run(tls.VersionName(v), func(t *testing.T) {
+			state, greeting, err := f.dial(&tls.Config{ServerName: innerName, RootCAs: f.ca.Pool, MinVersion: v, MaxVersion: v})
+			require.NoError(t, err)
+			assert.False(t, state.ECHAccepted)
+			assert.Equal(t, v, state.Version)
+			assert.Equal(t, "hello "+innerName, greeting)
+			r := f.result()
+			require.NoError(t, r.err)
+			assert.Equal(t, ech.StatusNotOffered, r.status)
+			assert.False(t, r.presented)
+			assert.Equal(t, innerName, r.serverName)
+		})
+	}
+}
+
+func TestRejectedThenRetry(t *testing.T) {
+	t.Parallel()
+	ks := newKeySet(t, nil)
+	f := startFrontend(t, ks, nil)
+	stale := newKeySet(t, nil) // a key the server does not have
+	staleList, err := stale.ConfigList()
+	require.NoError(t, err)
+	cfg := f.clientConfig(innerName)
+	cfg.EncryptedClientHelloConfigList = staleList
+	_, _, err = f.dial(cfg)
+	var rej *tls.ECHRejectionError
+	require.ErrorAs(t, err, &rej)
+	require.NotEmpty(t, rej.RetryConfigList, "the public name's server sent retry configs")
+	r := f.result()
+	assert.Equal(t, ech.StatusRejected, r.status)
+	assert.Equal(t, publicName, r.serverName)
+	assert.True(t, r.presented)
+
+	cfg.EncryptedClientHelloConfigList = rej.RetryConfigList
+	state, greeting, err := f.dial(cfg)
+	require.NoError(t, err)
+	assert.True(t, state.ECHAccepted)
+	assert.Equal(t, "hello "+innerName, greeting)
+	assert.Equal(t, ech.StatusAccepted, f.result().status)
+}
+
+func TestHelloRetryRequest(t *testing.T) {
+	t.Parallel()
+	// The client's first key share is X25519MLKEM768 / X25519; a backend
+	// that only takes P-256 forces a HelloRetryRequest.
+	f := startFrontend(t, newKeySet(t, nil), func(c *tls.Config) { c.CurvePreferences = []tls.CurveID{tls.CurveP256} })
+	cfg := f.clientConfig(innerName)
+	state, greeting, err := f.dial(cfg)
+	if err != nil {
+		t.Logf("server: %+v", f.result())
+	}
+	require.NoError(t, err)
+	assert.True(t, state.ECHAccepted)
+	assert.Equal(t, tls.CurveP256, state.CurveID)
+	assert.Equal(t, "hello "+innerName, greeting)
+	r := f.result()
+	require.NoError(t, r.err)
+	assert.Equal(t, ech.StatusAccepted, r.status)
+}
+
+func TestNewConnErrors(t *testing.T) {
+	t.Parallel()
+	_ = errors.New
+}
