@@ -3,7 +3,6 @@ package ech_test
 import (
 	"context"
 	"crypto/tls"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -266,7 +265,181 @@ func TestHelloRetryRequest(t *testing.T) {
 	assert.Equal(t, ech.StatusAccepted, r.status)
 }
 
-func TestNewConnErrors(t *testing.T) {
+// alertRecord is the fatal alert record the frontend sends.
+func alertRecord(desc byte) []byte { return []byte{21, 3, 3, 0, 2, 2, desc} }
+
+const (
+	alertUnexpectedMessage = 10
+	alertIllegalParameter  = 47
+	alertDecodeError       = 50
+	alertDecryptError      = 51
+	alertMissingExtension  = 109
+)
+
+// readAlert reads what the frontend sent the client until it closes or the
+// deadline passes.
+func readAll(t testing.TB, c net.Conn) []byte {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	b, _ := io.ReadAll(c)
+	return b
+}
+
+func TestMalformedHellos(t *testing.T) {
 	t.Parallel()
-	_ = errors.New
+	key, err := ech.GenerateKey(publicName, &ech.KeyOptions{ConfigID: 7})
+	require.NoError(t, err)
+	ks, err := ech.NewKeySet(key)
+	require.NoError(t, err)
+	// sealedEnc builds an accepted hello, with one part broken by the mutators.
+	sealedEnc := func(t testing.TB, mutOuter func(*hello), mutInner func(*hello)) []byte {
+		outer, inner := baseOuter(), baseInner()
+		if mutInner != nil {
+			mutInner(inner)
+		}
+		if mutOuter != nil {
+			mutOuter(outer)
+		}
+		s := newSealer(t, key)
+		return records(s.seal(outer, inner, s.enc, 7), 1<<14)
+	}
+	tests := []struct {
+		name  string
+		input func(t testing.TB) []byte
+		opts  []ech.Option
+		alert byte
+		err   error
+	}{
+		{"not TLS", func(testing.TB) []byte { return []byte("GET / HTTP/1.1\r\n\r\n") }, nil, alertUnexpectedMessage, ech.ErrNotTLS},
+		{"application data record", func(testing.TB) []byte { return []byte{23, 3, 3, 0, 1, 0} }, nil, alertUnexpectedMessage, ech.ErrNotTLS},
+		{"not a ClientHello", func(testing.TB) []byte { return records([]byte{2, 0, 0, 1, 0}, 1<<14) }, nil, alertUnexpectedMessage, ech.ErrNotTLS},
+		{"empty handshake record", func(testing.TB) []byte { return []byte{22, 3, 1, 0, 0} }, nil, alertDecodeError, ech.ErrDecodeError},
+		{"record over 2^14", func(testing.TB) []byte { return []byte{22, 3, 1, 0x40, 0x01} }, nil, alertDecodeError, ech.ErrDecodeError},
+		{"truncated ClientHello body", func(testing.TB) []byte {
+			m := baseOuter().message()
+			m = m[:60]
+			m[1], m[2], m[3] = 0, 0, 56
+			return records(m, 1<<14)
+		}, nil, alertDecodeError, ech.ErrDecodeError},
+		{"data after ClientHello in its record", func(testing.TB) []byte {
+			return records(append(baseOuter().message(), 0), 1<<14)
+		}, nil, alertDecodeError, ech.ErrDecodeError},
+		{"hello over the size limit", func(testing.TB) []byte { return records(baseOuter().message(), 1<<14) },
+			[]ech.Option{ech.WithMaxHelloSize(100)}, alertDecodeError, ech.ErrHelloTooLarge},
+		{"duplicate outer extension", func(testing.TB) []byte {
+			h := baseOuter()
+			h.exts = append(h.exts, ext{tGroups, []byte{0, 2, 0, 0x17}})
+			return records(h.message(), 1<<14)
+		}, nil, alertIllegalParameter, ech.ErrIllegalParameter},
+		{"malformed server_name", func(testing.TB) []byte {
+			h := baseOuter()
+			h.set(tSNI, []byte{0, 5, 0, 0, 9})
+			return records(h.message(), 1<<14)
+		}, nil, alertDecodeError, ech.ErrDecodeError},
+		{"malformed ALPN", func(testing.TB) []byte {
+			h := baseOuter()
+			h.set(tALPN, []byte{0, 3, 0, 1, 'x'})
+			return records(h.message(), 1<<14)
+		}, nil, alertDecodeError, ech.ErrDecodeError},
+		{"ECH of type inner from the client", func(testing.TB) []byte {
+			h := baseOuter()
+			h.set(tECH, []byte{1})
+			return records(h.message(), 1<<14)
+		}, nil, alertIllegalParameter, ech.ErrIllegalParameter},
+		{"ECH of unknown type", func(testing.TB) []byte {
+			h := baseOuter()
+			h.set(tECH, []byte{2})
+			return records(h.message(), 1<<14)
+		}, nil, alertIllegalParameter, ech.ErrIllegalParameter},
+		{"truncated ECH extension", func(testing.TB) []byte {
+			h := baseOuter()
+			h.set(tECH, []byte{0, 0, 1, 0, 1, 7, 0, 32})
+			return records(h.message(), 1<<14)
+		}, nil, alertDecodeError, ech.ErrDecodeError},
+		{"ECH with empty payload", func(testing.TB) []byte {
+			h := baseOuter()
+			h.set(tECH, echOuterExt(1, 1, 7, make([]byte, 32), nil))
+			return records(h.message(), 1<<14)
+		}, nil, alertDecodeError, ech.ErrDecodeError},
+		{"non-zero padding", func(t testing.TB) []byte {
+			return sealedEnc(t, nil, func(h *hello) { h.padding[3] = 1 })
+		}, nil, alertIllegalParameter, ech.ErrIllegalParameter},
+		{"inner legacy_session_id not empty", func(t testing.TB) []byte {
+			return sealedEnc(t, nil, func(h *hello) { h.sessionID = []byte{1, 2, 3} })
+		}, nil, alertIllegalParameter, ech.ErrIllegalParameter},
+		{"outer extension reference missing", func(t testing.TB) []byte {
+			return sealedEnc(t, func(h *hello) { h.remove(tSigAlgs) }, nil)
+		}, nil, alertIllegalParameter, ech.ErrIllegalParameter},
+		{"outer extension references out of order", func(t testing.TB) []byte {
+			return sealedEnc(t, nil, func(h *hello) { h.set(tOuterExts, outerExtsExt(tSigAlgs, tGroups)) })
+		}, nil, alertIllegalParameter, ech.ErrIllegalParameter},
+		{"outer extension referenced twice", func(t testing.TB) []byte {
+			return sealedEnc(t, nil, func(h *hello) { h.set(tOuterExts, outerExtsExt(tGroups, tGroups)) })
+		}, nil, alertIllegalParameter, ech.ErrIllegalParameter},
+		{"outer extension references encrypted_client_hello", func(t testing.TB) []byte {
+			return sealedEnc(t, nil, func(h *hello) { h.set(tOuterExts, outerExtsExt(tGroups, tECH)) })
+		}, nil, alertIllegalParameter, ech.ErrIllegalParameter},
+		{"ech_outer_extensions twice", func(t testing.TB) []byte {
+			return sealedEnc(t, nil, func(h *hello) { h.exts = append(h.exts, ext{tOuterExts, outerExtsExt(tKeyShare)}) })
+		}, nil, alertIllegalParameter, ech.ErrIllegalParameter},
+		{"referenced extension also in inner", func(t testing.TB) []byte {
+			return sealedEnc(t, nil, func(h *hello) { h.exts = append(h.exts, ext{tGroups, []byte{0, 2, 0, 0x17}}) })
+		}, nil, alertIllegalParameter, ech.ErrIllegalParameter},
+		{"malformed ech_outer_extensions", func(t testing.TB) []byte {
+			return sealedEnc(t, nil, func(h *hello) { h.set(tOuterExts, []byte{3, 0, 10, 0}) })
+		}, nil, alertDecodeError, ech.ErrDecodeError},
+		{"inner offers TLS 1.2", func(t testing.TB) []byte {
+			return sealedEnc(t, nil, func(h *hello) {
+				h.set(tOuterExts, outerExtsExt(tGroups, tSigAlgs, tKeyShare))
+				h.set(tVersions, versionsExt(0x0304, 0x0303))
+			})
+		}, nil, alertIllegalParameter, ech.ErrIllegalParameter},
+		{"inner without supported_versions", func(t testing.TB) []byte {
+			return sealedEnc(t, nil, func(h *hello) { h.set(tOuterExts, outerExtsExt(tGroups, tSigAlgs, tKeyShare)) })
+		}, nil, alertIllegalParameter, ech.ErrIllegalParameter},
+		{"inner lacks the inner ECH extension", func(t testing.TB) []byte {
+			return sealedEnc(t, nil, func(h *hello) { h.remove(tECH) })
+		}, nil, alertIllegalParameter, ech.ErrIllegalParameter},
+		{"inner ECH extension of type outer", func(t testing.TB) []byte {
+			return sealedEnc(t, nil, func(h *hello) { h.set(tECH, echOuterExt(1, 1, 7, nil, []byte{1})) })
+		}, nil, alertIllegalParameter, ech.ErrIllegalParameter},
+		{"outer server_name is not the public name", func(t testing.TB) []byte {
+			return sealedEnc(t, func(h *hello) { h.set(tSNI, sniExt("elsewhere.example")) }, nil)
+		}, []ech.Option{ech.WithPublicNameCheck(true)}, alertIllegalParameter, ech.ErrIllegalParameter},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			client, server := tcpPair(t)
+			go client.Write(tc.input(t))
+			opts := append([]ech.Option{ech.WithKeySet(ks)}, tc.opts...)
+			c, err := ech.NewConn(t.Context(), server, opts...)
+			require.ErrorIs(t, err, tc.err)
+			assert.Nil(t, c)
+			assert.True(t, strings.HasPrefix(err.Error(), "ech: "), "error %q starts with ech:", err)
+			server.Close()
+			assert.Equal(t, alertRecord(tc.alert), readAll(t, client))
+		})
+	}
+}
+
+// TestMalformedHelloSanity checks that the hand-built hellos of
+// TestMalformedHellos are accepted when nothing is broken, so that each
+// row there fails for its own reason.
+func TestMalformedHelloSanity(t *testing.T) {
+	t.Parallel()
+	key, err := ech.GenerateKey(publicName, &ech.KeyOptions{ConfigID: 7})
+	require.NoError(t, err)
+	s := newSealer(t, key)
+	client, server := tcpPair(t)
+	go client.Write(records(s.seal(baseOuter(), baseInner(), s.enc, 7), 1<<14))
+	c, err := ech.NewConn(t.Context(), server, ech.WithKeys(key), ech.WithPublicNameCheck(true))
+	require.NoError(t, err)
+	assert.Equal(t, ech.StatusAccepted, c.Status())
+	assert.Equal(t, innerName, c.ServerName())
+	assert.Equal(t, publicName, c.OuterServerName())
+	assert.Equal(t, []string{"imap"}, c.ALPNProtos())
+	id, ok := c.ConfigID()
+	assert.True(t, ok)
+	assert.Equal(t, uint8(7), id)
 }
