@@ -448,12 +448,12 @@ func (c *Conn) Read(p []byte) (int, error) {
 	if c.replay == nil && c.watch == nil {
 		return c.conn.Read(p)
 	}
-	if c.replay == nil {
+	for c.replay == nil {
+		if c.watch == nil {
+			return c.conn.Read(p)
+		}
 		if err := c.readWatching(); err != nil {
 			return 0, err
-		}
-		if c.replay == nil {
-			return c.conn.Read(p)
 		}
 	}
 	n := copy(p, c.replay)

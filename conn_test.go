@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -442,4 +443,135 @@ func TestMalformedHelloSanity(t *testing.T) {
 	id, ok := c.ConfigID()
 	assert.True(t, ok)
 	assert.Equal(t, uint8(7), id)
+}
+
+// hrrRecord is a HelloRetryRequest as a backend would write it: only its
+// first bytes matter to the frontend.
+func hrrRecord() []byte {
+	random := []byte{
+		0xcf, 0x21, 0xad, 0x74, 0xe5, 0x9a, 0x61, 0x11, 0xbe, 0x1d, 0x8c, 0x02, 0x1e, 0x65, 0xb8, 0x91,
+		0xc2, 0xa2, 0x11, 0x16, 0x7a, 0xbb, 0x8c, 0x5e, 0x07, 0x9e, 0x09, 0xe2, 0xc8, 0xa8, 0x33, 0x9c,
+	}
+	body := append(append([]byte{3, 3}, random...), 0, 0x13, 0x01, 0, 0, 6, 0, 43, 0, 2, 3, 4)
+	msg := append([]byte{2, 0, byte(len(body) >> 8), byte(len(body))}, body...)
+	return append([]byte{22, 3, 3, 0, byte(len(msg))}, msg...)
+}
+
+var ccsRecord = []byte{20, 3, 3, 0, 1, 1}
+
+// readMessage reads one handshake message from the replay of c.
+func readMessage(t testing.TB, c net.Conn) []byte {
+	t.Helper()
+	var msg []byte
+	for len(msg) < 4 || len(msg) < 4+(int(msg[1])<<16|int(msg[2])<<8|int(msg[3])) {
+		var hdr [5]byte
+		_, err := io.ReadFull(c, hdr[:])
+		require.NoError(t, err)
+		require.Equal(t, byte(22), hdr[0], "a handshake record")
+		body := make([]byte, int(hdr[3])<<8|int(hdr[4]))
+		_, err = io.ReadFull(c, body)
+		require.NoError(t, err)
+		msg = append(msg, body...)
+	}
+	return msg
+}
+
+func TestSecondHelloRules(t *testing.T) {
+	t.Parallel()
+	key, err := ech.GenerateKey(publicName, &ech.KeyOptions{ConfigID: 7})
+	require.NoError(t, err)
+	tests := []struct {
+		name   string
+		second func(s *sealer) []byte // the second ClientHello message
+		alert  byte
+		err    error
+	}{
+		{"accepted", func(s *sealer) []byte { return s.seal(baseOuter(), baseInner(), nil, 7) }, 0, nil},
+		{"no ECH", func(s *sealer) []byte { return baseOuter().message() }, alertMissingExtension, ech.ErrMissingExtension},
+		{"config_id changed", func(s *sealer) []byte { return s.seal(baseOuter(), baseInner(), nil, 8) }, alertIllegalParameter, ech.ErrIllegalParameter},
+		{"enc not empty", func(s *sealer) []byte { return s.seal(baseOuter(), baseInner(), s.enc, 7) }, alertIllegalParameter, ech.ErrIllegalParameter},
+		{"cipher suite changed", func(s *sealer) []byte {
+			h := baseOuter()
+			h.set(tECH, echOuterExt(1, 2, 7, nil, make([]byte, 64)))
+			return h.message()
+		}, alertIllegalParameter, ech.ErrIllegalParameter},
+		{"ECH of type inner", func(s *sealer) []byte {
+			h := baseOuter()
+			h.set(tECH, []byte{1})
+			return h.message()
+		}, alertIllegalParameter, ech.ErrIllegalParameter},
+		{"does not decrypt", func(s *sealer) []byte {
+			h := baseOuter()
+			h.set(tECH, echOuterExt(1, 1, 7, nil, make([]byte, 64)))
+			return h.message()
+		}, alertDecryptError, ech.ErrDecryptError},
+		{"bad outer extension reference", func(s *sealer) []byte {
+			inner := baseInner()
+			inner.set(tOuterExts, outerExtsExt(tSigAlgs, tGroups))
+			return s.seal(baseOuter(), inner, nil, 7)
+		}, alertIllegalParameter, ech.ErrIllegalParameter},
+	}
+	for _, tc := range tests {
+		for _, frag := range []int{1 << 14, 1} {
+			t.Run(fmt.Sprintf("%s/records of %d", tc.name, frag), func(t *testing.T) {
+				t.Parallel()
+				client, server := tcpPair(t)
+				s := newSealer(t, key)
+				go client.Write(records(s.seal(baseOuter(), baseInner(), s.enc, 7), 1<<14))
+				c, err := ech.NewConn(t.Context(), server, ech.WithKeys(key))
+				require.NoError(t, err)
+				require.True(t, c.ECHAccepted())
+				first := readMessage(t, c)
+				require.Equal(t, byte(1), first[0])
+
+				_, err = c.Write(hrrRecord())
+				require.NoError(t, err)
+				go client.Write(append(slices.Clone(ccsRecord), records(tc.second(s), frag)...))
+
+				var hdr [6]byte
+				_, err = io.ReadFull(c, hdr[:])
+				require.NoError(t, err)
+				require.Equal(t, ccsRecord, hdr[:], "change_cipher_spec passes through")
+				if tc.err == nil {
+					second := readMessage(t, c)
+					assert.Equal(t, byte(1), second[0])
+					assert.Contains(t, string(second), innerName)
+					return
+				}
+				_, err = c.Read(make([]byte, 100))
+				require.ErrorIs(t, err, tc.err)
+				server.Close()
+				got := readAll(t, client)
+				require.Equal(t, hrrRecord(), got[:len(hrrRecord())])
+				assert.Equal(t, alertRecord(tc.alert), got[len(hrrRecord()):])
+			})
+		}
+	}
+}
+
+// TestSecondHelloAfterRejection checks that after a first hello that did not
+// decrypt, the second hello passes through untouched (RFC 9849,
+// Section 7.1.1).
+func TestSecondHelloAfterRejection(t *testing.T) {
+	t.Parallel()
+	key, err := ech.GenerateKey(publicName, &ech.KeyOptions{ConfigID: 7})
+	require.NoError(t, err)
+	other, err := ech.GenerateKey(publicName, &ech.KeyOptions{ConfigID: 7})
+	require.NoError(t, err)
+	client, server := tcpPair(t)
+	s := newSealer(t, other) // same config_id, key the server lacks
+	go client.Write(records(s.seal(baseOuter(), baseInner(), s.enc, 7), 1<<14))
+	c, err := ech.NewConn(t.Context(), server, ech.WithKeys(key))
+	require.NoError(t, err)
+	require.Equal(t, ech.StatusRejected, c.Status())
+	assert.Equal(t, publicName, c.ServerName())
+	readMessage(t, c)
+	_, err = c.Write(hrrRecord())
+	require.NoError(t, err)
+	second := records(s.seal(baseOuter(), baseInner(), nil, 7), 1<<14)
+	go client.Write(second)
+	got := make([]byte, len(second))
+	_, err = io.ReadFull(c, got)
+	require.NoError(t, err)
+	assert.Equal(t, second, got)
 }
