@@ -393,7 +393,7 @@ func (c *Conn) readHello(ctx context.Context, o *options) error {
 		}
 		ib := getBuf()
 		ibuf := append((*ib)[:0], make([]byte, recordHeaderLen)...)
-		innerMsg, inner, err := appendInnerHello(ibuf, outer, encoded, sc.inner[:])
+		ibuf, inner, err := appendInnerHello(ibuf, outer, encoded, sc.inner[:])
 		putBuf(bp)
 		if err != nil {
 			putBuf(ib)
@@ -405,7 +405,7 @@ func (c *Conn) readHello(ctx context.Context, o *options) error {
 			return err
 		}
 		c.status, c.serverName, c.alpn = StatusAccepted, inner.serverName, alpn
-		ibuf = ibuf[:recordHeaderLen+len(innerMsg)]
+		innerMsg := ibuf[recordHeaderLen:]
 		if len(innerMsg) <= maxPlaintext {
 			ibuf[0], ibuf[1], ibuf[2] = recordTypeHandshake, byte(vers>>8), byte(vers)
 			ibuf[3], ibuf[4] = byte(len(innerMsg)>>8), byte(len(innerMsg))

@@ -575,3 +575,184 @@ func TestSecondHelloAfterRejection(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, second, got)
 }
+
+// fragmenter re-frames the client's first flight (its ClientHello) into
+// records of at most size bytes.
+type fragmenter struct {
+	net.Conn
+	size int
+	done bool
+}
+
+func (f *fragmenter) Write(p []byte) (int, error) {
+	if f.done {
+		return f.Conn.Write(p)
+	}
+	f.done = true
+	var msg []byte
+	for rest := p; len(rest) >= 5; {
+		n := int(rest[3])<<8 | int(rest[4])
+		msg = append(msg, rest[5:5+n]...)
+		rest = rest[5+n:]
+	}
+	if _, err := f.Conn.Write(records(msg, f.size)); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+func TestFragmentedClientHello(t *testing.T) {
+	t.Parallel()
+	f := startFrontend(t, newKeySet(t, nil), nil)
+	for _, size := range []int{1, 2, 100, 600} {
+		t.Run(fmt.Sprintf("records of %d", size), func(t *testing.T) {
+			conn, err := net.Dial("tcp", f.addr())
+			require.NoError(t, err)
+			state, greeting, err := clientHandshake(&fragmenter{Conn: conn, size: size}, f.clientConfig(innerName))
+			require.NoError(t, err)
+			assert.True(t, state.ECHAccepted)
+			assert.Equal(t, "hello "+innerName, greeting)
+			assert.Equal(t, ech.StatusAccepted, f.result().status)
+		})
+	}
+}
+
+func TestInnerHelloOver16KiB(t *testing.T) {
+	t.Parallel()
+	f := startFrontend(t, newKeySet(t, nil), func(c *tls.Config) { c.NextProtos = []string{"proto-0999"} })
+	cfg := f.clientConfig(innerName)
+	for i := range 1000 {
+		cfg.NextProtos = append(cfg.NextProtos, fmt.Sprintf("proto-%04d", i))
+	}
+	state, greeting, err := f.dial(cfg)
+	require.NoError(t, err)
+	assert.True(t, state.ECHAccepted)
+	assert.Equal(t, "proto-0999", state.NegotiatedProtocol)
+	assert.Equal(t, "hello "+innerName, greeting)
+	r := f.result()
+	require.NoError(t, r.err)
+	assert.Len(t, r.alpn, 1000)
+	assert.Equal(t, "proto-0999", r.negotiated)
+}
+
+func TestALPN(t *testing.T) {
+	t.Parallel()
+	f := startFrontend(t, newKeySet(t, nil), nil)
+	cfg := f.clientConfig(innerName)
+	cfg.NextProtos = []string{"h2", "http/1.1"}
+	state, _, err := f.dial(cfg)
+	require.NoError(t, err)
+	assert.Equal(t, "h2", state.NegotiatedProtocol)
+	r := f.result()
+	assert.Equal(t, []string{"h2", "http/1.1"}, r.alpn)
+	assert.Equal(t, "h2", r.negotiated)
+}
+
+// TestRouting routes two inner names to two backends, each a crypto/tls
+// server with its own certificate, by proxying the Conn's bytes.
+func TestRouting(t *testing.T) {
+	t.Parallel()
+	ks := newKeySet(t, nil)
+	ca, err := testpki.NewCA()
+	require.NoError(t, err)
+	names := []string{"mail.example", "web.example"}
+	backends := map[string]string{}
+	for _, name := range names {
+		cert, err := ca.Leaf(name)
+		require.NoError(t, err)
+		ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{cert}})
+		require.NoError(t, err)
+		t.Cleanup(func() { ln.Close() })
+		backends[name] = ln.Addr().String()
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				go func() {
+					defer c.Close()
+					fmt.Fprintf(c, "backend %s\n", name)
+				}()
+			}
+		}()
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer conn.Close()
+				c, err := ech.NewConn(context.Background(), conn, ech.WithKeySet(ks))
+				if err != nil || !c.ECHAccepted() {
+					return
+				}
+				b, err := net.Dial("tcp", backends[c.ServerName()])
+				if err != nil {
+					return
+				}
+				defer b.Close()
+				go func() { io.Copy(b, c); b.(*net.TCPConn).CloseWrite() }()
+				io.Copy(c, b)
+			}()
+		}
+	}()
+	list, err := ks.ConfigList()
+	require.NoError(t, err)
+	for _, name := range names {
+		conn, err := net.Dial("tcp", ln.Addr().String())
+		require.NoError(t, err)
+		state, greeting, err := clientHandshake(conn, &tls.Config{
+			ServerName: name, RootCAs: ca.Pool, EncryptedClientHelloConfigList: list,
+		})
+		require.NoError(t, err)
+		assert.True(t, state.ECHAccepted)
+		assert.Equal(t, "backend "+name, greeting)
+		assert.Equal(t, name, state.PeerCertificates[0].Subject.CommonName)
+	}
+}
+
+func TestConcurrentHandshakes(t *testing.T) {
+	t.Parallel()
+	f := startFrontend(t, newKeySet(t, nil), nil)
+	const n = 200
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for i := range n {
+		wg.Go(func() {
+			name := innerName
+			cfg := f.clientConfig(name)
+			if i%4 == 3 {
+				cfg.EncryptedClientHelloConfigList = nil // some clients without ECH
+			}
+			state, greeting, err := f.dial(cfg)
+			switch {
+			case err != nil:
+				errs <- err
+			case greeting != "hello "+name:
+				errs <- fmt.Errorf("greeting %q", greeting)
+			case state.ECHAccepted != (i%4 != 3):
+				errs <- fmt.Errorf("client %d: ECHAccepted %v", i, state.ECHAccepted)
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	accepted := 0
+	for range n {
+		r := f.result()
+		require.NoError(t, r.err)
+		if r.status == ech.StatusAccepted {
+			accepted++
+		}
+	}
+	assert.Equal(t, n-n/4, accepted)
+}

@@ -287,8 +287,9 @@ func outerAAD(dst, body []byte, ch *clientHello, payloadLen int) []byte {
 
 // appendInnerHello decodes an EncodedClientHelloInner against the outer
 // hello and appends the ClientHelloInner, as a handshake message, to dst
-// (RFC 9849, Section 5.1). It returns the rebuilt message and its parse.
-func appendInnerHello(dst []byte, outer *clientHello, encoded []byte, exts []extension) ([]byte, *clientHello, error) {
+// (RFC 9849, Section 5.1). It returns the extended buffer and the parse of
+// the rebuilt message, which is out[len(dst):].
+func appendInnerHello(dst []byte, outer *clientHello, encoded []byte, exts []extension) (out []byte, inner *clientHello, err error) {
 	enc, padding, err := parseClientHelloBody(encoded, exts)
 	if err != nil {
 		return nil, nil, err
@@ -331,17 +332,16 @@ func appendInnerHello(dst []byte, outer *clientHello, encoded []byte, exts []ext
 			}
 		})
 	})
-	msg, err := b.Bytes()
+	out, err = b.Bytes()
 	if err != nil {
 		if isSentinel(err) {
 			return nil, nil, err
 		}
 		return nil, nil, fmt.Errorf("%w: rebuilt ClientHelloInner: %v", ErrDecodeError, err)
 	}
-	msg = msg[len(dst):]
 	// The rebuilt hello may repeat a type that the inner and the outer
 	// extensions both carry: parsing it again catches that as well.
-	inner, err := parseClientHello(msg[handshakeHeaderLen:], enc.exts[:0])
+	inner, err = parseClientHello(out[len(dst)+handshakeHeaderLen:], enc.exts[:0])
 	if err != nil {
 		return nil, nil, err
 	}
@@ -360,7 +360,7 @@ func appendInnerHello(dst []byte, outer *clientHello, encoded []byte, exts []ext
 	if !ok {
 		return nil, nil, fmt.Errorf("%w: ClientHelloInner offers TLS 1.2 or below", ErrIllegalParameter)
 	}
-	return msg, inner, nil
+	return out, inner, nil
 }
 
 // expandOuterExtensions adds the outer extensions that an
