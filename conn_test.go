@@ -756,3 +756,81 @@ func TestConcurrentHandshakes(t *testing.T) {
 	}
 	assert.Equal(t, n-n/4, accepted)
 }
+
+func TestNewConnBounded(t *testing.T) {
+	t.Parallel()
+	ks := newKeySet(t, nil)
+	t.Run("context cancel ends a silent client", func(t *testing.T) {
+		t.Parallel()
+		_, server := tcpPair(t)
+		ctx, cancel := context.WithCancel(t.Context())
+		time.AfterFunc(50*time.Millisecond, cancel)
+		start := time.Now()
+		_, err := ech.NewConn(ctx, server, ech.WithKeySet(ks))
+		require.ErrorIs(t, err, context.Canceled)
+		assert.Less(t, time.Since(start), 5*time.Second)
+	})
+	t.Run("context deadline ends a slow client", func(t *testing.T) {
+		t.Parallel()
+		client, server := tcpPair(t)
+		go client.Write([]byte{22, 3, 1, 0}) // half a record header, then nothing
+		ctx, cancel := context.WithTimeout(t.Context(), 50*time.Millisecond)
+		defer cancel()
+		_, err := ech.NewConn(ctx, server, ech.WithKeySet(ks))
+		require.ErrorIs(t, err, context.DeadlineExceeded)
+	})
+	t.Run("handshake timeout without a context deadline", func(t *testing.T) {
+		t.Parallel()
+		_, server := tcpPair(t)
+		_, err := ech.NewConn(context.Background(), server, ech.WithKeySet(ks), ech.WithHandshakeTimeout(50*time.Millisecond))
+		var ne net.Error
+		require.ErrorAs(t, err, &ne)
+		assert.True(t, ne.Timeout())
+	})
+	t.Run("client closes mid-hello", func(t *testing.T) {
+		t.Parallel()
+		client, server := tcpPair(t)
+		msg := records(baseOuter().message(), 1<<14)
+		client.Write(msg[:len(msg)/2])
+		client.Close()
+		_, err := ech.NewConn(t.Context(), server, ech.WithKeySet(ks))
+		require.ErrorIs(t, err, io.ErrUnexpectedEOF)
+	})
+	t.Run("deadlines cleared after NewConn", func(t *testing.T) {
+		t.Parallel()
+		client, server := tcpPair(t)
+		go client.Write(records(baseOuter().message(), 1<<14))
+		ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
+		defer cancel()
+		c, err := ech.NewConn(ctx, server, ech.WithKeySet(ks))
+		require.NoError(t, err)
+		readMessage(t, c)
+		time.Sleep(150 * time.Millisecond) // past the context's deadline
+		go client.Write([]byte("x"))
+		var b [1]byte
+		_, err = c.Read(b[:])
+		require.NoError(t, err, "the context deadline no longer applies")
+	})
+}
+
+// TestAfterHandshakeNoAllocs checks that once the hello is through, Read
+// and Write are direct calls on the wrapped conn.
+func TestAfterHandshakeNoAllocs(t *testing.T) {
+	ks := newKeySet(t, nil)
+	client, server := tcpPair(t)
+	go client.Write(records(baseOuter().message(), 1<<14))
+	c, err := ech.NewConn(t.Context(), server, ech.WithKeySet(ks))
+	require.NoError(t, err)
+	readMessage(t, c)
+	go io.Copy(client, client) // echo
+	buf := make([]byte, 64)
+	allocs := testing.AllocsPerRun(100, func() {
+		if _, err := c.Write(buf); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, buf); err != nil {
+			t.Fatal(err)
+		}
+	})
+	assert.Zero(t, allocs)
+}

@@ -91,11 +91,13 @@ func parseClientHelloBody(body []byte, scratch []extension) (*clientHello, []byt
 		return nil, nil, fmt.Errorf("%w: ClientHello field length", ErrDecodeError)
 	}
 	ch.random, ch.sessionID, ch.cipherSuites, ch.compression = random, sid, suites, comp
-	var exts cryptobyte.String
-	if len(s) == 0 || !s.ReadUint16LengthPrefixed(&exts) {
-		// A ClientHello without extensions is valid TLS 1.2, and an
-		// EncodedClientHelloInner always has them.
+	if len(s) == 0 {
+		// A ClientHello without extensions is valid before TLS 1.3.
 		return ch, s, nil
+	}
+	var exts cryptobyte.String
+	if !s.ReadUint16LengthPrefixed(&exts) {
+		return nil, nil, fmt.Errorf("%w: truncated extensions", ErrDecodeError)
 	}
 	var seen extensionSet
 	for !exts.Empty() {
