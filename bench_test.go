@@ -1,0 +1,278 @@
+package ech_test
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/cloudflare/circl/hpke"
+	"github.com/echkit/ech"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/crypto/cryptobyte"
+)
+
+// memConn is a net.Conn that reads a fixed client stream and discards
+// writes, for fuzzing and benchmarking NewConn without sockets.
+type memConn struct {
+	data []byte
+	off  int
+}
+
+func (m *memConn) Read(p []byte) (int, error) {
+	if m.off == len(m.data) {
+		return 0, io.EOF
+	}
+	n := copy(p, m.data[m.off:])
+	m.off += n
+	return n, nil
+}
+func (m *memConn) Write(p []byte) (int, error)      { return len(p), nil }
+func (m *memConn) Close() error                     { return nil }
+func (m *memConn) LocalAddr() net.Addr              { return &net.TCPAddr{} }
+func (m *memConn) RemoteAddr() net.Addr             { return &net.TCPAddr{} }
+func (m *memConn) SetDeadline(time.Time) error      { return nil }
+func (m *memConn) SetReadDeadline(time.Time) error  { return nil }
+func (m *memConn) SetWriteDeadline(time.Time) error { return nil }
+
+var errCaptured = errors.New("captured")
+
+// captureConn records the client's first flight and ends the handshake.
+type captureConn struct {
+	memConn
+	out []byte
+}
+
+func (c *captureConn) Write(p []byte) (int, error) {
+	c.out = append(c.out, p...)
+	return 0, errCaptured
+}
+
+// captureHello returns the ClientHello records that Go's crypto/tls client
+// sends with cfg.
+func captureHello(t testing.TB, cfg *tls.Config) []byte {
+	t.Helper()
+	c := &captureConn{}
+	err := tls.Client(c, cfg).Handshake()
+	require.ErrorIs(t, err, errCaptured)
+	return c.out
+}
+
+// benchHello returns an accepted X25519 ClientHello from Go's client and
+// the key set that decrypts it.
+func benchHello(b *testing.B) ([]byte, *ech.KeySet, ech.Key) {
+	k, err := ech.GenerateKey(publicName, nil)
+	require.NoError(b, err)
+	ks, err := ech.NewKeySet(k)
+	require.NoError(b, err)
+	list, err := ks.ConfigList()
+	require.NoError(b, err)
+	return captureHello(b, &tls.Config{ServerName: innerName, EncryptedClientHelloConfigList: list}), ks, k
+}
+
+func BenchmarkNewConn(b *testing.B) {
+	hello, ks, key := benchHello(b)
+	ctx := context.Background()
+	b.Run("KeySet", func(b *testing.B) {
+		b.ReportAllocs()
+		conn := &memConn{data: hello}
+		for b.Loop() {
+			conn.off = 0
+			c, err := ech.NewConn(ctx, conn, ech.WithKeySet(ks))
+			if err != nil || !c.ECHAccepted() {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("Keys", func(b *testing.B) {
+		b.ReportAllocs()
+		conn := &memConn{data: hello}
+		for b.Loop() {
+			conn.off = 0
+			c, err := ech.NewConn(ctx, conn, ech.WithKeys(key))
+			if err != nil || !c.ECHAccepted() {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("NotOffered", func(b *testing.B) {
+		b.ReportAllocs()
+		conn := &memConn{data: captureHello(b, &tls.Config{ServerName: innerName})}
+		for b.Loop() {
+			conn.off = 0
+			if _, err := ech.NewConn(ctx, conn, ech.WithKeySet(ks)); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	// The baseline: circl's HPKE open of the same payload, the private key
+	// already parsed, as a server that did nothing but decrypt would.
+	b.Run("BareHPKEOpen", func(b *testing.B) {
+		b.ReportAllocs()
+		suite, enc, payload, aad, info := echFields(b, hello, key)
+		sk, err := hpke.KEM_X25519_HKDF_SHA256.Scheme().UnmarshalBinaryPrivateKey(key.PrivateKey)
+		require.NoError(b, err)
+		for b.Loop() {
+			r, err := suite.NewReceiver(sk, info)
+			if err != nil {
+				b.Fatal(err)
+			}
+			o, err := r.Setup(enc)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if _, err := o.Open(payload, aad); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
+
+// echFields extracts from a one-record ClientHello what an HPKE open needs.
+func echFields(b *testing.B, rec []byte, key ech.Key) (suite hpke.Suite, enc, payload, aad, info []byte) {
+	body := rec[5+4:]
+	aad = append([]byte(nil), body...)
+	s := cryptobyte.String(body)
+	var sid, suites, comp, exts cryptobyte.String
+	require.True(b, s.Skip(2+32) && s.ReadUint8LengthPrefixed(&sid) && s.ReadUint16LengthPrefixed(&suites) &&
+		s.ReadUint8LengthPrefixed(&comp) && s.ReadUint16LengthPrefixed(&exts))
+	for !exts.Empty() {
+		var typ uint16
+		var data cryptobyte.String
+		require.True(b, exts.ReadUint16(&typ) && exts.ReadUint16LengthPrefixed(&data))
+		if typ != 0xfe0d {
+			continue
+		}
+		var kdf, aeadID uint16
+		var e, p cryptobyte.String
+		require.True(b, data.Skip(1) && data.ReadUint16(&kdf) && data.ReadUint16(&aeadID) && data.Skip(1) &&
+			data.ReadUint16LengthPrefixed(&e) && data.ReadUint16LengthPrefixed(&p))
+		end := len(body) - len(exts)
+		clear(aad[end-len(p) : end])
+		suite = hpke.NewSuite(hpke.KEM_X25519_HKDF_SHA256, hpke.KDF(kdf), hpke.AEAD(aeadID))
+		return suite, e, p, aad, append([]byte("tls ech\x00"), key.Config...)
+	}
+	b.Fatal("no ECH extension")
+	return
+}
+
+// BenchmarkHandshake runs full TLS 1.3 handshakes over loopback, client and
+// server in this process: crypto/tls without ECH, crypto/tls's own ECH
+// server (shared mode), and NewConn in front of crypto/tls (split mode).
+func BenchmarkHandshake(b *testing.B) {
+	ca, cert := newPKI(b)
+	k, err := ech.GenerateKey(publicName, nil)
+	require.NoError(b, err)
+	k.SendAsRetry = true
+	ks, err := ech.NewKeySet(k)
+	require.NoError(b, err)
+	list, err := ks.ConfigList()
+	require.NoError(b, err)
+	serverCfg := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13}
+	sharedCfg := serverCfg.Clone()
+	sharedCfg.EncryptedClientHelloKeys = ks.TLSKeys()
+	ctx := context.Background()
+	modes := []struct {
+		name   string
+		ech    bool
+		server func(net.Conn) error
+	}{
+		{"NoECH", false, func(c net.Conn) error { return tls.Server(c, serverCfg).HandshakeContext(ctx) }},
+		{"SharedModeCryptoTLS", true, func(c net.Conn) error { return tls.Server(c, sharedCfg).HandshakeContext(ctx) }},
+		{"SplitModeNewConn", true, func(c net.Conn) error {
+			ec, err := ech.NewConn(ctx, c, ech.WithKeySet(ks))
+			if err != nil {
+				return err
+			}
+			if !ec.ECHAccepted() {
+				return errors.New("not accepted")
+			}
+			return tls.Server(ec, serverCfg).HandshakeContext(ctx)
+		}},
+	}
+	for _, m := range modes {
+		b.Run(m.name, func(b *testing.B) {
+			b.ReportAllocs()
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			require.NoError(b, err)
+			defer ln.Close()
+			errs := make(chan error, 1)
+			go func() {
+				for {
+					c, err := ln.Accept()
+					if err != nil {
+						return
+					}
+					err = m.server(c)
+					c.Close()
+					errs <- err
+				}
+			}()
+			cfg := &tls.Config{ServerName: innerName, RootCAs: ca.Pool}
+			if m.ech {
+				cfg.EncryptedClientHelloConfigList = list
+			}
+			for b.Loop() {
+				c, err := net.Dial("tcp", ln.Addr().String())
+				if err != nil {
+					b.Fatal(err)
+				}
+				tc := tls.Client(c, cfg)
+				if err := tc.Handshake(); err != nil {
+					b.Fatal(err)
+				}
+				if tc.ConnectionState().ECHAccepted != m.ech {
+					b.Fatal("ECH state")
+				}
+				c.Close()
+				if err := <-errs; err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "handshakes/s")
+		})
+	}
+}
+
+// FuzzNewConn feeds arbitrary client bytes to NewConn with the recordings
+// key: it must return (with a Conn or an error), never panic or hang.
+func FuzzNewConn(f *testing.F) {
+	pemData, err := os.ReadFile("testdata/recordings/ech.pem")
+	require.NoError(f, err)
+	pf, err := ech.ParsePEM(pemData)
+	require.NoError(f, err)
+	key, err := pf.Key()
+	require.NoError(f, err)
+	ks, err := ech.NewKeySet(key)
+	require.NoError(f, err)
+	files, _ := filepath.Glob("testdata/recordings/*.c2s.bin")
+	for _, file := range files {
+		b, err := os.ReadFile(file)
+		require.NoError(f, err)
+		f.Add(b)
+	}
+	s := newSealer(f, key)
+	f.Add(records(s.seal(baseOuter(), baseInner(), s.enc, key.Config[4]), 1<<14))
+	f.Add(records(baseOuter().message(), 7))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		conn := &memConn{data: data}
+		c, err := ech.NewConn(t.Context(), conn, ech.WithKeySet(ks), ech.WithMaxHelloSize(1<<16))
+		if err != nil {
+			require.Nil(t, c)
+			return
+		}
+		// Drain what the Conn replays; the stream ends with io.EOF.
+		_, err = io.Copy(io.Discard, c)
+		if err != nil {
+			// A malformed second hello is reported as an error.
+			require.True(t, errors.Is(err, ech.ErrDecodeError) || errors.Is(err, ech.ErrIllegalParameter) ||
+				errors.Is(err, ech.ErrMissingExtension) || errors.Is(err, ech.ErrDecryptError) ||
+				errors.Is(err, ech.ErrHelloTooLarge) || errors.Is(err, io.ErrUnexpectedEOF), "%v", err)
+		}
+	})
+}
