@@ -173,7 +173,7 @@ func (c *Config) checkWire() error {
 	switch {
 	case len(c.PublicKey) == 0 || len(c.PublicKey) > 0xffff:
 		return fmt.Errorf("%w: public_key length %d", ErrMalformedConfig, len(c.PublicKey))
-	case len(c.CipherSuites) == 0 || len(c.CipherSuites) > 0xffff/4-1:
+	case len(c.CipherSuites) == 0 || len(c.CipherSuites) > 0xfffc/4: // cipher_suites<4..2^16-4>
 		return fmt.Errorf("%w: %d cipher suites", ErrMalformedConfig, len(c.CipherSuites))
 	case len(c.PublicName) == 0 || len(c.PublicName) > 255:
 		return fmt.Errorf("%w: public_name length %d", ErrMalformedConfig, len(c.PublicName))
@@ -316,6 +316,9 @@ func MarshalConfigList(configs ...*Config) (ConfigList, error) {
 	}
 	out := []byte{0, 0}
 	for _, c := range configs {
+		if c == nil {
+			return nil, fmt.Errorf("%w: nil Config", ErrMalformedConfig)
+		}
 		var err error
 		if out, err = c.appendTo(out); err != nil {
 			return nil, err

@@ -116,19 +116,31 @@ func GenerateKey(publicName string, opts *KeyOptions) (Key, error) {
 	return Key{Config: raw, PrivateKey: priv, SendAsRetry: o.SendAsRetry}, nil
 }
 
+// randomConfigID picks a config_id at random among the non-zero ones not in
+// avoid. It reads two bytes from rnd once, so that a broken source of
+// randomness cannot make it loop.
 func randomConfigID(rnd io.Reader, avoid []uint8) (uint8, error) {
-	if len(avoid) >= 255 {
+	var used [256]bool
+	used[0] = true // zero asks GenerateKey for a random config_id
+	for _, id := range avoid {
+		used[id] = true
+	}
+	free := make([]uint8, 0, 255)
+	for id := range used {
+		if !used[id] {
+			free = append(free, uint8(id))
+		}
+	}
+	if len(free) == 0 {
 		return 0, errors.New("ech: no free config_id")
 	}
-	var b [1]byte
-	for {
-		if _, err := io.ReadFull(rnd, b[:]); err != nil {
-			return 0, fmt.Errorf("ech: reading randomness: %w", err)
-		}
-		if b[0] != 0 && !slices.Contains(avoid, b[0]) {
-			return b[0], nil
-		}
+	var b [2]byte
+	if _, err := io.ReadFull(rnd, b[:]); err != nil {
+		return 0, fmt.Errorf("ech: reading randomness: %w", err)
 	}
+	// NOTE: the modulo bias (at most 255 in 65536) does not matter: a
+	// config_id is public and only needs to differ from the others.
+	return free[(int(b[0])<<8|int(b[1]))%len(free)], nil
 }
 
 // KeyConfig parses and checks k: its config must be a valid ECHConfig (see
@@ -152,6 +164,9 @@ type parsedKey struct {
 }
 
 func parseKey(k Key) (*parsedKey, error) {
+	// NOTE: clone the caller's slices: the parsed config aliases k.Config,
+	// and a caller that reuses its buffers must not change a KeySet.
+	k.Config, k.PrivateKey = slices.Clone(k.Config), slices.Clone(k.PrivateKey)
 	c, err := ParseConfig(k.Config)
 	if err != nil {
 		return nil, err
@@ -219,7 +234,7 @@ func parseKeys(keys []Key) ([]*parsedKey, error) {
 	for i, k := range keys {
 		pk, err := parseKey(k)
 		if err != nil {
-			return nil, fmt.Errorf("key %d: %w", i, err)
+			return nil, fmt.Errorf("%w (key %d)", err, i)
 		}
 		out = append(out, pk)
 	}
@@ -270,8 +285,10 @@ func (ks *KeySet) Remove(id uint8) {
 
 // Rotate puts newKeys first, marked to be sent as retry configs, and keeps
 // the keys ks had until then decrypting, no longer sent as retry configs,
-// for grace; then they are removed. Pick grace at least as long as the DNS
-// TTL of the old config plus client caching time (RFC 9849, Section 10.10).
+// for grace; then they are removed. A key that an earlier Rotate retired
+// is removed when the earlier of the two grace periods ends. Pick grace at
+// least as long as the DNS TTL of the old config plus client caching time
+// (RFC 9849, Section 10.10).
 func (ks *KeySet) Rotate(grace time.Duration, newKeys ...Key) error {
 	newKeys = slices.Clone(newKeys)
 	for i := range newKeys {
@@ -286,6 +303,13 @@ func (ks *KeySet) Rotate(grace time.Duration, newKeys ...Key) error {
 	old := ks.table().keys
 	retired := make([]*parsedKey, len(old))
 	for i, pk := range old {
+		if !pk.key.SendAsRetry {
+			// NOTE: keep the same *parsedKey, so that the timer of an
+			// earlier rotation that retired it still finds and removes it:
+			// a second rotation does not extend an old key's life.
+			retired[i] = pk
+			continue
+		}
 		c := *pk
 		c.key.SendAsRetry = false
 		retired[i] = &c
@@ -294,7 +318,7 @@ func (ks *KeySet) Rotate(grace time.Duration, newKeys ...Key) error {
 	time.AfterFunc(grace, func() {
 		ks.mu.Lock()
 		defer ks.mu.Unlock()
-			keys := slices.DeleteFunc(slices.Clone(ks.table().keys), func(pk *parsedKey) bool {
+		keys := slices.DeleteFunc(slices.Clone(ks.table().keys), func(pk *parsedKey) bool {
 			return slices.Contains(retired, pk)
 		})
 		ks.cur.Store(newKeyTable(keys))
@@ -302,12 +326,17 @@ func (ks *KeySet) Rotate(grace time.Duration, newKeys ...Key) error {
 	return nil
 }
 
-// Keys returns a copy of the keys in ks, in order.
+// Keys returns a copy of the keys in ks, in order. The caller may modify
+// the copy.
 func (ks *KeySet) Keys() []Key {
 	t := ks.table()
 	out := make([]Key, len(t.keys))
 	for i, pk := range t.keys {
-		out[i] = pk.key
+		out[i] = Key{
+			Config:      slices.Clone(pk.key.Config),
+			PrivateKey:  slices.Clone(pk.key.PrivateKey),
+			SendAsRetry: pk.key.SendAsRetry,
+		}
 	}
 	return out
 }
@@ -453,8 +482,13 @@ func ParsePEM(data []byte) (*PEMFile, error) {
 			if err != nil {
 				return nil, err
 			}
-			f.PrivateKey = priv
-			f.key = Key{Config: raw, PrivateKey: priv, SendAsRetry: true}
+			k := Key{Config: raw, PrivateKey: priv, SendAsRetry: true}
+			// The key must be usable, so that LoadKeyDir names the file of
+			// a key that NewKeySet would refuse.
+			if _, err := parseKey(k); err != nil {
+				return nil, fmt.Errorf("%w: %w", ErrMalformedPEM, err)
+			}
+			f.PrivateKey, f.key = priv, k
 			return f, nil
 		}
 	}
@@ -513,7 +547,7 @@ func LoadKeyDir(dir string) ([]Key, error) {
 		}
 		f, err := ParsePEM(data)
 		if err != nil {
-			return nil, fmt.Errorf("%s: %w", n, err)
+			return nil, fmt.Errorf("%w (file %s)", err, n)
 		}
 		if k, err := f.Key(); err == nil {
 			keys = append(keys, k)
