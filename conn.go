@@ -76,12 +76,6 @@ func alertFor(err error) (alert, bool) {
 	return 0, false
 }
 
-// isSentinel reports whether err already wraps one of the alert sentinels.
-func isSentinel(err error) bool {
-	_, ok := alertFor(err)
-	return ok
-}
-
 // hrrRandom is ServerHello.random of a HelloRetryRequest
 // (RFC 8446, Section 4.1.3).
 var hrrRandom = [32]byte{
@@ -164,12 +158,27 @@ func putBuf(b *[]byte) {
 // scratch is per-hello working memory: the extension lists of the outer and
 // inner hellos and the AAD.
 type scratch struct {
-	outer, inner [48]extension
-	aad          []byte
-	cands        [MaxKeysPerHello]*parsedKey
+	outer, enc, inner clientHello
+	aad               []byte
+	cands             [MaxKeysPerHello]*parsedKey
 }
 
-var scratchPool = sync.Pool{New: func() any { return new(scratch) }}
+var scratchPool = sync.Pool{New: func() any {
+	sc := new(scratch)
+	sc.outer.exts = make([]extension, 0, 32)
+	sc.enc.exts = make([]extension, 0, 32)
+	sc.inner.exts = make([]extension, 0, 32)
+	return sc
+}}
+
+// release returns sc to the pool, keeping no reference to the hello.
+func (sc *scratch) release() {
+	sc.outer = clientHello{exts: sc.outer.exts[:0]}
+	sc.enc = clientHello{exts: sc.enc.exts[:0]}
+	sc.inner = clientHello{exts: sc.inner.exts[:0]}
+	clear(sc.cands[:])
+	scratchPool.Put(sc)
+}
 
 // aLongTimeAgo is a deadline in the past, to interrupt blocked I/O.
 var aLongTimeAgo = time.Unix(1, 0)
@@ -318,10 +327,10 @@ func (c *Conn) readHello(ctx context.Context, o *options) error {
 	*bp = buf
 	msg := buf[recordHeaderLen:]
 	sc := scratchPool.Get().(*scratch)
-	defer scratchPool.Put(sc)
+	defer sc.release()
 
-	outer, err := parseClientHello(msg[handshakeHeaderLen:], sc.outer[:])
-	if err != nil {
+	outer := &sc.outer
+	if err := parseClientHello(outer, msg[handshakeHeaderLen:]); err != nil {
 		putBuf(bp)
 		return err
 	}
@@ -393,18 +402,18 @@ func (c *Conn) readHello(ctx context.Context, o *options) error {
 		}
 		ib := getBuf()
 		ibuf := append((*ib)[:0], make([]byte, recordHeaderLen)...)
-		ibuf, inner, err := appendInnerHello(ibuf, outer, encoded, sc.inner[:])
+		ibuf, err = appendInnerHello(ibuf, outer, encoded, &sc.enc, &sc.inner)
 		putBuf(bp)
 		if err != nil {
 			putBuf(ib)
 			return err
 		}
-		alpn, err := inner.alpn()
+		alpn, err := sc.inner.alpn()
 		if err != nil {
 			putBuf(ib)
 			return err
 		}
-		c.status, c.serverName, c.alpn = StatusAccepted, inner.serverName, alpn
+		c.status, c.serverName, c.alpn = StatusAccepted, sc.inner.serverName, alpn
 		innerMsg := ibuf[recordHeaderLen:]
 		if len(innerMsg) <= maxPlaintext {
 			ibuf[0], ibuf[1], ibuf[2] = recordTypeHandshake, byte(vers>>8), byte(vers)
@@ -542,10 +551,10 @@ func (c *Conn) readWatching() error {
 // ClientHello and returns its ClientHelloInner.
 func (c *Conn) decryptSecondHello(w *secondHello) ([]byte, error) {
 	sc := scratchPool.Get().(*scratch)
-	defer scratchPool.Put(sc)
+	defer sc.release()
 	body := w.msg[handshakeHeaderLen:]
-	ch, err := parseClientHello(body, sc.outer[:])
-	if err != nil {
+	ch := &sc.outer
+	if err := parseClientHello(ch, body); err != nil {
 		return nil, err
 	}
 	if !ch.hasECH {
@@ -566,8 +575,7 @@ func (c *Conn) decryptSecondHello(w *secondHello) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: second ClientHello", ErrDecryptError)
 	}
-	inner, _, err := appendInnerHello(nil, ch, encoded, sc.inner[:])
-	return inner, err
+	return appendInnerHello(nil, ch, encoded, &sc.enc, &sc.inner)
 }
 
 // fail sends the alert for err and returns it.

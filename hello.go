@@ -1,6 +1,7 @@
 package ech
 
 import (
+	"encoding/binary"
 	"fmt"
 
 	"golang.org/x/crypto/cryptobyte"
@@ -75,48 +76,49 @@ func (s *extensionSet) add(t uint16) (dup bool) {
 	return dup
 }
 
-// parseClientHelloBody parses a ClientHello body. It returns the bytes after
-// the structure: for a handshake message they must be empty, for an
-// EncodedClientHelloInner they are the padding.
-func parseClientHelloBody(body []byte, scratch []extension) (*clientHello, []byte, error) {
+// parseClientHelloBody parses a ClientHello body into ch, reusing the
+// capacity of ch.exts. It returns the bytes after the structure: for a
+// handshake message they must be empty, for an EncodedClientHelloInner they
+// are the padding.
+func parseClientHelloBody(ch *clientHello, body []byte) ([]byte, error) {
 	s := cryptobyte.String(body)
-	ch := &clientHello{exts: scratch[:0]}
+	*ch = clientHello{exts: ch.exts[:0]}
 	var random, sid, suites, comp cryptobyte.String
 	if !s.ReadUint16(&ch.vers) || !s.ReadBytes((*[]byte)(&random), 32) ||
 		!s.ReadUint8LengthPrefixed(&sid) || !s.ReadUint16LengthPrefixed(&suites) ||
 		!s.ReadUint8LengthPrefixed(&comp) {
-		return nil, nil, fmt.Errorf("%w: truncated ClientHello", ErrDecodeError)
+		return nil, fmt.Errorf("%w: truncated ClientHello", ErrDecodeError)
 	}
 	if len(sid) > 32 || len(suites) < 2 || len(suites)%2 != 0 || len(comp) < 1 {
-		return nil, nil, fmt.Errorf("%w: ClientHello field length", ErrDecodeError)
+		return nil, fmt.Errorf("%w: ClientHello field length", ErrDecodeError)
 	}
 	ch.random, ch.sessionID, ch.cipherSuites, ch.compression = random, sid, suites, comp
 	if len(s) == 0 {
 		// A ClientHello without extensions is valid before TLS 1.3.
-		return ch, s, nil
+		return s, nil
 	}
 	var exts cryptobyte.String
 	if !s.ReadUint16LengthPrefixed(&exts) {
-		return nil, nil, fmt.Errorf("%w: truncated extensions", ErrDecodeError)
+		return nil, fmt.Errorf("%w: truncated extensions", ErrDecodeError)
 	}
 	var seen extensionSet
 	for !exts.Empty() {
 		var e extension
 		var data cryptobyte.String
 		if !exts.ReadUint16(&e.typ) || !exts.ReadUint16LengthPrefixed(&data) {
-			return nil, nil, fmt.Errorf("%w: truncated extension", ErrDecodeError)
+			return nil, fmt.Errorf("%w: truncated extension", ErrDecodeError)
 		}
 		e.data = data
 		e.end = len(body) - len(s) - len(exts)
 		// RFC 8446, Section 4.2: at most one extension of each type.
 		if seen.add(e.typ) {
-			return nil, nil, fmt.Errorf("%w: duplicate extension 0x%04x", ErrIllegalParameter, e.typ)
+			return nil, fmt.Errorf("%w: duplicate extension 0x%04x", ErrIllegalParameter, e.typ)
 		}
 		switch e.typ {
 		case extensionServerName:
 			name, err := parseServerName(data)
 			if err != nil {
-				return nil, nil, err
+				return nil, err
 			}
 			ch.serverName = name
 		case extensionECH:
@@ -124,19 +126,20 @@ func parseClientHelloBody(body []byte, scratch []extension) (*clientHello, []byt
 		}
 		ch.exts = append(ch.exts, e)
 	}
-	return ch, s, nil
+	return s, nil
 }
 
-// parseClientHello parses a whole ClientHello handshake message body.
-func parseClientHello(body []byte, exts []extension) (*clientHello, error) {
-	ch, rest, err := parseClientHelloBody(body, exts)
+// parseClientHello parses a whole ClientHello handshake message body into
+// ch, reusing the capacity of ch.exts.
+func parseClientHello(ch *clientHello, body []byte) error {
+	rest, err := parseClientHelloBody(ch, body)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	if len(rest) != 0 {
-		return nil, fmt.Errorf("%w: trailing data after ClientHello", ErrDecodeError)
+		return fmt.Errorf("%w: trailing data after ClientHello", ErrDecodeError)
 	}
-	return ch, nil
+	return nil
 }
 
 // parseServerName returns the host_name of a server_name extension
@@ -178,13 +181,20 @@ func parseALPN(data []byte) ([]string, error) {
 	if !s.ReadUint16LengthPrefixed(&list) || !s.Empty() || list.Empty() {
 		return nil, fmt.Errorf("%w: application_layer_protocol_negotiation", ErrDecodeError)
 	}
-	var out []string
-	for !list.Empty() {
+	// One string for all names, sliced: two allocations per hello.
+	all := string(list)
+	n, off := 0, 0
+	for l := list; !l.Empty(); n++ {
 		var p cryptobyte.String
-		if !list.ReadUint8LengthPrefixed(&p) || len(p) == 0 {
+		if !l.ReadUint8LengthPrefixed(&p) || len(p) == 0 {
 			return nil, fmt.Errorf("%w: application_layer_protocol_negotiation", ErrDecodeError)
 		}
-		out = append(out, string(p))
+	}
+	out := make([]string, n)
+	for i := range out {
+		l := int(all[off])
+		out[i] = all[off+1 : off+1+l]
+		off += 1 + l
 	}
 	return out, nil
 }
@@ -289,111 +299,114 @@ func outerAAD(dst, body []byte, ch *clientHello, payloadLen int) []byte {
 
 // appendInnerHello decodes an EncodedClientHelloInner against the outer
 // hello and appends the ClientHelloInner, as a handshake message, to dst
-// (RFC 9849, Section 5.1). It returns the extended buffer and the parse of
-// the rebuilt message, which is out[len(dst):].
-func appendInnerHello(dst []byte, outer *clientHello, encoded []byte, exts []extension) (out []byte, inner *clientHello, err error) {
-	enc, padding, err := parseClientHelloBody(encoded, exts)
+// (RFC 9849, Section 5.1). It parses the encoded hello into enc and the
+// rebuilt one into inner, and returns the extended buffer; the rebuilt
+// message is out[len(dst):].
+func appendInnerHello(dst []byte, outer *clientHello, encoded []byte, enc, inner *clientHello) (out []byte, err error) {
+	padding, err := parseClientHelloBody(enc, encoded)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	// RFC 9849, Section 5.1: padding is zeros.
 	for _, b := range padding {
 		if b != 0 {
-			return nil, nil, fmt.Errorf("%w: non-zero padding in EncodedClientHelloInner", ErrIllegalParameter)
+			return nil, fmt.Errorf("%w: non-zero padding in EncodedClientHelloInner", ErrIllegalParameter)
 		}
 	}
-	// RFC 9849, Section 5.1: the encoded inner legacy_session_id is empty.
+	// RFC 9849, Section 5.1: the encoded inner legacy_session_id is empty,
+	// and the outer one is copied in.
 	if len(enc.sessionID) != 0 {
-		return nil, nil, fmt.Errorf("%w: EncodedClientHelloInner has a legacy_session_id", ErrIllegalParameter)
+		return nil, fmt.Errorf("%w: EncodedClientHelloInner has a legacy_session_id", ErrIllegalParameter)
 	}
-	b := cryptobyte.NewBuilder(dst)
-	b.AddUint8(typeClientHello)
-	b.AddUint24LengthPrefixed(func(b *cryptobyte.Builder) {
-		b.AddUint16(enc.vers)
-		b.AddBytes(enc.random)
-		b.AddUint8LengthPrefixed(func(b *cryptobyte.Builder) { b.AddBytes(outer.sessionID) })
-		b.AddUint16LengthPrefixed(func(b *cryptobyte.Builder) { b.AddBytes(enc.cipherSuites) })
-		b.AddUint8LengthPrefixed(func(b *cryptobyte.Builder) { b.AddBytes(enc.compression) })
-		b.AddUint16LengthPrefixed(func(b *cryptobyte.Builder) {
-			sawOuterExts := false
-			for _, e := range enc.exts {
-				if e.typ != extensionECHOuterExtensions {
-					b.AddUint16(e.typ)
-					b.AddUint16LengthPrefixed(func(b *cryptobyte.Builder) { b.AddBytes(e.data) })
-					continue
-				}
-				if sawOuterExts {
-					b.SetError(fmt.Errorf("%w: ech_outer_extensions repeated", ErrIllegalParameter))
-					return
-				}
-				sawOuterExts = true
-				if err := expandOuterExtensions(b, outer.exts, e.data); err != nil {
-					b.SetError(err)
-					return
-				}
-			}
-		})
-	})
-	out, err = b.Bytes()
-	if err != nil {
-		if isSentinel(err) {
-			return nil, nil, err
+	out = append(dst, typeClientHello, 0, 0, 0)
+	out = binary.BigEndian.AppendUint16(out, enc.vers)
+	out = append(out, enc.random...)
+	out = append(out, byte(len(outer.sessionID)))
+	out = append(out, outer.sessionID...)
+	out = binary.BigEndian.AppendUint16(out, uint16(len(enc.cipherSuites)))
+	out = append(out, enc.cipherSuites...)
+	out = append(out, byte(len(enc.compression)))
+	out = append(out, enc.compression...)
+	extStart := len(out)
+	out = append(out, 0, 0)
+	sawOuterExts := false
+	for _, e := range enc.exts {
+		if e.typ != extensionECHOuterExtensions {
+			out = appendExtension(out, e.typ, e.data)
+			continue
 		}
-		return nil, nil, fmt.Errorf("%w: rebuilt ClientHelloInner: %v", ErrDecodeError, err)
+		if sawOuterExts {
+			return nil, fmt.Errorf("%w: ech_outer_extensions repeated", ErrIllegalParameter)
+		}
+		sawOuterExts = true
+		if out, err = expandOuterExtensions(out, outer.exts, e.data); err != nil {
+			return nil, err
+		}
 	}
+	extLen, msgLen := len(out)-extStart-2, len(out)-len(dst)-handshakeHeaderLen
+	if extLen > 0xffff {
+		return nil, fmt.Errorf("%w: rebuilt ClientHelloInner extensions over 65535 bytes", ErrIllegalParameter)
+	}
+	binary.BigEndian.PutUint16(out[extStart:], uint16(extLen))
+	out[len(dst)+1], out[len(dst)+2], out[len(dst)+3] = byte(msgLen>>16), byte(msgLen>>8), byte(msgLen)
+
 	// The rebuilt hello may repeat a type that the inner and the outer
 	// extensions both carry: parsing it again catches that as well.
-	inner, err = parseClientHello(out[len(dst)+handshakeHeaderLen:], enc.exts[:0])
-	if err != nil {
-		return nil, nil, err
+	if err := parseClientHello(inner, out[len(dst)+handshakeHeaderLen:]); err != nil {
+		return nil, err
 	}
 	// RFC 9849, Section 7.1: the inner hello carries an inner ECH extension.
 	if !inner.hasECH {
-		return nil, nil, fmt.Errorf("%w: ClientHelloInner lacks encrypted_client_hello", ErrIllegalParameter)
+		return nil, fmt.Errorf("%w: ClientHelloInner lacks encrypted_client_hello", ErrIllegalParameter)
 	}
 	if typ, _, err := parseECHExtension(inner.ech); err != nil || typ != echTypeInner {
-		return nil, nil, fmt.Errorf("%w: ClientHelloInner encrypted_client_hello is not of type inner", ErrIllegalParameter)
+		return nil, fmt.Errorf("%w: ClientHelloInner encrypted_client_hello is not of type inner", ErrIllegalParameter)
 	}
 	// RFC 9849, Section 7.1: the inner hello must not offer TLS 1.2 or below.
 	ok, err := inner.offersOnlyTLS13()
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	if !ok {
-		return nil, nil, fmt.Errorf("%w: ClientHelloInner offers TLS 1.2 or below", ErrIllegalParameter)
+		return nil, fmt.Errorf("%w: ClientHelloInner offers TLS 1.2 or below", ErrIllegalParameter)
 	}
-	return out, inner, nil
+	return out, nil
 }
 
-// expandOuterExtensions adds the outer extensions that an
+func appendExtension(out []byte, typ uint16, data []byte) []byte {
+	out = binary.BigEndian.AppendUint16(out, typ)
+	out = binary.BigEndian.AppendUint16(out, uint16(len(data)))
+	return append(out, data...)
+}
+
+// expandOuterExtensions appends the outer extensions that an
 // ech_outer_extensions extension references, in linear time
 // (RFC 9849, Section 5.1 and Appendix B):
 //
 //	ExtensionType OuterExtensions<2..254>;
-func expandOuterExtensions(b *cryptobyte.Builder, outer []extension, data []byte) error {
+func expandOuterExtensions(out []byte, outer []extension, data []byte) ([]byte, error) {
 	s := cryptobyte.String(data)
 	var refs cryptobyte.String
 	if !s.ReadUint8LengthPrefixed(&refs) || !s.Empty() || len(refs) < 2 || len(refs)%2 != 0 {
-		return fmt.Errorf("%w: malformed ech_outer_extensions", ErrDecodeError)
+		return nil, fmt.Errorf("%w: malformed ech_outer_extensions", ErrDecodeError)
 	}
 	i := 0
 	for !refs.Empty() {
 		var t uint16
 		refs.ReadUint16(&t)
 		if t == extensionECH {
-			return fmt.Errorf("%w: ech_outer_extensions references encrypted_client_hello", ErrIllegalParameter)
+			return nil, fmt.Errorf("%w: ech_outer_extensions references encrypted_client_hello", ErrIllegalParameter)
 		}
 		for i < len(outer) && outer[i].typ != t {
 			i++
 		}
 		if i == len(outer) {
-			return fmt.Errorf("%w: ech_outer_extensions references 0x%04x, missing or out of order", ErrIllegalParameter, t)
+			return nil, fmt.Errorf("%w: ech_outer_extensions references 0x%04x, missing or out of order", ErrIllegalParameter, t)
 		}
-		b.AddUint16(t)
-		b.AddUint16LengthPrefixed(func(b *cryptobyte.Builder) { b.AddBytes(outer[i].data) })
+		out = appendExtension(out, t, outer[i].data)
 		i++
 	}
-	return nil
+	return out, nil
 }
 
 // appendRecords appends msg to dst as handshake records of at most

@@ -44,8 +44,8 @@ func recordedHellos(t testing.TB) map[string][]byte {
 func TestParseRecordedHellos(t *testing.T) {
 	for name, msg := range recordedHellos(t) {
 		t.Run(name, func(t *testing.T) {
-			ch, err := parseClientHello(msg[handshakeHeaderLen:], nil)
-			require.NoError(t, err)
+			ch := new(clientHello)
+			require.NoError(t, parseClientHello(ch, msg[handshakeHeaderLen:]))
 			assert.Equal(t, "public.example", ch.serverName)
 			require.True(t, ch.hasECH)
 			typ, e, err := parseECHExtension(ch.ech)
@@ -65,11 +65,12 @@ func TestParseRecordedHellos(t *testing.T) {
 func TestParseTruncatedHellos(t *testing.T) {
 	for name, msg := range recordedHellos(t) {
 		body := msg[handshakeHeaderLen:]
-		full, err := parseClientHello(body, nil)
-		require.NoError(t, err)
+		full := new(clientHello)
+		require.NoError(t, parseClientHello(full, body))
 		noExts := 2 + 32 + 1 + len(full.sessionID) + 2 + len(full.cipherSuites) + 1 + len(full.compression)
 		for i := range body {
-			ch, err := parseClientHello(body[:i], nil)
+			ch := new(clientHello)
+			err := parseClientHello(ch, body[:i])
 			if i == noExts {
 				require.NoError(t, err, "%s: hello without extensions", name)
 				assert.Empty(t, ch.exts)
@@ -96,12 +97,12 @@ func FuzzParseClientHello(f *testing.F) {
 	var outers []*clientHello
 	for _, msg := range hellos {
 		f.Add(msg[handshakeHeaderLen:])
-		ch, err := parseClientHello(msg[handshakeHeaderLen:], nil)
-		require.NoError(f, err)
+		ch := new(clientHello)
+		require.NoError(f, parseClientHello(ch, msg[handshakeHeaderLen:]))
 		outers = append(outers, ch)
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
-		if ch, err := parseClientHello(b, nil); err == nil {
+		if ch := new(clientHello); parseClientHello(ch, b) == nil {
 			ch.alpn()
 			ch.offersOnlyTLS13()
 			if ch.hasECH {
@@ -109,14 +110,15 @@ func FuzzParseClientHello(f *testing.F) {
 			}
 		}
 		for _, outer := range outers {
-			out, inner, err := appendInnerHello(nil, outer, b, nil)
+			var enc, inner clientHello
+			out, err := appendInnerHello(nil, outer, b, &enc, &inner)
 			if err != nil {
 				continue
 			}
 			// A rebuilt hello is a well-formed ClientHello with an inner
 			// ECH extension.
-			again, err := parseClientHello(out[handshakeHeaderLen:], nil)
-			require.NoError(t, err)
+			again := new(clientHello)
+			require.NoError(t, parseClientHello(again, out[handshakeHeaderLen:]))
 			require.Equal(t, inner.serverName, again.serverName)
 			require.True(t, again.hasECH)
 		}
