@@ -1,0 +1,71 @@
+// Package ech brings TLS Encrypted Client Hello (ECH, RFC 9849) to Go
+// servers in split mode.
+//
+// A client that knows a server's ECH configuration (from a DNS HTTPS record,
+// RFC 9848, or delivered out of band) encrypts its real ClientHello, the
+// ClientHelloInner with the true server name and ALPN, inside a
+// ClientHelloOuter that shows only a public name. In split mode a
+// client-facing server decrypts it, decides where the connection goes, and
+// hands the inner hello to a backend TLS server, which completes the
+// handshake and proves acceptance in ServerHello.random:
+//
+//	client ──ClientHelloOuter(public.example, ECH)──▶ client-facing server (NewConn)
+//	                                                   │ decrypts, rebuilds
+//	                                                   ▼
+//	       ◀──────── TLS with secret.example ──────── backend (crypto/tls or a proxy target)
+//
+// [NewConn] is the client-facing server. It wraps an accepted [net.Conn],
+// reads the ClientHello (in as many records as the client sends), decrypts
+// its encrypted_client_hello extension with the server's keys, rebuilds the
+// ClientHelloInner, and returns a [Conn] whose reads replay it. Route on
+// [Conn.ServerName] and [Conn.ALPNProtos], then either run [crypto/tls.Server]
+// on the Conn (crypto/tls acts as the ECH backend by itself) or copy its bytes
+// to a backend that implements ECH.
+//
+//	ks, _ := ech.NewKeySet(key)
+//	for {
+//		conn, _ := ln.Accept()
+//		go func() {
+//			c, err := ech.NewConn(ctx, conn, ech.WithKeySet(ks))
+//			if err != nil {
+//				conn.Close() // the client got an alert
+//				return
+//			}
+//			switch c.ServerName() {
+//			case "mail.example": proxy(c, "127.0.0.1:10993")
+//			default: serveTLS(c) // tls.Server(c, cfg)
+//			}
+//		}()
+//	}
+//
+// A hello whose ECH does not decrypt (GREASE, a stale or unknown key) is not
+// an error: the Conn replays the ClientHelloOuter, [Conn.ServerName] is the
+// public name, and the server should complete that handshake with
+// [KeySet.GetEncryptedClientHelloKeys] set in its [crypto/tls.Config], so
+// that the client receives retry configs and reconnects with ECH.
+//
+// # Key management
+//
+// [GenerateKey] makes a key for a public name; [NewKeySet] parses keys once
+// for all connections. A [KeySet] is safe for concurrent use and can be
+// rotated while connections are in flight ([KeySet.Rotate]). Its
+// [KeySet.ConfigList] is what to publish: [ConfigList.HTTPSRecord] gives the
+// DNS record. Keys are stored in the RFC 9934 PEM format that OpenSSL-based
+// servers use ([MarshalPEM], [ParsePEM], [LoadKeyDir]). A [Key] is a
+// [crypto/tls.EncryptedClientHelloKey], so the same keys serve a crypto/tls
+// server that does ECH itself.
+//
+// # Errors
+//
+// A ClientHello that breaks a rule of RFC 8446 or RFC 9849 gets the alert the
+// RFC asks for, and [NewConn] (or, for a second ClientHello after a
+// HelloRetryRequest, [Conn.Read]) returns an error wrapping one of the
+// sentinels, such as [ErrIllegalParameter], for use with [errors.Is]. Error
+// strings never hold key material or decrypted data.
+//
+// # Limits
+//
+// Reading the hello is bounded by the context, by [WithHandshakeTimeout] and
+// by [WithMaxHelloSize]. At most [MaxKeysPerHello] keys are tried on one
+// hello, so a client cannot make the server run many HPKE operations.
+package ech
