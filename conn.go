@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -230,7 +231,13 @@ func NewConn(ctx context.Context, conn net.Conn, opts ...Option) (*Conn, error) 
 	if err == nil {
 		return c, nil
 	}
-	if ctxErr := ctx.Err(); ctxErr != nil {
+	ctxErr := ctx.Err()
+	if d, ok := ctx.Deadline(); ctxErr == nil && ok && errors.Is(err, os.ErrDeadlineExceeded) && !time.Now().Before(d) {
+		// The conn's deadline, which is the context's, fired before the
+		// context's own timer.
+		ctxErr = context.DeadlineExceeded
+	}
+	if ctxErr != nil {
 		err = fmt.Errorf("ech: reading ClientHello: %w (%w)", ctxErr, err)
 	} else if a, ok := alertFor(err); ok {
 		c.sendAlert(a)
