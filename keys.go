@@ -192,7 +192,8 @@ const hpkeInfoPrefix = "tls ech\x00"
 // MaxKeysPerHello is the most keys [NewConn] tries on one ClientHello. Keys
 // are candidates when their config_id is the one the client sent and their
 // config lists the client's cipher suite; with unique config_ids (what
-// [GenerateKey] and [KeySet] ensure) there is one. The cap keeps the HPKE
+// [GenerateKey] picks given [KeyOptions.AvoidConfigIDs]) there is one. A
+// [KeySet] does not refuse duplicate config_ids. The cap keeps the HPKE
 // work an attacker can cause per connection small.
 const MaxKeysPerHello = 4
 
@@ -426,9 +427,13 @@ type PEMFile struct {
 
 // ParsePEM parses an ECH PEM file: at most one PKCS#8 PRIVATE KEY block,
 // then exactly one ECHCONFIG block (RFC 9934, Section 3). A private key must
-// match one config in the list. Keys of every KEM of this package are read:
-// X25519, X448 and the NIST curves in their standard PKCS#8 forms (as
-// OpenSSL writes them), X-Wing under its draft OID.
+// match one config in the list, and that key must pass [KeyConfig]. Keys of
+// every KEM of this package are read: X25519, X448 and the NIST curves in
+// their standard PKCS#8 forms (as OpenSSL writes them), X-Wing under its
+// draft OID. Text before the first block is ignored (RFC 7468, Section 2);
+// anything but white space after the last one is an error. Errors wrap
+// [ErrMalformedPEM] or, for a private key that does not parse,
+// [ErrInvalidKey].
 func ParsePEM(data []byte) (*PEMFile, error) {
 	f := new(PEMFile)
 	var sawKey, sawConfig bool
@@ -458,11 +463,11 @@ func ParsePEM(data []byte) (*PEMFile, error) {
 			return nil, fmt.Errorf("%w: unexpected block %q", ErrMalformedPEM, block.Type)
 		}
 	}
-	if strings.TrimSpace(string(data)) != "" {
-		return nil, fmt.Errorf("%w: trailing data", ErrMalformedPEM)
-	}
 	if !sawConfig {
 		return nil, fmt.Errorf("%w: no ECHCONFIG block", ErrMalformedPEM)
+	}
+	if strings.TrimSpace(string(data)) != "" {
+		return nil, fmt.Errorf("%w: data after the last block", ErrMalformedPEM)
 	}
 	if !sawKey {
 		return f, nil

@@ -82,8 +82,8 @@ func tlsClientConfig(list []byte) *tls.Config {
 }
 
 // tlsHandshake runs a crypto/tls handshake over loopback TCP and returns
-// the client's state and error and the server's state.
-func tlsHandshake(t *testing.T, client, server *tls.Config) (tls.ConnectionState, error, tls.ConnectionState) {
+// the client's state, the server's state and the client's error.
+func tlsHandshake(t *testing.T, client, server *tls.Config) (tls.ConnectionState, tls.ConnectionState, error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 	defer cancel()
@@ -115,7 +115,7 @@ func tlsHandshake(t *testing.T, client, server *tls.Config) (tls.ConnectionState
 	clientState := cc.ConnectionState()
 	cc.Close()
 	<-done
-	return clientState, err, serverState
+	return clientState, serverState, err
 }
 
 // mustGenerateKey returns a key for public.example, failing t on error.
@@ -162,7 +162,7 @@ func TestCryptoTLSInterop(t *testing.T) {
 
 			server := tlsServerConfig()
 			server.EncryptedClientHelloKeys = ks.TLSKeys()
-			cs, err, ss := tlsHandshake(t, tlsClientConfig(list), server)
+			cs, ss, err := tlsHandshake(t, tlsClientConfig(list), server)
 			require.NoError(t, err)
 			assert.True(t, cs.ECHAccepted, "client ECHAccepted")
 			assert.True(t, ss.ECHAccepted, "server ECHAccepted")
@@ -179,7 +179,7 @@ func TestCryptoTLSRotation(t *testing.T) {
 	oldList, err := ks.ConfigList()
 	require.NoError(t, err)
 
-	cs, err, _ := tlsHandshake(t, tlsClientConfig(oldList), server)
+	cs, _, err := tlsHandshake(t, tlsClientConfig(oldList), server)
 	require.NoError(t, err)
 	require.True(t, cs.ECHAccepted, "before rotation")
 
@@ -189,10 +189,10 @@ func TestCryptoTLSRotation(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, rawConfigList(next.Config), []byte(newList))
 
-	cs, err, _ = tlsHandshake(t, tlsClientConfig(oldList), server)
+	cs, _, err = tlsHandshake(t, tlsClientConfig(oldList), server)
 	require.NoError(t, err)
 	assert.True(t, cs.ECHAccepted, "old config during the grace period")
-	cs, err, _ = tlsHandshake(t, tlsClientConfig(newList), server)
+	cs, _, err = tlsHandshake(t, tlsClientConfig(newList), server)
 	require.NoError(t, err)
 	assert.True(t, cs.ECHAccepted, "new config")
 
@@ -200,12 +200,12 @@ func TestCryptoTLSRotation(t *testing.T) {
 
 	// The old config is rejected now; the client gets the new one as retry
 	// config, after verifying the certificate for public.example.
-	_, err, _ = tlsHandshake(t, tlsClientConfig(oldList), server)
+	_, _, err = tlsHandshake(t, tlsClientConfig(oldList), server)
 	var rejected *tls.ECHRejectionError
 	require.ErrorAs(t, err, &rejected)
 	assert.Equal(t, []byte(newList), rejected.RetryConfigList)
 
-	cs, err, _ = tlsHandshake(t, tlsClientConfig(rejected.RetryConfigList), server)
+	cs, _, err = tlsHandshake(t, tlsClientConfig(rejected.RetryConfigList), server)
 	require.NoError(t, err)
 	assert.True(t, cs.ECHAccepted, "retry config")
 }
