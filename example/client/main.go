@@ -1,0 +1,303 @@
+// Command client shows a TLS client using ECH: it connects to an address
+// with an inner name and an ECHConfigList, and prints the ECH outcome, the
+// name on the wire and the inner name, and the negotiated ALPN. When the
+// server rejects ECH and sends retry configs (a stale config), it says so
+// and retries with them, as RFC 9849, Section 6.1.6 asks.
+//
+// The ECHConfigList comes from -ech: a file (an RFC 9934 PEM file, or the
+// list in binary or base64), the base64 list itself, or an https URL
+// serving draft-ietf-tls-wkech JSON or the base64 list, as the router
+// publishes at /.well-known/origin-svcb and /ech-config-list (for clients
+// that cannot read DNS HTTPS records, such as a mail app). Without -ech, it
+// looks the list up in the DNS HTTPS records of the host with package
+// echclient.
+//
+//	client -connect 127.0.0.1:443 -name secret.example -ech keys/cover.ech -ca ca.pem
+//	client -connect relay.example:993 -name chat.example -ech https://relay.example/.well-known/origin-svcb -alpn imap
+//	client -name secret.example    (the config from DNS)
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/echkit/ech"
+	"github.com/echkit/ech/echclient"
+)
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// options are the command's flags.
+type options struct {
+	connect, name, echArg, alpn, ca string
+	requireECH                      bool
+	read, timeout                   time.Duration
+}
+
+// run runs the client with args and returns the exit code: 0 when the
+// connection used ECH (or, without -ech and -require-ech, connected at
+// all), 1 otherwise, 2 for bad usage.
+func run(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("client", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var o options
+	fs.StringVar(&o.name, "name", "", "the inner server `name`, encrypted in the ClientHello (required)")
+	fs.StringVar(&o.connect, "connect", "", "the `host:port` to connect to, and to fetch an -ech URL from (default: name:443)")
+	fs.StringVar(&o.echArg, "ech", "", "the ECHConfigList: a `file`, base64, or an https URL; empty: look it up in DNS")
+	fs.StringVar(&o.alpn, "alpn", "", "comma-separated ALPN `protocols` to offer, such as imap or h2,http/1.1")
+	fs.StringVar(&o.ca, "ca", "", "PEM `file` of the CA certificates to trust (default: the system's)")
+	fs.BoolVar(&o.requireECH, "require-ech", false, "without -ech: fail rather than connect without ECH")
+	fs.DurationVar(&o.read, "read", time.Second, "how long to wait for the server's first line after the handshake (0: do not wait)")
+	fs.DurationVar(&o.timeout, "timeout", 10*time.Second, "bound on each connection and fetch")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	if o.name == "" || fs.NArg() > 0 {
+		fmt.Fprintln(stderr, "client: -name is required, and there are no arguments")
+		fs.Usage()
+		return 2
+	}
+	if o.connect == "" {
+		o.connect = net.JoinHostPort(o.name, "443")
+	}
+	if err := o.run(stdout); err != nil {
+		fmt.Fprintln(stderr, "client:", err)
+		return 1
+	}
+	return 0
+}
+
+func (o *options) tlsConfig() (*tls.Config, error) {
+	cfg := &tls.Config{ServerName: o.name}
+	for _, p := range strings.Split(o.alpn, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			cfg.NextProtos = append(cfg.NextProtos, p)
+		}
+	}
+	if o.ca != "" {
+		b, err := os.ReadFile(o.ca)
+		if err != nil {
+			return nil, err
+		}
+		cfg.RootCAs = x509.NewCertPool()
+		if !cfg.RootCAs.AppendCertsFromPEM(b) {
+			return nil, fmt.Errorf("%s: no PEM certificate", o.ca)
+		}
+	}
+	return cfg, nil
+}
+
+func (o *options) run(w io.Writer) error {
+	cfg, err := o.tlsConfig()
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), o.timeout)
+	defer cancel()
+	if o.echArg == "" {
+		return o.runDNS(ctx, w, cfg)
+	}
+	list, from, err := o.configList(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	configs, err := list.Configs()
+	if err != nil {
+		return err
+	}
+	if len(configs) == 0 {
+		return fmt.Errorf("the ECHConfigList from %s has no config this client can use", from)
+	}
+	fmt.Fprintf(w, "ECHConfigList from %s: %d config(s); first: config_id %d, public name %s\n",
+		from, len(configs), configs[0].ConfigID, configs[0].PublicName)
+
+	cfg.EncryptedClientHelloConfigList = list
+	outer := configs[0].PublicName
+	conn, err := o.dial(ctx, cfg)
+	var rej *tls.ECHRejectionError
+	if errors.As(err, &rej) {
+		if len(rej.RetryConfigList) == 0 {
+			return fmt.Errorf("ECH rejected by %s without retry configs: the server has disabled ECH", outer)
+		}
+		retry, perr := ech.ConfigList(rej.RetryConfigList).Configs()
+		if perr != nil || len(retry) == 0 {
+			return fmt.Errorf("ECH rejected by %s, and its retry configs are unusable: %v", outer, perr)
+		}
+		fmt.Fprintf(w, "ECH rejected by %s (config_id %d is stale): retrying with its retry configs, first config_id %d\n",
+			outer, configs[0].ConfigID, retry[0].ConfigID)
+		fmt.Fprintf(w, "  publish these instead: %s\n", ech.ConfigList(rej.RetryConfigList))
+		cfg.EncryptedClientHelloConfigList = rej.RetryConfigList
+		outer = retry[0].PublicName
+		conn, err = o.dial(ctx, cfg)
+		if errors.As(err, &rej) {
+			return fmt.Errorf("ECH rejected again with the retry configs: %w", err)
+		}
+	}
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	o.report(w, conn, outer)
+	return nil
+}
+
+// runDNS connects with package echclient, which finds the ECHConfigList in
+// the DNS HTTPS records and handles retry configs itself.
+func (o *options) runDNS(ctx context.Context, w io.Writer, cfg *tls.Config) error {
+	d := &echclient.Dialer{Config: cfg}
+	if o.requireECH {
+		d.Policy = echclient.RequireECH
+	}
+	fmt.Fprintf(w, "ECHConfigList from the DNS HTTPS records of %s (policy %v)\n", o.connect, d.Policy)
+	c, err := d.DialContext(ctx, "tcp", o.connect)
+	if err != nil {
+		return err
+	}
+	conn := c.(*tls.Conn)
+	defer conn.Close()
+	outer := "(the public name of the published config)"
+	if !conn.ConnectionState().ECHAccepted {
+		outer = o.name
+	}
+	o.report(w, conn, outer)
+	return nil
+}
+
+func (o *options) dial(ctx context.Context, cfg *tls.Config) (*tls.Conn, error) {
+	d := &tls.Dialer{Config: cfg}
+	c, err := d.DialContext(ctx, "tcp", o.connect)
+	if err != nil {
+		return nil, err
+	}
+	return c.(*tls.Conn), nil
+}
+
+// report prints what the connection shows, and the server's first line.
+func (o *options) report(w io.Writer, conn *tls.Conn, outer string) {
+	cs := conn.ConnectionState()
+	status := "not used"
+	if cs.ECHAccepted {
+		status = "accepted"
+	}
+	alpn := cs.NegotiatedProtocol
+	if alpn == "" {
+		alpn = "(none)"
+	}
+	fmt.Fprintf(w, "connected to %s\n", conn.RemoteAddr())
+	fmt.Fprintf(w, "  ECH:              %s\n", status)
+	fmt.Fprintf(w, "  name on the wire: %s\n", outer)
+	if cs.ECHAccepted {
+		fmt.Fprintf(w, "  inner name:       %s (encrypted)\n", cs.ServerName)
+	} else {
+		fmt.Fprintf(w, "  inner name:       - (no ECH: %s was sent in the clear)\n", cs.ServerName)
+	}
+	fmt.Fprintf(w, "  TLS:              %s, %s\n", tls.VersionName(cs.Version), tls.CipherSuiteName(cs.CipherSuite))
+	fmt.Fprintf(w, "  ALPN:             %s\n", alpn)
+	if len(cs.PeerCertificates) > 0 {
+		leaf := cs.PeerCertificates[0]
+		fmt.Fprintf(w, "  certificate:      %s, issued by %s\n", leaf.Subject, leaf.Issuer)
+	}
+	if o.read > 0 {
+		conn.SetReadDeadline(time.Now().Add(o.read))
+		if line, err := bufio.NewReader(conn).ReadString('\n'); line != "" || err == nil {
+			fmt.Fprintf(w, "  server says:      %s\n", strings.TrimRight(line, "\r\n"))
+		}
+	}
+}
+
+// configList reads -ech: an https URL, a file, or base64.
+func (o *options) configList(ctx context.Context, cfg *tls.Config) (ech.ConfigList, string, error) {
+	arg := o.echArg
+	if strings.HasPrefix(arg, "https://") {
+		l, err := o.fetch(ctx, cfg, arg)
+		return l, arg, err
+	}
+	data, err := os.ReadFile(arg)
+	from := arg
+	if errors.Is(err, os.ErrNotExist) || errors.Is(err, os.ErrInvalid) {
+		data, from = []byte(arg), "-ech"
+	} else if err != nil {
+		return nil, "", err
+	}
+	if strings.Contains(string(data), "-----BEGIN") {
+		f, err := ech.ParsePEM(data)
+		if err != nil {
+			return nil, "", fmt.Errorf("%s: %w", from, err)
+		}
+		return f.ConfigList, from, nil
+	}
+	if l, err := ech.ParseConfigListBase64(string(data)); err == nil {
+		return l, from, nil
+	}
+	if _, err := ech.ParseConfigList(data); err != nil {
+		return nil, "", fmt.Errorf("%s: not a PEM file, nor an ECHConfigList in base64 or binary: %w", from, err)
+	}
+	return data, from, nil
+}
+
+// fetch gets the ECHConfigList from an https URL serving the JSON of
+// draft-ietf-tls-wkech or the base64 list, connecting to -connect.
+func (o *options) fetch(ctx context.Context, cfg *tls.Config, url string) (ech.ConfigList, error) {
+	tcfg := cfg.Clone()
+	tcfg.ServerName, tcfg.NextProtos = "", nil // the URL's host
+	hc := &http.Client{Transport: &http.Transport{
+		TLSClientConfig:   tcfg,
+		DisableKeepAlives: true,
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, network, o.connect)
+		},
+	}}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("%s: %s", url, resp.Status)
+	}
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return nil, err
+	}
+	// draft-ietf-tls-wkech, Section 5: the first endpoint with an ech
+	// parameter.
+	var doc struct {
+		Endpoints []struct {
+			Params map[string]json.RawMessage `json:"params"`
+		} `json:"endpoints"`
+	}
+	if json.Unmarshal(body, &doc) == nil && len(doc.Endpoints) > 0 {
+		for _, e := range doc.Endpoints {
+			// "key5" is the generic form of "ech" (RFC 9848, Section 3).
+			for _, k := range []string{"ech", "key5"} {
+				var s string
+				if json.Unmarshal(e.Params[k], &s) == nil && s != "" {
+					return ech.ParseConfigListBase64(s)
+				}
+			}
+		}
+		return nil, fmt.Errorf("%s: no endpoint has an ech parameter", url)
+	}
+	return ech.ParseConfigListBase64(string(body))
+}

@@ -1,0 +1,451 @@
+package router
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/echkit/ech"
+)
+
+// Config is the router's configuration file, in JSON:
+//
+//	{
+//	  "keys":   {"dir": "keys", "reload": "5m"},
+//	  "public": {"name": "cover.example", "cert": "cover.crt", "key": "cover.key"},
+//	  "listeners": [
+//	    {"address": ":443", "routes": [
+//	      {"name": "web", "server_names": ["www.example"], "mode": "passthrough",
+//	       "backend": "10.0.0.2:443", "proxy_protocol": true}
+//	    ]}
+//	  ]
+//	}
+//
+// Relative paths are taken from the directory of the file. Durations are
+// Go durations ("90s", "5m", "1h").
+type Config struct {
+	Keys   KeysConfig   `json:"keys"`
+	Public PublicConfig `json:"public"`
+	// HandshakeTimeout bounds reading the ClientHello and the handshakes
+	// the router completes; default "10s".
+	HandshakeTimeout string `json:"handshake_timeout,omitempty"`
+	// DialTimeout bounds connecting to a backend; default "10s".
+	DialTimeout string `json:"dial_timeout,omitempty"`
+	// ShutdownTimeout is how long SIGTERM waits for connections to end
+	// before closing them; default "30s".
+	ShutdownTimeout string           `json:"shutdown_timeout,omitempty"`
+	Listeners       []ListenerConfig `json:"listeners"`
+
+	// Dir is the directory relative paths are taken from.
+	Dir string `json:"-"`
+
+	handshakeTimeout, dialTimeout, shutdownTimeout, reload time.Duration
+}
+
+// KeysConfig says where the ECH keys are.
+type KeysConfig struct {
+	// Dir holds the RFC 9934 PEM files (*.ech, *.pem), loaded again on
+	// SIGHUP and every Reload.
+	Dir string `json:"dir"`
+	// Reload is the reload interval; default "5m", "0s" for SIGHUP only.
+	Reload string `json:"reload,omitempty"`
+}
+
+// PublicConfig is the public name the router serves itself.
+type PublicConfig struct {
+	// Name is the public_name of the keys' configs.
+	Name string `json:"name"`
+	// Cert and Key are PEM files of a certificate for Name that clients
+	// trust, and its private key.
+	Cert string `json:"cert"`
+	Key  string `json:"key"`
+}
+
+// ListenerConfig is one listening address and its routes, tried in order.
+type ListenerConfig struct {
+	Address string        `json:"address"`
+	Routes  []RouteConfig `json:"routes"`
+}
+
+// RouteConfig is a [Route] in the configuration file.
+type RouteConfig struct {
+	Name          string   `json:"name"`
+	ServerNames   []string `json:"server_names"`
+	ALPN          []string `json:"alpn,omitempty"`
+	Mode          string   `json:"mode"`
+	Backend       string   `json:"backend"`
+	Cert          string   `json:"cert,omitempty"`
+	Key           string   `json:"key,omitempty"`
+	ProxyProtocol bool     `json:"proxy_protocol,omitempty"`
+}
+
+// ConfigError is an error in a configuration file, at a line.
+type ConfigError struct {
+	File string
+	Line int    // 1-based; 0 when the error is about the whole file
+	Path string // the setting, as "listeners[0].routes[1].mode"
+	Err  error
+}
+
+func (e *ConfigError) Error() string {
+	var b strings.Builder
+	b.WriteString(e.File)
+	if e.Line > 0 {
+		fmt.Fprintf(&b, ":%d", e.Line)
+	}
+	b.WriteString(": ")
+	if e.Path != "" {
+		b.WriteString(e.Path + ": ")
+	}
+	b.WriteString(e.Err.Error())
+	return b.String()
+}
+
+func (e *ConfigError) Unwrap() error { return e.Err }
+
+// LoadConfig reads and checks the configuration file at path. Relative
+// paths in it are taken from its directory.
+func LoadConfig(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("router: %w", err)
+	}
+	c, err := ParseConfig(filepath.Base(path), data)
+	if err != nil {
+		return nil, err
+	}
+	c.Dir = filepath.Dir(path)
+	return c, nil
+}
+
+// ParseConfig parses and checks a configuration file; name is used in
+// errors, which are [*ConfigError]s naming the line. It checks every
+// setting but opens no file.
+func ParseConfig(name string, data []byte) (*Config, error) {
+	pos, err := scanPositions(name, data, reflect.TypeFor[Config]())
+	if err != nil {
+		return nil, err
+	}
+	c := new(Config)
+	if err := json.Unmarshal(data, c); err != nil {
+		// scanPositions has checked the types; this is unexpected.
+		return nil, &ConfigError{File: name, Err: err}
+	}
+	if err := c.check(func(path string, err error) error {
+		return &ConfigError{File: name, Line: pos.line(path), Path: path, Err: err}
+	}); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// check checks every setting; at makes the error for a setting.
+func (c *Config) check(at func(path string, err error) error) error {
+	dur := func(path, s string, def time.Duration) (time.Duration, error) {
+		if s == "" {
+			return def, nil
+		}
+		d, err := time.ParseDuration(s)
+		if err != nil || d < 0 {
+			return 0, at(path, fmt.Errorf("%q is not a duration such as \"30s\" or \"5m\"", s))
+		}
+		return d, nil
+	}
+	var err error
+	if c.handshakeTimeout, err = dur("handshake_timeout", c.HandshakeTimeout, DefaultHandshakeTimeout); err != nil {
+		return err
+	}
+	if c.dialTimeout, err = dur("dial_timeout", c.DialTimeout, DefaultDialTimeout); err != nil {
+		return err
+	}
+	if c.shutdownTimeout, err = dur("shutdown_timeout", c.ShutdownTimeout, 30*time.Second); err != nil {
+		return err
+	}
+	if c.reload, err = dur("keys.reload", c.Keys.Reload, 5*time.Minute); err != nil {
+		return err
+	}
+	missing := errors.New("missing")
+	switch {
+	case c.Keys.Dir == "":
+		return at("keys.dir", missing)
+	case c.Public.Name == "":
+		return at("public.name", missing)
+	case c.Public.Cert == "":
+		return at("public.cert", missing)
+	case c.Public.Key == "":
+		return at("public.key", missing)
+	case len(c.Listeners) == 0:
+		return at("listeners", errors.New("no listener"))
+	}
+	if err := ech.ValidPublicName(c.Public.Name); err != nil {
+		return at("public.name", err)
+	}
+	var addrs []string
+	for i, l := range c.Listeners {
+		p := fmt.Sprintf("listeners[%d]", i)
+		if err := checkHostPort(l.Address); err != nil {
+			return at(p+".address", err)
+		}
+		if slices.Contains(addrs, l.Address) {
+			return at(p+".address", fmt.Errorf("%q is already a listener", l.Address))
+		}
+		addrs = append(addrs, l.Address)
+		var names []string
+		for j, r := range l.Routes {
+			if err := c.checkRoute(fmt.Sprintf("%s.routes[%d]", p, j), r, at); err != nil {
+				return err
+			}
+			if slices.Contains(names, r.Name) {
+				return at(fmt.Sprintf("%s.routes[%d].name", p, j), fmt.Errorf("%q names two routes of this listener", r.Name))
+			}
+			names = append(names, r.Name)
+		}
+	}
+	return nil
+}
+
+func (c *Config) checkRoute(p string, r RouteConfig, at func(string, error) error) error {
+	missing := errors.New("missing")
+	if r.Name == "" {
+		return at(p+".name", missing)
+	}
+	if len(r.ServerNames) == 0 {
+		return at(p+".server_names", missing)
+	}
+	for k, n := range r.ServerNames {
+		if err := checkNamePattern(n); err != nil {
+			return at(fmt.Sprintf("%s.server_names[%d]", p, k), err)
+		}
+		if strings.EqualFold(n, c.Public.Name) {
+			return at(fmt.Sprintf("%s.server_names[%d]", p, k),
+				fmt.Errorf("%q is the public name, which the router serves itself", n))
+		}
+	}
+	for k, a := range r.ALPN {
+		if a == "" || len(a) > 255 {
+			return at(fmt.Sprintf("%s.alpn[%d]", p, k), errors.New("an ALPN protocol is 1 to 255 bytes"))
+		}
+	}
+	switch r.Mode {
+	case "passthrough":
+		if r.Cert != "" || r.Key != "" {
+			return at(p+".cert", errors.New("a passthrough route has no certificate: the backend has it"))
+		}
+	case "terminate":
+		if r.Cert == "" {
+			return at(p+".cert", errors.New("missing: a terminate route needs a certificate"))
+		}
+		if r.Key == "" {
+			return at(p+".key", errors.New("missing: a terminate route needs a private key"))
+		}
+	case "":
+		return at(p+".mode", errors.New(`missing: "passthrough" or "terminate"`))
+	default:
+		return at(p+".mode", fmt.Errorf(`%q is not "passthrough" or "terminate"`, r.Mode))
+	}
+	if r.Backend == "" {
+		return at(p+".backend", missing)
+	}
+	if err := checkHostPort(r.Backend); err != nil {
+		return at(p+".backend", err)
+	}
+	return nil
+}
+
+func checkHostPort(s string) error {
+	_, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return fmt.Errorf("%q is not host:port", s)
+	}
+	if n, err := strconv.ParseUint(port, 10, 16); err != nil || n == 0 && port != "0" {
+		return fmt.Errorf("%q: bad port %q", s, port)
+	}
+	return nil
+}
+
+func checkNamePattern(n string) error {
+	if n == "*" {
+		return nil
+	}
+	name := strings.TrimPrefix(n, "*.")
+	for _, l := range strings.Split(name, ".") {
+		if l == "" || len(l) > 63 || strings.Trim(strings.ToLower(l), "abcdefghijklmnopqrstuvwxyz0123456789-_") != "" {
+			return fmt.Errorf("%q is not a server name, \"*.\" and a name, or \"*\"", n)
+		}
+	}
+	return nil
+}
+
+// path resolves a file name of the configuration.
+func (c *Config) path(p string) string {
+	if filepath.IsAbs(p) || c.Dir == "" {
+		return p
+	}
+	return filepath.Join(c.Dir, p)
+}
+
+// positions maps each setting of a JSON document, as "a.b[2].c", to the
+// offset where its key (or array element) ends.
+type positions struct {
+	data []byte
+	off  map[string]int64
+}
+
+// line returns the line of path or, for a setting that is missing, of the
+// closest enclosing one.
+func (p *positions) line(path string) int {
+	for {
+		if off, ok := p.off[path]; ok {
+			return lineAt(p.data, off)
+		}
+		i := strings.LastIndexAny(path, ".[")
+		if i < 0 {
+			return 1
+		}
+		path = path[:i]
+	}
+}
+
+func lineAt(data []byte, off int64) int {
+	off = min(max(off, 0), int64(len(data)))
+	return 1 + bytes.Count(data[:off], []byte("\n"))
+}
+
+// scanPositions walks data as JSON of type t: it records where each setting
+// is, and reports syntax errors, unknown or repeated keys and values of the
+// wrong JSON type, each at its line.
+func scanPositions(name string, data []byte, t reflect.Type) (*positions, error) {
+	p := &positions{data: data, off: make(map[string]int64)}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.UseNumber()
+	fail := func(path string, err error) error {
+		var se *json.SyntaxError
+		off := dec.InputOffset()
+		if errors.As(err, &se) {
+			off = se.Offset
+			err = errors.New(strings.TrimPrefix(se.Error(), "json: "))
+			path = ""
+		} else if err == io.ErrUnexpectedEOF || err == io.EOF {
+			off = int64(len(data))
+			err = errors.New("unexpected end of file")
+			path = ""
+		}
+		return &ConfigError{File: name, Line: lineAt(data, off), Path: path, Err: err}
+	}
+	var walk func(path string, t reflect.Type) error
+	walk = func(path string, t reflect.Type) error {
+		tok, err := dec.Token()
+		if err != nil {
+			return fail(path, err)
+		}
+		if _, ok := p.off[path]; !ok {
+			p.off[path] = dec.InputOffset()
+		}
+		want := "an object"
+		switch t.Kind() {
+		case reflect.Struct:
+			if tok != json.Delim('{') {
+				break
+			}
+			for dec.More() {
+				kt, err := dec.Token()
+				if err != nil {
+					return fail(path, err)
+				}
+				key := kt.(string)
+				kp := key
+				if path != "" {
+					kp = path + "." + key
+				}
+				f, ok := fieldByTag(t, key)
+				if !ok {
+					return fail(kp, errors.New("unknown setting"))
+				}
+				if _, dup := p.off[kp]; dup {
+					return fail(kp, errors.New("set twice"))
+				}
+				p.off[kp] = dec.InputOffset()
+				if err := walk(kp, f.Type); err != nil {
+					return err
+				}
+			}
+			_, err := dec.Token() // '}'
+			if err != nil {
+				return fail(path, err)
+			}
+			return nil
+		case reflect.Slice:
+			want = "a list [...]"
+			if tok != json.Delim('[') {
+				break
+			}
+			for i := 0; dec.More(); i++ {
+				if err := walk(fmt.Sprintf("%s[%d]", path, i), t.Elem()); err != nil {
+					return err
+				}
+			}
+			if _, err := dec.Token(); err != nil { // ']'
+				return fail(path, err)
+			}
+			return nil
+		case reflect.String:
+			want = "a string"
+			if _, ok := tok.(string); ok {
+				return nil
+			}
+		case reflect.Bool:
+			want = "true or false"
+			if _, ok := tok.(bool); ok {
+				return nil
+			}
+		}
+		return fail(path, fmt.Errorf("want %s, not %s", want, describe(tok)))
+	}
+	if err := walk("", t); err != nil {
+		return nil, err
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		if err == nil {
+			err = errors.New("data after the closing }")
+		}
+		return nil, fail("", err)
+	}
+	return p, nil
+}
+
+// fieldByTag finds the field of struct type t whose JSON name is key.
+func fieldByTag(t reflect.Type, key string) (reflect.StructField, bool) {
+	for i := range t.NumField() {
+		f := t.Field(i)
+		tag, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+		if tag != "" && tag != "-" && tag == key {
+			return f, true
+		}
+	}
+	return reflect.StructField{}, false
+}
+
+func describe(tok json.Token) string {
+	switch v := tok.(type) {
+	case json.Delim:
+		if v == '{' {
+			return "an object"
+		}
+		return "a list"
+	case string:
+		return strconv.Quote(v)
+	case nil:
+		return "null"
+	}
+	return fmt.Sprint(tok)
+}

@@ -1,0 +1,90 @@
+package router
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/echkit/ech"
+)
+
+// KeyDir keeps a key set loaded from a directory of RFC 9934 PEM files
+// (see [ech.LoadKeyDir]). Reloading replaces the set atomically: connections
+// in flight keep the keys they started with.
+type KeyDir struct {
+	// Dir is the directory.
+	Dir string
+	// Set receives the keys.
+	Set *ech.KeySet
+	// Logger receives a line when the keys change or fail to load; nil
+	// means slog.Default().
+	Logger *slog.Logger
+
+	mu   sync.Mutex
+	last []byte // the configs loaded last, to log changes only
+}
+
+// Reload reads the directory and, if it holds at least one valid key,
+// makes its keys the content of the set. On error the set is unchanged.
+// It reports whether the keys changed.
+func (k *KeyDir) Reload() (bool, error) {
+	keys, err := ech.LoadKeyDir(k.Dir)
+	if err == nil && len(keys) == 0 {
+		err = fmt.Errorf("%w in %s", ech.ErrNoKeys, k.Dir)
+	}
+	if err == nil {
+		err = k.Set.Replace(keys...)
+	}
+	if err != nil {
+		return false, fmt.Errorf("router: loading keys: %w", err)
+	}
+	var sig bytes.Buffer
+	ids := make([]int, 0, len(keys))
+	for _, key := range keys {
+		sig.Write(key.Config)
+		if c, err := ech.ParseConfig(key.Config); err == nil {
+			ids = append(ids, int(c.ConfigID))
+		}
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if bytes.Equal(sig.Bytes(), k.last) {
+		return false, nil
+	}
+	k.last = sig.Bytes()
+	k.logger().Info("keys loaded", slog.String("dir", k.Dir), slog.Int("keys", len(keys)), slog.Any("config_ids", ids))
+	return true, nil
+}
+
+func (k *KeyDir) logger() *slog.Logger {
+	if k.Logger != nil {
+		return k.Logger
+	}
+	return slog.Default()
+}
+
+// Watch reloads the keys every interval (if positive) and whenever trigger
+// receives, until ctx is done. A failed reload is logged and the keys in use
+// stay.
+func (k *KeyDir) Watch(ctx context.Context, interval time.Duration, trigger <-chan struct{}) {
+	var tick <-chan time.Time
+	if interval > 0 {
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		tick = t.C
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick:
+		case <-trigger:
+		}
+		if _, err := k.Reload(); err != nil {
+			k.logger().Error("keys not reloaded", slog.String("dir", k.Dir), slog.String("error", err.Error()))
+		}
+	}
+}

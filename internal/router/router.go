@@ -1,0 +1,551 @@
+// Package router is a split-mode ECH client-facing server: it reads each
+// ClientHello with [ech.NewConn] and sends the connection where its inner
+// name (and, optionally, its ALPN) says.
+//
+//	client ──TLS, outer SNI = public name──▶ router ─┬─ passthrough ─▶ ECH-aware TLS backend
+//	                                                  ├─ terminate ───▶ plaintext backend
+//	                                                  └─ public name ─▶ router's own HTTPS
+//
+// A passthrough route forwards the rebuilt ClientHelloInner and the rest of
+// the stream to a TLS server that implements the backend side of ECH (Go's
+// crypto/tls does), which answers the client itself. A terminate route
+// completes the handshake in the router, acting as the ECH backend with the
+// route's certificate, and forwards plaintext to a server that knows
+// nothing of ECH (Dovecot, Postfix). Either may send a PROXY protocol v2
+// header first, so the backend sees the client's address.
+//
+// The router serves the public name itself: a client whose ECH did not
+// decrypt (a stale config, GREASE) completes its handshake there and gets
+// retry configs, and the current ECHConfigList is published over HTTPS at
+// /.well-known/origin-svcb and /ech-config-list.
+//
+// [Router] is the engine, driven by Go values; [Config] and [Server] are the
+// configuration file and the program around it (example/router).
+package router
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/echkit/ech"
+)
+
+// Mode is what a route does with a connection.
+type Mode uint8
+
+const (
+	// ModePassthrough forwards the ClientHello the router replays and the
+	// rest of the stream to a TLS backend, which completes the handshake.
+	ModePassthrough Mode = iota + 1
+	// ModeTerminate completes the handshake in the router with the route's
+	// certificate and forwards plaintext to the backend.
+	ModeTerminate
+)
+
+// String returns "passthrough" or "terminate".
+func (m Mode) String() string {
+	switch m {
+	case ModePassthrough:
+		return "passthrough"
+	case ModeTerminate:
+		return "terminate"
+	}
+	return fmt.Sprintf("Mode(%d)", uint8(m))
+}
+
+// Route says where connections for some names go.
+type Route struct {
+	// Name identifies the route in logs.
+	Name string
+	// ServerNames are the names the route serves, matched against the
+	// server_name of the hello the router replays (the inner name when
+	// ECH was accepted): an exact name, "*.example.com" for one more
+	// label, or "*" for any name. Matching ignores case.
+	ServerNames []string
+	// ALPN, if not empty, restricts the route to hellos offering one of
+	// these protocols. A terminate route also negotiates them, in this
+	// order of preference.
+	ALPN []string
+	// Mode is ModePassthrough or ModeTerminate.
+	Mode Mode
+	// Backend is the backend's TCP address, host:port.
+	Backend string
+	// Certificate is the certificate a terminate route presents for
+	// ServerNames.
+	Certificate *tls.Certificate
+	// ProxyProtocol makes the router send a PROXY protocol v2 header to
+	// the backend before any other byte.
+	ProxyProtocol bool
+}
+
+// matches reports whether r serves a hello for name offering alpn.
+func (r *Route) matches(name string, alpn []string) bool {
+	if len(r.ALPN) > 0 && !offersAny(alpn, r.ALPN) {
+		return false
+	}
+	for _, pat := range r.ServerNames {
+		if matchName(pat, name) {
+			return true
+		}
+	}
+	return false
+}
+
+func offersAny(offered, want []string) bool {
+	for _, p := range offered {
+		for _, w := range want {
+			if p == w {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// matchName matches name against an exact name, "*.suffix" (one label
+// more) or "*".
+func matchName(pattern, name string) bool {
+	if pattern == "*" {
+		return name != ""
+	}
+	if suffix, ok := strings.CutPrefix(pattern, "*."); ok {
+		label, rest, found := strings.Cut(name, ".")
+		return found && label != "" && strings.EqualFold(rest, suffix)
+	}
+	return strings.EqualFold(pattern, name)
+}
+
+// Defaults of [Router]'s durations.
+const (
+	DefaultHandshakeTimeout = 10 * time.Second
+	DefaultDialTimeout      = 10 * time.Second
+	DefaultRegenInterval    = time.Hour
+)
+
+// ErrClosed is returned by [Router.Serve] after [Router.Shutdown] or
+// [Router.Close].
+var ErrClosed = errors.New("router: closed")
+
+// errNoRoute is logged for a hello whose name no route serves.
+var errNoRoute = errors.New("router: no route for this server name")
+
+// Router accepts TLS connections, reads each ClientHello with
+// [ech.NewConn], and routes the connection by its inner name and ALPN. Set
+// its fields, then call [Router.Serve] for each listener. It logs one line
+// per connection at info level.
+type Router struct {
+	// Keys are the ECH keys. Replacing them (see [KeyDir]) affects new
+	// connections only.
+	Keys *ech.KeySet
+	// PublicName is the public_name of the keys' configs. The router
+	// serves it: rejected and GREASE ECH hellos, hellos for this name and
+	// hellos without server_name complete their handshake here.
+	PublicName string
+	// PublicCertificate is the certificate for PublicName. It must be one
+	// that clients trust: they accept retry configs only from a server
+	// that proves it is the public name (RFC 9849, Section 6.1.6).
+	PublicCertificate *tls.Certificate
+	// RegenInterval is the regeninterval published at
+	// /.well-known/origin-svcb: how often the key set may change. Zero
+	// means DefaultRegenInterval.
+	RegenInterval time.Duration
+	// HandshakeTimeout bounds reading the ClientHello and, for handshakes
+	// the router completes, the handshake. Zero means
+	// DefaultHandshakeTimeout.
+	HandshakeTimeout time.Duration
+	// DialTimeout bounds connecting to a backend. Zero means
+	// DefaultDialTimeout.
+	DialTimeout time.Duration
+	// Logger receives the connection log; nil means slog.Default().
+	Logger *slog.Logger
+
+	mu        sync.Mutex
+	closed    bool
+	listeners map[net.Listener]struct{}
+	conns     map[net.Conn]struct{}
+	active    sync.WaitGroup
+	web       *webServer // serves the public name, made by the first Serve
+}
+
+// Serve accepts connections on ln and routes each with routes, the first
+// matching route winning. It returns [ErrClosed] after [Router.Shutdown] or
+// [Router.Close], else the error that stopped ln. ln is closed on return.
+func (r *Router) Serve(ln net.Listener, routes []Route) error {
+	if r.Keys == nil || r.PublicCertificate == nil || r.PublicName == "" {
+		ln.Close()
+		return errors.New("router: Keys, PublicName and PublicCertificate are required")
+	}
+	for i, rt := range routes {
+		if rt.Mode == ModeTerminate && rt.Certificate == nil {
+			ln.Close()
+			return fmt.Errorf("router: route %q: terminate needs a certificate", rt.Name)
+		}
+		if rt.Mode != ModeTerminate && rt.Mode != ModePassthrough {
+			ln.Close()
+			return fmt.Errorf("router: route %d: bad mode %v", i, rt.Mode)
+		}
+	}
+	if !r.track(ln) {
+		ln.Close()
+		return ErrClosed
+	}
+	defer r.untrack(ln)
+	var tempDelay time.Duration
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			if r.isClosed() {
+				return ErrClosed
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				// As net/http does on EMFILE and the like.
+				tempDelay = min(max(2*tempDelay, 5*time.Millisecond), time.Second)
+				time.Sleep(tempDelay)
+				continue
+			}
+			return err
+		}
+		tempDelay = 0
+		if !r.trackConn(conn) {
+			conn.Close()
+			return ErrClosed
+		}
+		go func() {
+			defer r.untrackConn(conn)
+			r.handle(conn, routes)
+		}()
+	}
+}
+
+func (r *Router) track(ln net.Listener) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return false
+	}
+	if r.listeners == nil {
+		r.listeners = make(map[net.Listener]struct{})
+	}
+	r.listeners[ln] = struct{}{}
+	if r.web == nil {
+		r.web = newWebServer(r.Handler(), ln.Addr(), r.logger())
+	}
+	return true
+}
+
+func (r *Router) untrack(ln net.Listener) {
+	r.mu.Lock()
+	delete(r.listeners, ln)
+	r.mu.Unlock()
+	ln.Close()
+}
+
+func (r *Router) trackConn(c net.Conn) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return false
+	}
+	if r.conns == nil {
+		r.conns = make(map[net.Conn]struct{})
+	}
+	r.conns[c] = struct{}{}
+	r.active.Add(1)
+	return true
+}
+
+func (r *Router) untrackConn(c net.Conn) {
+	c.Close()
+	r.mu.Lock()
+	delete(r.conns, c)
+	r.mu.Unlock()
+	r.active.Done()
+}
+
+func (r *Router) isClosed() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.closed
+}
+
+// Shutdown stops accepting, then waits for the connections in progress to
+// end by themselves until ctx is done, when it closes those left. It
+// returns ctx's error if it had to close any.
+func (r *Router) Shutdown(ctx context.Context) error {
+	r.stop()
+	done := make(chan struct{})
+	go func() { r.active.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		r.closeConns()
+		<-done
+		return ctx.Err()
+	}
+}
+
+// Close stops accepting and closes every connection at once.
+func (r *Router) Close() error {
+	r.stop()
+	r.closeConns()
+	r.active.Wait()
+	return nil
+}
+
+// stop closes the listeners and the public name's idle connections.
+func (r *Router) stop() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.closed = true
+	for ln := range r.listeners {
+		ln.Close()
+	}
+	r.web.close()
+}
+
+func (r *Router) closeConns() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for c := range r.conns {
+		c.Close()
+	}
+}
+
+func (r *Router) logger() *slog.Logger {
+	if r.Logger != nil {
+		return r.Logger
+	}
+	return slog.Default()
+}
+
+func orDefault(d, def time.Duration) time.Duration {
+	if d > 0 {
+		return d
+	}
+	return def
+}
+
+// connLog is what the log line of one connection says.
+type connLog struct {
+	start      time.Time
+	client     string
+	status     ech.Status
+	configID   int // -1 when the client sent no ECH
+	outerName  string
+	innerName  string
+	alpn       []string
+	negotiated string
+	route      string
+	mode       string
+	err        error
+}
+
+func (r *Router) log(l *connLog, cc *countingConn) {
+	attrs := []slog.Attr{
+		slog.String("client", l.client),
+		slog.String("ech", l.status.String()),
+	}
+	if l.configID >= 0 {
+		attrs = append(attrs, slog.Int("config_id", l.configID))
+	}
+	attrs = append(attrs,
+		slog.String("outer_sni", l.outerName),
+		slog.String("inner_sni", l.innerName),
+		slog.String("alpn", strings.Join(l.alpn, ",")),
+	)
+	if l.negotiated != "" {
+		attrs = append(attrs, slog.String("alpn_negotiated", l.negotiated))
+	}
+	attrs = append(attrs,
+		slog.String("route", l.route),
+		slog.String("mode", l.mode),
+		slog.Int64("bytes_in", cc.read.Load()),
+		slog.Int64("bytes_out", cc.written.Load()),
+		slog.Duration("duration", time.Since(l.start)),
+	)
+	if l.err != nil {
+		attrs = append(attrs, slog.String("error", l.err.Error()))
+	}
+	r.logger().LogAttrs(context.Background(), slog.LevelInfo, "connection", attrs...)
+}
+
+// handle reads the ClientHello of conn and routes the connection.
+func (r *Router) handle(conn net.Conn, routes []Route) {
+	l := &connLog{start: time.Now(), client: conn.RemoteAddr().String(), configID: -1}
+	cc := &countingConn{Conn: conn}
+	defer func() { r.log(l, cc) }()
+
+	ctx, cancel := context.WithTimeout(context.Background(), orDefault(r.HandshakeTimeout, DefaultHandshakeTimeout))
+	c, err := ech.NewConn(ctx, cc, ech.WithKeySet(r.Keys))
+	cancel()
+	if err != nil {
+		l.err = err
+		return
+	}
+	l.status, l.outerName, l.alpn = c.Status(), c.OuterServerName(), c.ALPNProtos()
+	if id, ok := c.ConfigID(); ok {
+		l.configID = int(id)
+	}
+	if c.ECHAccepted() {
+		l.innerName = c.ServerName()
+	}
+
+	if c.Status() == ech.StatusRejected || c.ServerName() == "" || strings.EqualFold(c.ServerName(), r.PublicName) {
+		// RFC 9849, Section 6.1.6: the public name's server sends retry
+		// configs to a client whose ECH did not decrypt. No route may take
+		// the public name, not even "*".
+		l.route, l.mode = "public", "terminate"
+		l.negotiated, l.err = r.servePublic(c)
+		return
+	}
+	for i := range routes {
+		rt := &routes[i]
+		if !rt.matches(c.ServerName(), l.alpn) {
+			continue
+		}
+		l.route, l.mode = rt.Name, rt.Mode.String()
+		if rt.Mode == ModePassthrough {
+			l.err = r.passthrough(c, rt)
+		} else {
+			l.negotiated, l.err = r.terminate(c, rt)
+		}
+		return
+	}
+	sendAlert(c, alertUnrecognizedName)
+	l.err = errNoRoute
+}
+
+// TLS alerts the router writes itself (RFC 8446, Section 6).
+const (
+	recordTypeAlert       uint8 = 21
+	alertLevelFatal       uint8 = 2
+	alertUnrecognizedName uint8 = 112
+)
+
+// sendAlert writes a fatal alert record, with TLS 1.2's record version as
+// before a version is negotiated.
+func sendAlert(w io.Writer, desc uint8) {
+	w.Write([]byte{recordTypeAlert, 3, 3, 0, 2, alertLevelFatal, desc})
+}
+
+// dial connects to a route's backend and sends the PROXY header if the
+// route asks for one.
+func (r *Router) dial(c *ech.Conn, rt *Route, alpn string) (net.Conn, error) {
+	d := net.Dialer{Timeout: orDefault(r.DialTimeout, DefaultDialTimeout)}
+	backend, err := d.Dial("tcp", rt.Backend)
+	if err != nil {
+		return nil, fmt.Errorf("router: backend: %w", err)
+	}
+	if rt.ProxyProtocol {
+		hdr, err := appendProxyHeader(nil, c.RemoteAddr(), c.LocalAddr(), c.ServerName(), alpn)
+		if err == nil {
+			_, err = backend.Write(hdr)
+		}
+		if err != nil {
+			backend.Close()
+			return nil, fmt.Errorf("router: PROXY header: %w", err)
+		}
+	}
+	return backend, nil
+}
+
+func (r *Router) passthrough(c *ech.Conn, rt *Route) error {
+	backend, err := r.dial(c, rt, "")
+	if err != nil {
+		return err
+	}
+	return pipe(c, backend)
+}
+
+func (r *Router) terminate(c *ech.Conn, rt *Route) (string, error) {
+	tc := tls.Server(c, &tls.Config{
+		Certificates: []tls.Certificate{*rt.Certificate},
+		NextProtos:   rt.ALPN,
+		MinVersion:   tls.VersionTLS12,
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), orDefault(r.HandshakeTimeout, DefaultHandshakeTimeout))
+	err := tc.HandshakeContext(ctx)
+	cancel()
+	if err != nil {
+		return "", err
+	}
+	proto := tc.ConnectionState().NegotiatedProtocol
+	backend, err := r.dial(c, rt, proto)
+	if err != nil {
+		tc.Close()
+		return proto, err
+	}
+	return proto, pipe(tc, backend)
+}
+
+// pipe copies between client and backend until both directions are done,
+// forwarding a half-close each way, and closes both. An error in one
+// direction ends both.
+func pipe(client, backend net.Conn) error {
+	errc := make(chan error, 2)
+	cp := func(dst, src net.Conn) {
+		_, err := io.Copy(dst, src)
+		if err == nil {
+			if cw, ok := dst.(interface{ CloseWrite() error }); ok {
+				cw.CloseWrite()
+			}
+		} else {
+			// Unblock the other direction.
+			client.Close()
+			backend.Close()
+		}
+		errc <- err
+	}
+	go cp(backend, client)
+	go cp(client, backend)
+	err := <-errc
+	err2 := <-errc
+	client.Close()
+	backend.Close()
+	if err == nil {
+		err = err2
+	}
+	if errors.Is(err, net.ErrClosed) {
+		// The side that failed first has already been reported, or the
+		// router closed the connection on shutdown.
+		return nil
+	}
+	return err
+}
+
+// countingConn counts the bytes read from and written to the client.
+type countingConn struct {
+	net.Conn
+	read, written atomic.Int64
+}
+
+func (c *countingConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	c.read.Add(int64(n))
+	return n, err
+}
+
+func (c *countingConn) Write(p []byte) (int, error) {
+	n, err := c.Conn.Write(p)
+	c.written.Add(int64(n))
+	return n, err
+}
+
+// CloseWrite half-closes the wrapped connection when it can.
+func (c *countingConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return c.Conn.Close()
+}

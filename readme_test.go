@@ -1,0 +1,157 @@
+package ech_test
+
+import (
+	"bufio"
+	"context"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/echkit/ech/internal/router"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// readmeSkipped are the README commands that cannot run offline on a fresh
+// clone, and why. Every other command of a sh block is run.
+var readmeSkipped = map[string]string{
+	"go test ./...": "the test command itself, which runs this test",
+	"sudo ./ech-router -config /etc/ech-router/router.json":                                                                               "needs a deployment: its certificates, keys and ports",
+	"go run ./example/client -connect cover.example:443 -name chat.example -alpn imap -ech https://cover.example/.well-known/origin-svcb": "needs a deployed router at cover.example",
+}
+
+// readmeBlock is a fenced code block of README.md.
+type readmeBlock struct {
+	lang, text string
+	line       int
+}
+
+func readmeBlocks(t *testing.T) []readmeBlock {
+	t.Helper()
+	f, err := os.Open("README.md")
+	require.NoError(t, err)
+	defer f.Close()
+	var blocks []readmeBlock
+	var cur *readmeBlock
+	s := bufio.NewScanner(f)
+	for n := 1; s.Scan(); n++ {
+		line := s.Text()
+		switch {
+		case cur == nil && strings.HasPrefix(line, "```"):
+			cur = &readmeBlock{lang: strings.TrimPrefix(line, "```"), line: n}
+		case cur != nil && line == "```":
+			blocks = append(blocks, *cur)
+			cur = nil
+		case cur != nil:
+			cur.text += line + "\n"
+		}
+	}
+	require.NoError(t, s.Err())
+	require.Nil(t, cur, "README.md: unclosed code block")
+	return blocks
+}
+
+// TestREADME runs, in a copy of the repository, every command of README.md
+// that can run offline, in order, as a newcomer on a fresh clone would; it
+// also compiles the Go example and checks the router configuration shown.
+func TestREADME(t *testing.T) {
+	blocks := readmeBlocks(t)
+	require.NotEmpty(t, blocks)
+	assert.Equal(t, readmeBlock{lang: "sh", text: "go run ./example/demo\ngo test ./...\n", line: 3}, blocks[0],
+		"the README starts with exactly the demo and the test command")
+
+	var commands []string
+	var goBlocks, jsonBlocks []string
+	for _, b := range blocks {
+		switch b.lang {
+		case "sh":
+			for _, c := range strings.Split(strings.TrimSpace(b.text), "\n") {
+				require.False(t, strings.HasSuffix(c, "\\"), "README.md:%d: one command a line", b.line)
+				commands = append(commands, c)
+			}
+		case "go":
+			goBlocks = append(goBlocks, b.text)
+		case "json":
+			jsonBlocks = append(jsonBlocks, b.text)
+		}
+	}
+
+	t.Run("chatmail.json", func(t *testing.T) {
+		require.Len(t, jsonBlocks, 1)
+		file, err := os.ReadFile("example/router/chatmail.json")
+		require.NoError(t, err)
+		assert.Equal(t, string(file), jsonBlocks[0], "the README shows example/router/chatmail.json as it is")
+		_, err = router.ParseConfig("README.md", []byte(jsonBlocks[0]))
+		assert.NoError(t, err)
+	})
+
+	if testing.Short() {
+		t.Skip("-short: not building and running the README's commands")
+	}
+	dir := copyRepo(t)
+	// go test puts the go command that runs it first on PATH, so the
+	// commands run with the same Go.
+	env := os.Environ()
+
+	t.Run("go", func(t *testing.T) {
+		require.Len(t, goBlocks, 1)
+		src := "package main\n\nimport (\n\t\"context\"\n\t\"crypto/tls\"\n\t\"io\"\n\t\"net\"\n\n\t\"github.com/echkit/ech\"\n)\n\n" +
+			"var _ = serve // the README's example\n\nfunc main() {}\n\n" + goBlocks[0]
+		require.NoError(t, os.MkdirAll(filepath.Join(dir, "readmeexample"), 0o755))
+		require.NoError(t, os.WriteFile(filepath.Join(dir, "readmeexample", "main.go"), []byte(src), 0o644))
+		cmd := exec.Command("go", "vet", "./readmeexample")
+		cmd.Dir, cmd.Env = dir, env
+		out, err := cmd.CombinedOutput()
+		require.NoError(t, err, "the README's Go example does not compile:\n%s", out)
+	})
+
+	for _, c := range commands {
+		if reason, ok := readmeSkipped[c]; ok {
+			t.Logf("not run: %s (%s)", c, reason)
+			continue
+		}
+		ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+		cmd := exec.CommandContext(ctx, "bash", "-e", "-c", c)
+		cmd.Dir, cmd.Env = dir, env
+		start := time.Now()
+		out, err := cmd.CombinedOutput()
+		cancel()
+		require.NoError(t, err, "README command failed: %s\n%s", c, out)
+		t.Logf("ran in %v: %s", time.Since(start).Round(time.Millisecond), c)
+	}
+	for skipped := range readmeSkipped {
+		assert.Contains(t, commands, skipped, "a skipped command is no longer in the README")
+	}
+}
+
+// copyRepo copies the repository, without .git, into a temporary directory.
+func copyRepo(t *testing.T) string {
+	t.Helper()
+	dst := t.TempDir()
+	err := filepath.WalkDir(".", func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() && d.Name() == ".git" {
+			return filepath.SkipDir
+		}
+		target := filepath.Join(dst, path)
+		if d.IsDir() {
+			return os.MkdirAll(target, 0o755)
+		}
+		if !d.Type().IsRegular() {
+			return nil
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		return os.WriteFile(target, b, 0o644)
+	})
+	require.NoError(t, err)
+	return dst
+}
