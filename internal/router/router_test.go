@@ -516,6 +516,35 @@ func TestPublicName(t *testing.T) {
 	assert.Equal(t, []byte(list2), rej.RetryConfigList)
 }
 
+// TestPassthroughHelloRetryRequest runs a backend that only takes P-256
+// key shares, so the client's first hello gets a HelloRetryRequest and its
+// second hello is decrypted by the router with the same HPKE context.
+func TestPassthroughHelloRetryRequest(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{
+		Certificates:     []tls.Certificate{*e.cert(tlsName)},
+		CurvePreferences: []tls.CurveID{tls.CurveP256},
+	})
+	require.NoError(t, err)
+	t.Cleanup(func() { ln.Close() })
+	go acceptLoop(ln, func(c net.Conn) {
+		if tc := c.(*tls.Conn); tc.Handshake() == nil {
+			echoBackend(tc, "tls "+tc.ConnectionState().ServerName)
+		}
+	})
+	addr := e.serve(Route{Name: "tls", ServerNames: []string{tlsName}, Mode: ModePassthrough, Backend: ln.Addr().String()})
+	greeting, echo, state, err := exchange(addr, e.clientConfig(tlsName, e.list))
+	require.NoError(t, err)
+	assert.True(t, state.ECHAccepted)
+	assert.Equal(t, tls.CurveP256, state.CurveID, "the handshake went through a HelloRetryRequest")
+	assert.Equal(t, "tls "+tlsName, greeting)
+	assert.Equal(t, "ping\n", echo)
+	l := e.log()
+	assert.Equal(t, "accepted", l["ech"])
+	assert.Empty(t, l["error"])
+}
+
 func TestCatchAllDoesNotTakeThePublicName(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
