@@ -114,12 +114,9 @@ type Conn struct {
 	pooled  *[]byte      // buffer behind replay, returned to the pool when drained
 	watch   *secondHello // non-nil while a second ClientHello may come
 	rstate  atomic.Uint32
-	maxSize int
 
 	// Write side: owned by the writing goroutine.
-	wwatch bool
-	wn     int
-	whead  [serverHelloPrefix]byte
+	wwatch *serverFlight // non-nil until the server's first message is classified
 
 	status     Status
 	presented  bool
@@ -127,7 +124,6 @@ type Conn struct {
 	serverName string
 	outerName  string
 	alpn       []string
-	logger     *slog.Logger
 }
 
 var _ net.Conn = (*Conn)(nil)
@@ -139,8 +135,16 @@ type secondHello struct {
 	suite     CipherSuite
 	configID  uint8
 	recVers   uint16
+	maxSize   int
 	hdr       [recordHeaderLen]byte
 	msg       []byte // handshake message being reassembled
+}
+
+// serverFlight collects the first bytes the server writes, to tell a
+// HelloRetryRequest from a ServerHello.
+type serverFlight struct {
+	n    int
+	head [serverHelloPrefix]byte
 }
 
 // bufPool holds ClientHello buffers: a hello is read into one, and the
@@ -226,7 +230,7 @@ func NewConn(ctx context.Context, conn net.Conn, opts ...Option) (*Conn, error) 
 	}
 	defer conn.SetDeadline(time.Time{})
 
-	c := &Conn{conn: conn, maxSize: o.maxHelloSize, logger: o.logger}
+	c := &Conn{conn: conn}
 	err := c.readHello(ctx, &o)
 	if err == nil {
 		return c, nil
@@ -242,8 +246,8 @@ func NewConn(ctx context.Context, conn net.Conn, opts ...Option) (*Conn, error) 
 	} else if a, ok := alertFor(err); ok {
 		c.sendAlert(a)
 	}
-	if c.logger != nil {
-		c.logger.LogAttrs(ctx, slog.LevelInfo, "ech: ClientHello refused",
+	if o.logger != nil {
+		o.logger.LogAttrs(ctx, slog.LevelInfo, "ech: ClientHello refused",
 			slog.String("remote", addrString(conn.RemoteAddr())), slog.String("error", err.Error()))
 	}
 	return nil, err
@@ -363,7 +367,7 @@ func (c *Conn) readHello(ctx context.Context, o *options) error {
 	}
 	if !outer.hasECH {
 		c.status = StatusNotOffered
-		c.log(ctx)
+		c.log(ctx, o.logger)
 		return replayOuter()
 	}
 	typ, ech, err := parseECHExtension(outer.ech)
@@ -431,18 +435,18 @@ func (c *Conn) readHello(ctx context.Context, o *options) error {
 			c.replay = appendRecords(nil, vers, innerMsg)
 			putBuf(ib)
 		}
-		c.watch = &secondHello{recipient: r, suite: ech.suite, configID: ech.configID}
-		c.wwatch = true
-		c.log(ctx)
+		c.watch = &secondHello{recipient: r, suite: ech.suite, configID: ech.configID, maxSize: o.maxHelloSize}
+		c.wwatch = new(serverFlight)
+		c.log(ctx, o.logger)
 		return nil
 	}
 	c.status = StatusRejected
-	c.log(ctx)
+	c.log(ctx, o.logger)
 	return replayOuter()
 }
 
-func (c *Conn) log(ctx context.Context) {
-	if c.logger == nil {
+func (c *Conn) log(ctx context.Context, logger *slog.Logger) {
+	if logger == nil {
 		return
 	}
 	attrs := []slog.Attr{
@@ -454,7 +458,7 @@ func (c *Conn) log(ctx context.Context) {
 	if c.presented {
 		attrs = append(attrs, slog.Int("config_id", int(c.configID)))
 	}
-	c.logger.LogAttrs(ctx, slog.LevelDebug, "ech: ClientHello", attrs...)
+	logger.LogAttrs(ctx, slog.LevelDebug, "ech: ClientHello", attrs...)
 }
 
 // Read reads from the connection: first the ClientHello to pass on, then
@@ -521,8 +525,8 @@ func (c *Conn) readWatching() error {
 	if len(w.msg) == 0 {
 		w.recVers = uint16(w.hdr[1])<<8 | uint16(w.hdr[2]) // replay with the client's framing
 	}
-	if len(w.msg)+n > handshakeHeaderLen+c.maxSize {
-		return c.fail(fmt.Errorf("%w: second ClientHello over %d bytes", ErrHelloTooLarge, c.maxSize))
+	if len(w.msg)+n > handshakeHeaderLen+w.maxSize {
+		return c.fail(fmt.Errorf("%w: second ClientHello over %d bytes", ErrHelloTooLarge, w.maxSize))
 	}
 	w.msg = slices.Grow(w.msg, n)
 	if _, err := io.ReadFull(c.conn, w.msg[len(w.msg):len(w.msg)+n]); err != nil {
@@ -534,7 +538,7 @@ func (c *Conn) readWatching() error {
 	}
 	msgLen := int(w.msg[1])<<16 | int(w.msg[2])<<8 | int(w.msg[3])
 	switch {
-	case msgLen > c.maxSize:
+	case msgLen > w.maxSize:
 		return c.fail(fmt.Errorf("%w: second ClientHello of %d bytes", ErrHelloTooLarge, msgLen))
 	case len(w.msg) < handshakeHeaderLen+msgLen:
 		return nil // more records to come
@@ -597,7 +601,7 @@ func (c *Conn) fail(err error) error {
 // Write writes to the client. Until the server's first handshake message
 // has gone through, it notes whether it is a HelloRetryRequest.
 func (c *Conn) Write(p []byte) (int, error) {
-	if c.wwatch {
+	if c.wwatch != nil {
 		c.observe(p)
 	}
 	return c.conn.Write(p)
@@ -605,18 +609,19 @@ func (c *Conn) Write(p []byte) (int, error) {
 
 // observe classifies the server's first flight.
 func (c *Conn) observe(p []byte) {
-	c.wn += copy(c.whead[c.wn:], p)
-	h := c.whead[:c.wn]
+	w := c.wwatch
+	w.n += copy(w.head[w.n:], p)
+	h := w.head[:w.n]
 	if len(h) >= 1 && h[0] != recordTypeHandshake ||
 		len(h) >= recordHeaderLen+1 && h[recordHeaderLen] != typeServerHello {
-		c.wwatch = false
+		c.wwatch = nil
 		c.rstate.Store(serverDone)
 		return
 	}
 	if len(h) < serverHelloPrefix {
 		return
 	}
-	c.wwatch = false
+	c.wwatch = nil
 	if [32]byte(h[serverHelloPrefix-32:]) == hrrRandom {
 		c.rstate.Store(serverHRR)
 	} else {
