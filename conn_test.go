@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"slices"
 	"strings"
@@ -833,4 +834,100 @@ func TestAfterHandshakeNoAllocs(t *testing.T) {
 		}
 	})
 	assert.Zero(t, allocs)
+}
+
+// TestKeysTriedPerHello checks the cap on trial decryption: of several keys
+// sharing a config_id, only the first MaxKeysPerHello are tried.
+func TestKeysTriedPerHello(t *testing.T) {
+	t.Parallel()
+	var keys []ech.Key
+	for range ech.MaxKeysPerHello + 1 {
+		k, err := ech.GenerateKey(publicName, &ech.KeyOptions{ConfigID: 9})
+		require.NoError(t, err)
+		keys = append(keys, k)
+	}
+	ks, err := ech.NewKeySet(keys...)
+	require.NoError(t, err)
+	for i, k := range keys {
+		client, server := tcpPair(t)
+		s := newSealer(t, k)
+		go client.Write(records(s.seal(baseOuter(), baseInner(), s.enc, 9), 1<<14))
+		c, err := ech.NewConn(t.Context(), server, ech.WithKeySet(ks))
+		require.NoError(t, err)
+		want := ech.StatusAccepted
+		if i >= ech.MaxKeysPerHello {
+			want = ech.StatusRejected
+		}
+		assert.Equal(t, want, c.Status(), "key %d", i)
+	}
+}
+
+// TestAcceptedNoAllocsAfterHandshake checks the accepted path: once the
+// server's ServerHello has gone out, Read and Write do not allocate.
+func TestAcceptedNoAllocsAfterHandshake(t *testing.T) {
+	key, err := ech.GenerateKey(publicName, nil)
+	require.NoError(t, err)
+	client, server := tcpPair(t)
+	s := newSealer(t, key)
+	go client.Write(records(s.seal(baseOuter(), baseInner(), s.enc, key.Config[4]), 1<<14))
+	c, err := ech.NewConn(t.Context(), server, ech.WithKeys(key))
+	require.NoError(t, err)
+	require.True(t, c.ECHAccepted())
+	readMessage(t, c)
+	serverHello := hrrRecord()
+	serverHello[11] ^= 0xff // not the HelloRetryRequest random
+	_, err = c.Write(serverHello)
+	require.NoError(t, err)
+	go func() {
+		io.ReadFull(client, make([]byte, len(serverHello)))
+		io.Copy(client, client) // echo
+	}()
+	buf := make([]byte, 64)
+	allocs := testing.AllocsPerRun(100, func() {
+		if _, err := c.Write(buf); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, buf); err != nil {
+			t.Fatal(err)
+		}
+	})
+	assert.Zero(t, allocs)
+}
+
+func TestLogger(t *testing.T) {
+	t.Parallel()
+	var buf strings.Builder
+	var mu sync.Mutex
+	logger := slog.New(slog.NewJSONHandler(&lockedWriter{w: &buf, mu: &mu}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	key, err := ech.GenerateKey(publicName, &ech.KeyOptions{ConfigID: 7})
+	require.NoError(t, err)
+	s := newSealer(t, key)
+	client, server := tcpPair(t)
+	go client.Write(records(s.seal(baseOuter(), baseInner(), s.enc, 7), 1<<14))
+	_, err = ech.NewConn(t.Context(), server, ech.WithKeys(key), ech.WithLogger(logger))
+	require.NoError(t, err)
+	client2, server2 := tcpPair(t)
+	go client2.Write([]byte{22, 3, 1, 0, 0})
+	_, err = ech.NewConn(t.Context(), server2, ech.WithKeys(key), ech.WithLogger(logger))
+	require.Error(t, err)
+	mu.Lock()
+	out := buf.String()
+	mu.Unlock()
+	assert.Contains(t, out, `"ech":"accepted"`)
+	assert.Contains(t, out, `"config_id":7`)
+	assert.Contains(t, out, `"sni":"secret.example"`)
+	assert.Contains(t, out, `"outer_sni":"public.example"`)
+	assert.Contains(t, out, `ClientHello refused`)
+	assert.NotContains(t, out, fmt.Sprintf("%x", key.PrivateKey[:8]))
+}
+
+type lockedWriter struct {
+	w  io.Writer
+	mu *sync.Mutex
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
 }
