@@ -230,6 +230,11 @@ func TestConfigRoundTrip(t *testing.T) {
 	for name, list := range validConfigLists(t) {
 		raw, ok := splitConfigList(list)
 		require.True(t, ok, name)
+		if configs, err := ParseConfigList(list); err == nil && len(configs) == len(raw) {
+			out, err := MarshalConfigList(configs...)
+			require.NoError(t, err, name)
+			assert.Equal(t, ConfigList(list), out, name)
+		}
 		for i, r := range raw {
 			c, err := ParseConfig(r)
 			if err != nil {
