@@ -327,7 +327,7 @@ func (s *testDNS) serveDoH(w http.ResponseWriter, r *http.Request) {
 	resp := s.answer(q, false)
 	if resp == nil {
 		<-r.Context().Done()
-		return
+		panic(http.ErrAbortHandler) // send no response at all
 	}
 	w.Header().Set("Content-Type", dohContentType)
 	w.Write(resp)

@@ -443,6 +443,9 @@ func (r *Resolver) exchangeDoH(ctx context.Context, query []byte) ([]byte, error
 		return nil, netError(ctx, "DoH", err)
 	}
 	defer resp.Body.Close()
+	if ctx.Err() != nil {
+		return nil, netError(ctx, "DoH", ctx.Err())
+	}
 	if resp.StatusCode != http.StatusOK {
 		return nil, fmt.Errorf("%w: DoH: HTTP status %s", ErrDNSFailure, resp.Status)
 	}
