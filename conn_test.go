@@ -22,6 +22,10 @@ import (
 const (
 	publicName = "public.example"
 	innerName  = "secret.example"
+
+	// testTimeout bounds every step; generous for a loaded CI machine
+	// running the race detector.
+	testTimeout = 30 * time.Second
 )
 
 // result is what the server side saw of one connection.
@@ -89,7 +93,7 @@ func startFrontend(t testing.TB, ks *ech.KeySet, backend func(*tls.Config), opts
 
 func (f *frontend) serve(conn net.Conn, cert tls.Certificate) {
 	defer conn.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	defer cancel()
 	opts := append([]ech.Option{ech.WithKeySet(f.ks)}, f.opts...)
 	c, err := ech.NewConn(ctx, conn, opts...)
@@ -114,7 +118,7 @@ func (f *frontend) serve(conn net.Conn, cert tls.Certificate) {
 		f.backend(cfg)
 	}
 	tc := tls.Server(c, cfg)
-	tc.SetDeadline(time.Now().Add(10 * time.Second))
+	tc.SetDeadline(time.Now().Add(testTimeout))
 	if err := tc.HandshakeContext(ctx); err != nil {
 		r.err = err
 		f.results <- r
@@ -143,7 +147,7 @@ func (f *frontend) clientConfig(name string) *tls.Config {
 // dial runs a client handshake with cfg over conn (or a new loopback
 // connection) and reads the greeting.
 func (f *frontend) dial(cfg *tls.Config) (tls.ConnectionState, string, error) {
-	conn, err := net.DialTimeout("tcp", f.addr(), 5*time.Second)
+	conn, err := net.DialTimeout("tcp", f.addr(), testTimeout)
 	if err != nil {
 		return tls.ConnectionState{}, "", err
 	}
@@ -152,7 +156,7 @@ func (f *frontend) dial(cfg *tls.Config) (tls.ConnectionState, string, error) {
 
 func clientHandshake(conn net.Conn, cfg *tls.Config) (tls.ConnectionState, string, error) {
 	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	conn.SetDeadline(time.Now().Add(testTimeout))
 	tc := tls.Client(conn, cfg)
 	if err := tc.Handshake(); err != nil {
 		return tls.ConnectionState{}, "", err
@@ -166,7 +170,7 @@ func (f *frontend) result() result {
 	select {
 	case r := <-f.results:
 		return r
-	case <-time.After(10 * time.Second):
+	case <-time.After(testTimeout):
 		f.t.Fatal("no result from the frontend")
 		return result{}
 	}
