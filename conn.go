@@ -110,10 +110,10 @@ type Conn struct {
 	conn net.Conn
 
 	// Read side: owned by the reading goroutine.
-	replay  []byte       // bytes Read returns before the wrapped conn's
-	pooled  *[]byte      // buffer behind replay, returned to the pool when drained
-	watch   *secondHello // non-nil while a second ClientHello may come
-	rstate  atomic.Uint32
+	replay []byte       // bytes Read returns before the wrapped conn's
+	pooled *[]byte      // buffer behind replay, returned to the pool when drained
+	watch  *secondHello // non-nil while a second ClientHello may come
+	rstate atomic.Uint32
 
 	// Write side: owned by the writing goroutine.
 	wwatch *serverFlight // non-nil until the server's first message is classified
