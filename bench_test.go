@@ -13,6 +13,7 @@ import (
 
 	"github.com/cloudflare/circl/hpke"
 	"github.com/echkit/ech"
+	"github.com/echkit/ech/internal/testpki"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/crypto/cryptobyte"
 )
@@ -78,6 +79,7 @@ func benchHello(b *testing.B) ([]byte, *ech.KeySet, ech.Key) {
 func BenchmarkNewConn(b *testing.B) {
 	hello, ks, key := benchHello(b)
 	ctx := context.Background()
+	replay := make([]byte, 1<<16)
 	b.Run("KeySet", func(b *testing.B) {
 		b.ReportAllocs()
 		conn := &memConn{data: hello}
@@ -85,6 +87,11 @@ func BenchmarkNewConn(b *testing.B) {
 			conn.off = 0
 			c, err := ech.NewConn(ctx, conn, ech.WithKeySet(ks))
 			if err != nil || !c.ECHAccepted() {
+				b.Fatal(err)
+			}
+			// Read the replayed inner hello, as a backend would; its
+			// buffer goes back to the pool.
+			if _, err := c.Read(replay); err != nil {
 				b.Fatal(err)
 			}
 		}
@@ -105,7 +112,11 @@ func BenchmarkNewConn(b *testing.B) {
 		conn := &memConn{data: captureHello(b, &tls.Config{ServerName: innerName})}
 		for b.Loop() {
 			conn.off = 0
-			if _, err := ech.NewConn(ctx, conn, ech.WithKeySet(ks)); err != nil {
+			c, err := ech.NewConn(ctx, conn, ech.WithKeySet(ks))
+			if err != nil {
+				b.Fatal(err)
+			}
+			if _, err := c.Read(replay); err != nil {
 				b.Fatal(err)
 			}
 		}
@@ -177,11 +188,7 @@ func BenchmarkHandshake(b *testing.B) {
 	sharedCfg := serverCfg.Clone()
 	sharedCfg.EncryptedClientHelloKeys = ks.TLSKeys()
 	ctx := context.Background()
-	modes := []struct {
-		name   string
-		ech    bool
-		server func(net.Conn) error
-	}{
+	modes := []handshakeMode{
 		{"NoECH", false, func(c net.Conn) error { return tls.Server(c, serverCfg).HandshakeContext(ctx) }},
 		{"SharedModeCryptoTLS", true, func(c net.Conn) error { return tls.Server(c, sharedCfg).HandshakeContext(ctx) }},
 		{"SplitModeNewConn", true, func(c net.Conn) error {
@@ -195,6 +202,24 @@ func BenchmarkHandshake(b *testing.B) {
 			return tls.Server(ec, serverCfg).HandshakeContext(ctx)
 		}},
 	}
+	// The default key exchange (X25519MLKEM768) costs more than ECH on
+	// either side; X25519 alone shows the ECH part more plainly.
+	for _, curves := range [][]tls.CurveID{nil, {tls.X25519}} {
+		group := "X25519MLKEM768"
+		if curves != nil {
+			group = "X25519"
+		}
+		b.Run(group, func(b *testing.B) { benchmarkHandshakes(b, modes, ca, list, curves) })
+	}
+}
+
+type handshakeMode struct {
+	name   string
+	ech    bool
+	server func(net.Conn) error
+}
+
+func benchmarkHandshakes(b *testing.B, modes []handshakeMode, ca *testpki.CA, list ech.ConfigList, curves []tls.CurveID) {
 	for _, m := range modes {
 		b.Run(m.name, func(b *testing.B) {
 			b.ReportAllocs()
@@ -213,7 +238,7 @@ func BenchmarkHandshake(b *testing.B) {
 					errs <- err
 				}
 			}()
-			cfg := &tls.Config{ServerName: innerName, RootCAs: ca.Pool}
+			cfg := &tls.Config{ServerName: innerName, RootCAs: ca.Pool, CurvePreferences: curves}
 			if m.ech {
 				cfg.EncryptedClientHelloConfigList = list
 			}

@@ -164,7 +164,7 @@ func putBuf(b *[]byte) {
 // inner hellos and the AAD.
 type scratch struct {
 	outer, enc, inner clientHello
-	aad               []byte
+	aad, pt           []byte
 	cands             [MaxKeysPerHello]*parsedKey
 }
 
@@ -398,14 +398,15 @@ func (c *Conn) readHello(ctx context.Context, o *options) error {
 		sc.aad = outerAAD(sc.aad, msg[handshakeHeaderLen:], outer, len(ech.payload))
 	}
 	for _, pk := range cands {
-		r, err := newRecipient(pk.sk, ech.suite, ech.enc, pk.info)
+		r, err := pk.recipient(ech.suite, ech.enc)
 		if err != nil {
 			continue // try the next key
 		}
-		encoded, err := r.open(sc.aad, ech.payload)
+		encoded, err := r.open(sc.pt[:0], sc.aad, ech.payload)
 		if err != nil {
 			continue // try the next key
 		}
+		sc.pt = encoded[:0] // keep the capacity for the next hello
 		// RFC 9849, Section 7.1: optionally, the outer SNI is the public_name.
 		if o.checkPublicName && outer.serverName != pk.config.PublicName {
 			putBuf(bp)
@@ -582,7 +583,7 @@ func (c *Conn) decryptSecondHello(w *secondHello) ([]byte, error) {
 		return nil, fmt.Errorf("%w: second ClientHello changes cipher_suite or config_id, or has enc", ErrIllegalParameter)
 	}
 	sc.aad = outerAAD(sc.aad, body, ch, len(ech.payload))
-	encoded, err := w.recipient.open(sc.aad, ech.payload)
+	encoded, err := w.recipient.open(sc.pt[:0], sc.aad, ech.payload)
 	if err != nil {
 		return nil, fmt.Errorf("%w: second ClientHello", ErrDecryptError)
 	}

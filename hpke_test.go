@@ -235,24 +235,24 @@ func TestCryptoHPKEKeys(t *testing.T) {
 
 					r, err := newRecipient(pk.sk, cs, enc, pk.info)
 					require.NoError(t, err)
-					pt, err := r.open(aad1, cts[0])
+					pt, err := r.open(nil, aad1, cts[0])
 					require.NoError(t, err)
 					assert.Equal(t, []byte("inner 1"), pt)
 
 					// A context opens the messages of its own sender only.
-					_, err = r.open(aad2, cts2[0])
+					_, err = r.open(nil, aad2, cts2[0])
 					require.ErrorIs(t, err, ErrDecryptError)
 
 					// The wrong AAD does not open.
 					r, err = newRecipient(pk.sk, cs, enc, pk.info)
 					require.NoError(t, err)
-					_, err = r.open(aad2, cts[0])
+					_, err = r.open(nil, aad2, cts[0])
 					require.ErrorIs(t, err, ErrDecryptError)
 
 					// The wrong info (another config) does not open.
 					r, err = newRecipient(pk.sk, cs, enc, echInfo(append(slices.Clone(config), 0)))
 					require.NoError(t, err)
-					_, err = r.open(aad1, cts[0])
+					_, err = r.open(nil, aad1, cts[0])
 					require.ErrorIs(t, err, ErrDecryptError)
 				})
 			}
@@ -265,10 +265,10 @@ func TestCryptoHPKEKeys(t *testing.T) {
 			enc, cts := sealTo(t, id, pk.config.PublicKey, cs, pk.info, aad, []byte("first"), []byte("second"))
 			r, err := newRecipient(pk.sk, cs, enc, pk.info)
 			require.NoError(t, err)
-			pt, err := r.open(aad, cts[0])
+			pt, err := r.open(nil, aad, cts[0])
 			require.NoError(t, err)
 			assert.Equal(t, []byte("first"), pt)
-			pt, err = r.open(aad, cts[1])
+			pt, err = r.open(nil, aad, cts[1])
 			require.NoError(t, err)
 			assert.Equal(t, []byte("second"), pt)
 		})
@@ -293,7 +293,7 @@ func TestX448CirclRoundTrip(t *testing.T) {
 			r, err := newRecipient(pk.sk, cs, enc, pk.info)
 			require.NoError(t, err)
 			for i, want := range []string{"first", "second"} {
-				pt, err := r.open(aad, cts[i])
+				pt, err := r.open(nil, aad, cts[i])
 				require.NoError(t, err)
 				assert.Equal(t, []byte(want), pt)
 			}
@@ -324,11 +324,11 @@ func TestNewRecipientErrors(t *testing.T) {
 
 			r, err := newRecipient(sk, cs, enc, info)
 			require.NoError(t, err)
-			_, err = r.open(aad, cts[0][:len(cts[0])-1])
+			_, err = r.open(nil, aad, cts[0][:len(cts[0])-1])
 			require.ErrorIs(t, err, ErrDecryptError, "truncated ciphertext")
 
 			// A failed open does not advance the sequence number.
-			pt, err := r.open(aad, cts[0])
+			pt, err := r.open(nil, aad, cts[0])
 			require.NoError(t, err)
 			assert.Equal(t, []byte("hello"), pt)
 
@@ -336,7 +336,7 @@ func TestNewRecipientErrors(t *testing.T) {
 			flipped[0] ^= 1
 			r, err = newRecipient(sk, cs, enc, info)
 			require.NoError(t, err)
-			_, err = r.open(aad, flipped)
+			_, err = r.open(nil, aad, flipped)
 			require.ErrorIs(t, err, ErrDecryptError, "altered ciphertext")
 			assert.False(t, errors.Is(err, ErrDecodeError))
 		})
@@ -366,7 +366,7 @@ func BenchmarkHPKEOpen(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				if _, err := r.open(aad, ct); err != nil {
+				if _, err := r.open(nil, aad, ct); err != nil {
 					b.Fatal(err)
 				}
 			}

@@ -161,6 +161,24 @@ type parsedKey struct {
 	config *Config
 	sk     *kemPrivateKey
 	info   []byte // "tls ech" || 0x00 || ECHConfig (RFC 9849, Section 6.1)
+	kscs   []suiteContext
+}
+
+// suiteContext is the HPKE key schedule context of a key for one suite,
+// computed once.
+type suiteContext struct {
+	suite CipherSuite
+	ksc   []byte
+}
+
+// recipient sets up the HPKE context for a client's enc and suite.
+func (pk *parsedKey) recipient(cs CipherSuite, enc []byte) (*hpkeRecipient, error) {
+	for _, sc := range pk.kscs {
+		if sc.suite == cs {
+			return newRecipientContext(pk.sk, cs, enc, sc.ksc)
+		}
+	}
+	return nil, fmt.Errorf("%w: %v", ErrUnsupportedAlgorithm, cs)
 }
 
 func parseKey(k Key) (*parsedKey, error) {
@@ -183,7 +201,13 @@ func parseKey(k Key) (*parsedKey, error) {
 	}
 	info := make([]byte, 0, len(hpkeInfoPrefix)+len(k.Config))
 	info = append(append(info, hpkeInfoPrefix...), k.Config...)
-	return &parsedKey{key: k, config: c, sk: sk, info: info}, nil
+	pk := &parsedKey{key: k, config: c, sk: sk, info: info}
+	for _, cs := range c.CipherSuites {
+		if cs.Supported() {
+			pk.kscs = append(pk.kscs, suiteContext{cs, keyScheduleContext(c.KEM, cs, info)})
+		}
+	}
+	return pk, nil
 }
 
 // hpkeInfoPrefix is the HPKE info prefix of RFC 9849, Section 6.1.
