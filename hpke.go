@@ -125,7 +125,7 @@ func (s CipherSuite) Supported() bool { return s.KDF.Supported() && s.AEAD.Suppo
 type kemPrivateKey struct {
 	kem    KEMID
 	sk     kem.PrivateKey
-	pub    []byte       // SerializePublicKey(pk)
+	pub    []byte      // SerializePublicKey(pk)
 	x25519 *x25519.Key // the scalar, for DHKEM(X25519)'s fast path
 }
 
