@@ -98,15 +98,24 @@ func TestREADME(t *testing.T) {
 	env := os.Environ()
 
 	t.Run("go", func(t *testing.T) {
-		require.Len(t, goBlocks, 1)
-		src := "package main\n\nimport (\n\t\"context\"\n\t\"crypto/tls\"\n\t\"io\"\n\t\"net\"\n\n\t\"github.com/echkit/ech\"\n)\n\n" +
-			"var _ = serve // the README's example\n\nfunc main() {}\n\n" + goBlocks[0]
+		// The accept loop, the echclient example and the echtest example,
+		// each in a file with the imports it needs.
+		require.Len(t, goBlocks, 3)
+		files := map[string]string{
+			"main.go": "package main\n\nimport (\n\t\"context\"\n\t\"crypto/tls\"\n\t\"io\"\n\t\"net\"\n\n\t\"github.com/echkit/ech\"\n)\n\n" +
+				"var _ = serve // the README's example\n\nfunc main() {}\n\n" + goBlocks[0],
+			"client.go": "package main\n\nimport (\n\t\"context\"\n\t\"net/http\"\n\n\t\"github.com/echkit/ech/echclient\"\n)\n\n" +
+				"var _ = fetch\n\n" + goBlocks[1],
+			"secret_test.go": "package main\n\nimport (\n\t\"testing\"\n\n\t\"github.com/echkit/ech/echtest\"\n\t\"github.com/stretchr/testify/require\"\n)\n\n" + goBlocks[2],
+		}
 		require.NoError(t, os.MkdirAll(filepath.Join(dir, "readmeexample"), 0o755))
-		require.NoError(t, os.WriteFile(filepath.Join(dir, "readmeexample", "main.go"), []byte(src), 0o644))
-		cmd := exec.Command("go", "vet", "./readmeexample")
+		for name, src := range files {
+			require.NoError(t, os.WriteFile(filepath.Join(dir, "readmeexample", name), []byte(src), 0o644))
+		}
+		cmd := exec.Command("go", "test", "-count=1", "./readmeexample") // compiles all three, runs TestSecret
 		cmd.Dir, cmd.Env = dir, env
 		out, err := cmd.CombinedOutput()
-		require.NoError(t, err, "the README's Go example does not compile:\n%s", out)
+		require.NoError(t, err, "the README's Go examples do not compile or TestSecret fails:\n%s", out)
 	})
 
 	for _, c := range commands {
