@@ -44,6 +44,7 @@ func main() {
 // options are the command's flags.
 type options struct {
 	connect, name, echArg, alpn, ca string
+	dns, doh                        string
 	requireECH                      bool
 	read, timeout                   time.Duration
 }
@@ -61,6 +62,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.alpn, "alpn", "", "comma-separated ALPN `protocols` to offer, such as imap or h2,http/1.1")
 	fs.StringVar(&o.ca, "ca", "", "PEM `file` of the CA certificates to trust (default: the system's)")
 	fs.BoolVar(&o.requireECH, "require-ech", false, "without -ech: fail rather than connect without ECH")
+	fs.StringVar(&o.dns, "dns", "", "without -ech: the DNS server (`host:port`) to ask for HTTPS records (default: the system's)")
+	fs.StringVar(&o.doh, "doh", "", "without -ech: ask this DNS-over-HTTPS `URL` (RFC 8484) instead")
 	fs.DurationVar(&o.read, "read", time.Second, "how long to wait for the server's first line after the handshake (0: do not wait)")
 	fs.DurationVar(&o.timeout, "timeout", 10*time.Second, "bound on each connection and fetch")
 	if err := fs.Parse(args); err != nil {
@@ -161,7 +164,7 @@ func (o *options) run(w io.Writer) error {
 // runDNS connects with package echclient, which finds the ECHConfigList in
 // the DNS HTTPS records and handles retry configs itself.
 func (o *options) runDNS(ctx context.Context, w io.Writer, cfg *tls.Config) error {
-	d := &echclient.Dialer{Config: cfg}
+	d := &echclient.Dialer{Config: cfg, Resolver: &echclient.Resolver{Server: o.dns, DoHURL: o.doh, Timeout: o.timeout}}
 	if o.requireECH {
 		d.Policy = echclient.RequireECH
 	}

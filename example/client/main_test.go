@@ -4,10 +4,14 @@ import (
 	"crypto/tls"
 	"encoding/pem"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -17,6 +21,7 @@ import (
 	"github.com/echkit/ech/internal/testpki"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/net/dns/dnsmessage"
 )
 
 const (
@@ -157,4 +162,57 @@ func TestClientErrors(t *testing.T) {
 		assert.Equal(t, tc.code, code, "%q: %s", tc.args, stderr)
 		assert.Contains(t, stderr, tc.want, "%q", tc.args)
 	}
+}
+
+// TestClientDoH finds the config in an HTTPS record served by a loopback
+// DNS-over-HTTPS endpoint, through package echclient.
+func TestClientDoH(t *testing.T) {
+	t.Parallel()
+	addr, _, caFile, ks := setup(t)
+	list, err := ks.ConfigList()
+	require.NoError(t, err)
+	_, portStr, err := net.SplitHostPort(addr)
+	require.NoError(t, err)
+	port, err := strconv.Atoi(portStr)
+	require.NoError(t, err)
+
+	doh := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, err := io.ReadAll(r.Body)
+		var q dnsmessage.Message
+		if err != nil || q.Unpack(body) != nil || len(q.Questions) != 1 {
+			http.Error(w, "bad query", http.StatusBadRequest)
+			return
+		}
+		b := dnsmessage.NewBuilder(nil, dnsmessage.Header{ID: q.ID, Response: true, Authoritative: true})
+		b.StartQuestions()
+		b.Question(q.Questions[0])
+		b.StartAnswers()
+		if q.Questions[0].Type == dnsmessage.TypeHTTPS && q.Questions[0].Name.String() == innerName+"." {
+			rr := dnsmessage.HTTPSResource{SVCBResource: dnsmessage.SVCBResource{Priority: 1, Target: dnsmessage.MustNewName(".")}}
+			rr.SetParam(dnsmessage.SVCParamALPN, []byte("\x04imap")) // the relay's IMAP
+			rr.SetParam(dnsmessage.SVCParamPort, []byte{byte(port >> 8), byte(port)})
+			rr.SetParam(dnsmessage.SVCParamIPv4Hint, []byte{127, 0, 0, 1})
+			rr.SetParam(dnsmessage.SVCParamECH, list)
+			b.HTTPSResource(dnsmessage.ResourceHeader{Name: q.Questions[0].Name, Class: dnsmessage.ClassINET, TTL: 60}, rr)
+		}
+		msg, err := b.Finish()
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		w.Header().Set("Content-Type", "application/dns-message")
+		w.Write(msg)
+	}))
+	t.Cleanup(doh.Close)
+
+	code, stdout, stderr := client("-name", innerName, "-doh", doh.URL, "-require-ech", "-ca", caFile, "-alpn", "imap")
+	require.Equal(t, 0, code, stderr)
+	assert.Contains(t, stdout, "ECHConfigList from the DNS HTTPS records of "+innerName+":443")
+	assert.Contains(t, stdout, "ECH:              accepted")
+	assert.Contains(t, stdout, "server says:      hello secret.example imap")
+
+	// A name without a record, with ECH required, fails clearly.
+	code, _, stderr = client("-name", "other.example", "-doh", doh.URL, "-require-ech", "-ca", caFile)
+	assert.Equal(t, 1, code)
+	assert.Contains(t, stderr, "echclient:")
 }
