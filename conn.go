@@ -494,6 +494,10 @@ func (c *Conn) Read(p []byte) (int, error) {
 // records through unchanged (change_cipher_spec, early data), decrypts a
 // second ClientHello, and stops watching once the server has answered with
 // a ServerHello.
+//
+// NOTE: an error in the middle of a record (a read deadline, say) loses the
+// part already read; the handshake cannot go on after it anyway, as neither
+// crypto/tls nor a proxy resumes a handshake after a failed read.
 func (c *Conn) readWatching() error {
 	w := c.watch
 	if c.rstate.Load() == serverDone && len(w.msg) == 0 {
