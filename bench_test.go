@@ -13,7 +13,7 @@ import (
 
 	"github.com/cloudflare/circl/hpke"
 	"github.com/echkit/ech"
-	"github.com/echkit/ech/internal/testpki"
+	"github.com/echkit/ech/echtest"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/crypto/cryptobyte"
 )
@@ -67,13 +67,10 @@ func captureHello(t testing.TB, cfg *tls.Config) []byte {
 // benchHello returns an accepted X25519 ClientHello from Go's client and
 // the key set that decrypts it.
 func benchHello(b *testing.B) ([]byte, *ech.KeySet, ech.Key) {
-	k, err := ech.GenerateKey(publicName, nil)
-	require.NoError(b, err)
-	ks, err := ech.NewKeySet(k)
-	require.NoError(b, err)
+	ks := echtest.NewKeySet(b, publicName)
 	list, err := ks.ConfigList()
 	require.NoError(b, err)
-	return captureHello(b, &tls.Config{ServerName: innerName, EncryptedClientHelloConfigList: list}), ks, k
+	return captureHello(b, &tls.Config{ServerName: innerName, EncryptedClientHelloConfigList: list}), ks, ks.Keys()[0]
 }
 
 func BenchmarkNewConn(b *testing.B) {
@@ -176,15 +173,11 @@ func echFields(b *testing.B, rec []byte, key ech.Key) (suite hpke.Suite, enc, pa
 // server in this process: crypto/tls without ECH, crypto/tls's own ECH
 // server (shared mode), and NewConn in front of crypto/tls (split mode).
 func BenchmarkHandshake(b *testing.B) {
-	ca, cert := newPKI(b)
-	k, err := ech.GenerateKey(publicName, nil)
-	require.NoError(b, err)
-	k.SendAsRetry = true
-	ks, err := ech.NewKeySet(k)
-	require.NoError(b, err)
+	ca := echtest.NewCA(b)
+	ks := echtest.NewKeySet(b, publicName)
 	list, err := ks.ConfigList()
 	require.NoError(b, err)
-	serverCfg := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13}
+	serverCfg := &tls.Config{Certificates: []tls.Certificate{ca.Certificate(innerName)}, MinVersion: tls.VersionTLS13}
 	sharedCfg := serverCfg.Clone()
 	sharedCfg.EncryptedClientHelloKeys = ks.TLSKeys()
 	ctx := context.Background()
@@ -219,7 +212,7 @@ type handshakeMode struct {
 	server func(net.Conn) error
 }
 
-func benchmarkHandshakes(b *testing.B, modes []handshakeMode, ca *testpki.CA, list ech.ConfigList, curves []tls.CurveID) {
+func benchmarkHandshakes(b *testing.B, modes []handshakeMode, ca *echtest.CA, list ech.ConfigList, curves []tls.CurveID) {
 	for _, m := range modes {
 		b.Run(m.name, func(b *testing.B) {
 			b.ReportAllocs()
@@ -238,7 +231,7 @@ func benchmarkHandshakes(b *testing.B, modes []handshakeMode, ca *testpki.CA, li
 					errs <- err
 				}
 			}()
-			cfg := &tls.Config{ServerName: innerName, RootCAs: ca.Pool, CurvePreferences: curves}
+			cfg := &tls.Config{ServerName: innerName, RootCAs: ca.Pool(), CurvePreferences: curves}
 			if m.ech {
 				cfg.EncryptedClientHelloConfigList = list
 			}

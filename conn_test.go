@@ -14,13 +14,13 @@ import (
 	"time"
 
 	"github.com/echkit/ech"
-	"github.com/echkit/ech/internal/testpki"
+	"github.com/echkit/ech/echtest"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
 
 const (
-	publicName = "public.example"
+	publicName = echtest.DefaultPublicName
 	innerName  = "secret.example"
 
 	// testTimeout bounds every step; generous for a loaded CI machine
@@ -28,132 +28,23 @@ const (
 	testTimeout = 30 * time.Second
 )
 
-// result is what the server side saw of one connection.
-type result struct {
-	status     ech.Status
-	serverName string
-	outerName  string
-	alpn       []string
-	configID   uint8
-	presented  bool
-	negotiated string // ALPN the backend negotiated
-	err        error  // from NewConn or the backend handshake
-}
+// greet is the backend of the tests' echtest servers: after the handshake
+// it answers "hello <name>\n" with the server name it completed it for.
+func greet(c *tls.Conn, info echtest.ConnInfo) { fmt.Fprintf(c, "hello %s\n", info.ServerName) }
 
-// frontend is a loopback split-mode server: NewConn in front of a crypto/tls
-// backend that answers "hello <name>" after the handshake.
-type frontend struct {
-	t       testing.TB
-	ln      net.Listener
-	ca      *testpki.CA
-	ks      *ech.KeySet
-	results chan result
-	opts    []ech.Option
-	backend func(*tls.Config) // adjusts the backend config
-}
-
-func newPKI(t testing.TB) (*testpki.CA, tls.Certificate) {
+// greeting reads what the backend wrote on c until it closed the connection.
+func greeting(t testing.TB, c net.Conn) string {
 	t.Helper()
-	ca, err := testpki.NewCA()
+	c.SetReadDeadline(time.Now().Add(testTimeout))
+	b, err := io.ReadAll(c)
 	require.NoError(t, err)
-	cert, err := ca.Leaf(publicName, innerName, "other.example")
-	require.NoError(t, err)
-	return ca, cert
+	return strings.TrimSpace(string(b))
 }
 
-func newKeySet(t testing.TB, opts *ech.KeyOptions) *ech.KeySet {
-	t.Helper()
-	k, err := ech.GenerateKey(publicName, opts)
-	require.NoError(t, err)
-	k.SendAsRetry = true
-	ks, err := ech.NewKeySet(k)
-	require.NoError(t, err)
-	return ks
-}
-
-func startFrontend(t testing.TB, ks *ech.KeySet, backend func(*tls.Config), opts ...ech.Option) *frontend {
-	t.Helper()
-	ca, cert := newPKI(t)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	f := &frontend{t: t, ln: ln, ca: ca, ks: ks, results: make(chan result, 1000), opts: opts, backend: backend}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Go(func() {
-		for {
-			conn, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Go(func() { f.serve(conn, cert) })
-		}
-	})
-	return f
-}
-
-func (f *frontend) serve(conn net.Conn, cert tls.Certificate) {
-	defer conn.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
-	defer cancel()
-	opts := append([]ech.Option{ech.WithKeySet(f.ks)}, f.opts...)
-	c, err := ech.NewConn(ctx, conn, opts...)
-	if err != nil {
-		f.results <- result{err: err}
-		return
-	}
-	r := result{status: c.Status(), serverName: c.ServerName(), outerName: c.OuterServerName(),
-		alpn: c.ALPNProtos(), presented: c.ECHPresented()}
-	r.configID, _ = c.ConfigID()
-	cfg := &tls.Config{
-		Certificates: []tls.Certificate{cert},
-		MinVersion:   tls.VersionTLS13,
-		NextProtos:   []string{"h2", "http/1.1"},
-	}
-	if !c.ECHAccepted() {
-		// The public name's server sends retry configs.
-		cfg.GetEncryptedClientHelloKeys = f.ks.GetEncryptedClientHelloKeys
-		cfg.MinVersion = tls.VersionTLS12
-	}
-	if f.backend != nil {
-		f.backend(cfg)
-	}
-	tc := tls.Server(c, cfg)
-	tc.SetDeadline(time.Now().Add(testTimeout))
-	if err := tc.HandshakeContext(ctx); err != nil {
-		r.err = err
-		f.results <- r
-		return
-	}
-	r.negotiated = tc.ConnectionState().NegotiatedProtocol
-	f.results <- r
-	fmt.Fprintf(tc, "hello %s\n", c.ServerName())
-	tc.Close()
-}
-
-func (f *frontend) addr() string { return f.ln.Addr().String() }
-
-// clientConfig returns a crypto/tls client config for name with ECH.
-func (f *frontend) clientConfig(name string) *tls.Config {
-	list, err := f.ks.ConfigList()
-	require.NoError(f.t, err)
-	return &tls.Config{
-		ServerName:                     name,
-		RootCAs:                        f.ca.Pool,
-		MinVersion:                     tls.VersionTLS13,
-		EncryptedClientHelloConfigList: list,
-	}
-}
-
-// dial runs a client handshake with cfg over conn (or a new loopback
-// connection) and reads the greeting.
-func (f *frontend) dial(cfg *tls.Config) (tls.ConnectionState, string, error) {
-	conn, err := net.DialTimeout("tcp", f.addr(), testTimeout)
-	if err != nil {
-		return tls.ConnectionState{}, "", err
-	}
-	return clientHandshake(conn, cfg)
-}
-
+// clientHandshake runs a client handshake with cfg over conn, reads the
+// greeting and closes conn: for the clients [echtest.Server.DialConfig]
+// cannot make, over a wrapped conn or on goroutines of their own (it may
+// call t.Fatal).
 func clientHandshake(conn net.Conn, cfg *tls.Config) (tls.ConnectionState, string, error) {
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(testTimeout))
@@ -163,17 +54,6 @@ func clientHandshake(conn net.Conn, cfg *tls.Config) (tls.ConnectionState, strin
 	}
 	line, err := io.ReadAll(tc)
 	return tc.ConnectionState(), strings.TrimSpace(string(line)), err
-}
-
-func (f *frontend) result() result {
-	f.t.Helper()
-	select {
-	case r := <-f.results:
-		return r
-	case <-time.After(testTimeout):
-		f.t.Fatal("no result from the frontend")
-		return result{}
-	}
 }
 
 func TestAcceptedEveryKEMAndSuite(t *testing.T) {
@@ -190,18 +70,20 @@ func TestAcceptedEveryKEMAndSuite(t *testing.T) {
 		for _, cs := range suites {
 			t.Run(kem.String()+"/"+cs.String(), func(t *testing.T) {
 				t.Parallel()
-				ks := newKeySet(t, &ech.KeyOptions{KEM: kem, CipherSuites: []ech.CipherSuite{cs}})
-				f := startFrontend(t, ks, nil)
-				state, greeting, err := f.dial(f.clientConfig(innerName))
+				k, err := ech.GenerateKey(publicName, &ech.KeyOptions{KEM: kem, CipherSuites: []ech.CipherSuite{cs}, SendAsRetry: true})
 				require.NoError(t, err)
-				assert.True(t, state.ECHAccepted, "client sees ECH accepted")
-				assert.Equal(t, "hello "+innerName, greeting)
-				r := f.result()
-				require.NoError(t, r.err)
-				assert.Equal(t, ech.StatusAccepted, r.status)
-				assert.Equal(t, innerName, r.serverName)
-				assert.Equal(t, publicName, r.outerName)
-				assert.True(t, r.presented)
+				ks, err := ech.NewKeySet(k)
+				require.NoError(t, err)
+				srv := echtest.NewServer(t, greet, echtest.WithKeySet(ks))
+				conn := srv.Dial(t, innerName)
+				assert.True(t, conn.ConnectionState().ECHAccepted, "client sees ECH accepted")
+				assert.Equal(t, "hello "+innerName, greeting(t, conn))
+				r := srv.ConnInfo(t, conn)
+				require.NoError(t, r.Err)
+				assert.Equal(t, ech.StatusAccepted, r.Status)
+				assert.Equal(t, innerName, r.ServerName)
+				assert.Equal(t, publicName, r.OuterServerName)
+				assert.True(t, r.ECHPresented)
 			})
 		}
 	}
@@ -209,66 +91,65 @@ func TestAcceptedEveryKEMAndSuite(t *testing.T) {
 
 func TestNoECHClient(t *testing.T) {
 	t.Parallel()
-	f := startFrontend(t, newKeySet(t, nil), nil)
+	srv := echtest.NewServer(t, greet)
 	for _, v := range []uint16{tls.VersionTLS13, tls.VersionTLS12} {
 		t.Run(tls.VersionName(v), func(t *testing.T) {
-			state, greeting, err := f.dial(&tls.Config{ServerName: innerName, RootCAs: f.ca.Pool, MinVersion: v, MaxVersion: v})
+			cfg := srv.NoECHClientConfig(innerName)
+			cfg.MinVersion, cfg.MaxVersion = v, v
+			conn, err := srv.DialConfig(t, cfg)
 			require.NoError(t, err)
+			state := conn.ConnectionState()
 			assert.False(t, state.ECHAccepted)
 			assert.Equal(t, v, state.Version)
-			assert.Equal(t, "hello "+innerName, greeting)
-			r := f.result()
-			require.NoError(t, r.err)
-			assert.Equal(t, ech.StatusNotOffered, r.status)
-			assert.False(t, r.presented)
-			assert.Equal(t, innerName, r.serverName)
+			assert.Equal(t, "hello "+innerName, greeting(t, conn))
+			r := srv.ConnInfo(t, conn)
+			require.NoError(t, r.Err)
+			assert.Equal(t, ech.StatusNotOffered, r.Status)
+			assert.False(t, r.ECHPresented)
+			assert.Equal(t, innerName, r.ServerName)
 		})
 	}
 }
 
 func TestRejectedThenRetry(t *testing.T) {
 	t.Parallel()
-	ks := newKeySet(t, nil)
-	f := startFrontend(t, ks, nil)
-	stale := newKeySet(t, nil) // a key the server does not have
-	staleList, err := stale.ConfigList()
-	require.NoError(t, err)
-	cfg := f.clientConfig(innerName)
-	cfg.EncryptedClientHelloConfigList = staleList
-	_, _, err = f.dial(cfg)
+	srv := echtest.NewServer(t, greet)
+	cfg := srv.StaleClientConfig(innerName) // a key the server does not have
+	_, err := srv.DialConfig(t, cfg)
 	var rej *tls.ECHRejectionError
 	require.ErrorAs(t, err, &rej)
 	require.NotEmpty(t, rej.RetryConfigList, "the public name's server sent retry configs")
-	r := f.result()
-	assert.Equal(t, ech.StatusRejected, r.status)
-	assert.Equal(t, publicName, r.serverName)
-	assert.True(t, r.presented)
+	r := srv.WaitConns(t, 1)[0]
+	assert.Equal(t, ech.StatusRejected, r.Status)
+	assert.Equal(t, publicName, r.ServerName)
+	assert.True(t, r.ECHPresented)
 
 	cfg.EncryptedClientHelloConfigList = rej.RetryConfigList
-	state, greeting, err := f.dial(cfg)
+	conn, err := srv.DialConfig(t, cfg)
 	require.NoError(t, err)
-	assert.True(t, state.ECHAccepted)
-	assert.Equal(t, "hello "+innerName, greeting)
-	assert.Equal(t, ech.StatusAccepted, f.result().status)
+	assert.True(t, conn.ConnectionState().ECHAccepted)
+	assert.Equal(t, "hello "+innerName, greeting(t, conn))
+	assert.Equal(t, ech.StatusAccepted, srv.ConnInfo(t, conn).Status)
 }
 
 func TestHelloRetryRequest(t *testing.T) {
 	t.Parallel()
 	// The client's first key share is X25519MLKEM768 / X25519; a backend
 	// that only takes P-256 forces a HelloRetryRequest.
-	f := startFrontend(t, newKeySet(t, nil), func(c *tls.Config) { c.CurvePreferences = []tls.CurveID{tls.CurveP256} })
-	cfg := f.clientConfig(innerName)
-	state, greeting, err := f.dial(cfg)
+	srv := echtest.NewServer(t, greet, echtest.WithBackendConfig(func(c *tls.Config) { c.CurvePreferences = []tls.CurveID{tls.CurveP256} }))
+	conn, err := srv.DialConfig(t, srv.ClientConfig(innerName))
 	if err != nil {
-		t.Logf("server: %+v", f.result())
+		t.Logf("server: %+v", srv.Conns())
 	}
 	require.NoError(t, err)
+	state := conn.ConnectionState()
 	assert.True(t, state.ECHAccepted)
 	assert.Equal(t, tls.CurveP256, state.CurveID)
-	assert.Equal(t, "hello "+innerName, greeting)
-	r := f.result()
-	require.NoError(t, r.err)
-	assert.Equal(t, ech.StatusAccepted, r.status)
+	assert.Equal(t, "hello "+innerName, greeting(t, conn))
+	r := srv.ConnInfo(t, conn)
+	require.NoError(t, r.Err)
+	assert.Equal(t, ech.StatusAccepted, r.Status)
+	assert.True(t, r.HelloRetryRequest)
 }
 
 // alertRecord is the fatal alert record the frontend sends.
@@ -282,7 +163,7 @@ const (
 	alertMissingExtension  = 109
 )
 
-// readAlert reads what the frontend sent the client until it closes or the
+// readAll reads what the frontend sent the client until it closes or the
 // deadline passes.
 func readAll(t testing.TB, c net.Conn) []byte {
 	t.Helper()
@@ -608,64 +489,63 @@ func (f *fragmenter) Write(p []byte) (int, error) {
 
 func TestFragmentedClientHello(t *testing.T) {
 	t.Parallel()
-	f := startFrontend(t, newKeySet(t, nil), nil)
+	srv := echtest.NewServer(t, greet)
 	for _, size := range []int{1, 2, 100, 600} {
 		t.Run(fmt.Sprintf("records of %d", size), func(t *testing.T) {
-			conn, err := net.Dial("tcp", f.addr())
+			raw, err := net.Dial("tcp", srv.Addr)
 			require.NoError(t, err)
-			state, greeting, err := clientHandshake(&fragmenter{Conn: conn, size: size}, f.clientConfig(innerName))
+			conn := &fragmenter{Conn: raw, size: size}
+			state, greeting, err := clientHandshake(conn, srv.ClientConfig(innerName))
 			require.NoError(t, err)
 			assert.True(t, state.ECHAccepted)
 			assert.Equal(t, "hello "+innerName, greeting)
-			assert.Equal(t, ech.StatusAccepted, f.result().status)
+			assert.Equal(t, ech.StatusAccepted, srv.ConnInfo(t, conn).Status)
 		})
 	}
 }
 
 func TestInnerHelloOver16KiB(t *testing.T) {
 	t.Parallel()
-	f := startFrontend(t, newKeySet(t, nil), func(c *tls.Config) { c.NextProtos = []string{"proto-0999"} })
-	cfg := f.clientConfig(innerName)
+	srv := echtest.NewServer(t, greet, echtest.WithBackendConfig(func(c *tls.Config) { c.NextProtos = []string{"proto-0999"} }))
+	cfg := srv.ClientConfig(innerName)
 	for i := range 1000 {
 		cfg.NextProtos = append(cfg.NextProtos, fmt.Sprintf("proto-%04d", i))
 	}
-	state, greeting, err := f.dial(cfg)
+	conn, err := srv.DialConfig(t, cfg)
 	require.NoError(t, err)
+	state := conn.ConnectionState()
 	assert.True(t, state.ECHAccepted)
 	assert.Equal(t, "proto-0999", state.NegotiatedProtocol)
-	assert.Equal(t, "hello "+innerName, greeting)
-	r := f.result()
-	require.NoError(t, r.err)
-	assert.Len(t, r.alpn, 1000)
-	assert.Equal(t, "proto-0999", r.negotiated)
+	assert.Equal(t, "hello "+innerName, greeting(t, conn))
+	r := srv.ConnInfo(t, conn)
+	require.NoError(t, r.Err)
+	assert.Len(t, r.ALPN, 1000)
+	assert.Equal(t, "proto-0999", r.NegotiatedProtocol)
 }
 
 func TestALPN(t *testing.T) {
 	t.Parallel()
-	f := startFrontend(t, newKeySet(t, nil), nil)
-	cfg := f.clientConfig(innerName)
+	srv := echtest.NewServer(t, greet, echtest.WithBackendConfig(func(c *tls.Config) { c.NextProtos = []string{"h2", "http/1.1"} }))
+	cfg := srv.ClientConfig(innerName)
 	cfg.NextProtos = []string{"h2", "http/1.1"}
-	state, _, err := f.dial(cfg)
+	conn, err := srv.DialConfig(t, cfg)
 	require.NoError(t, err)
-	assert.Equal(t, "h2", state.NegotiatedProtocol)
-	r := f.result()
-	assert.Equal(t, []string{"h2", "http/1.1"}, r.alpn)
-	assert.Equal(t, "h2", r.negotiated)
+	assert.Equal(t, "hello "+innerName, greeting(t, conn))
+	assert.Equal(t, "h2", conn.ConnectionState().NegotiatedProtocol)
+	r := srv.ConnInfo(t, conn)
+	assert.Equal(t, []string{"h2", "http/1.1"}, r.ALPN)
+	assert.Equal(t, "h2", r.NegotiatedProtocol)
 }
 
 // TestRouting routes two inner names to two backends, each a crypto/tls
 // server with its own certificate, by proxying the Conn's bytes.
 func TestRouting(t *testing.T) {
 	t.Parallel()
-	ks := newKeySet(t, nil)
-	ca, err := testpki.NewCA()
-	require.NoError(t, err)
+	ca := echtest.NewCA(t)
 	names := []string{"mail.example", "web.example"}
 	backends := map[string]string{}
 	for _, name := range names {
-		cert, err := ca.Leaf(name)
-		require.NoError(t, err)
-		ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{cert}})
+		ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{ca.Certificate(name)}})
 		require.NoError(t, err)
 		t.Cleanup(func() { ln.Close() })
 		backends[name] = ln.Addr().String()
@@ -682,60 +562,46 @@ func TestRouting(t *testing.T) {
 			}
 		}()
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			conn, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer conn.Close()
-				c, err := ech.NewConn(context.Background(), conn, ech.WithKeySet(ks))
-				if err != nil || !c.ECHAccepted() {
-					return
-				}
-				b, err := net.Dial("tcp", backends[c.ServerName()])
-				if err != nil {
-					return
-				}
-				defer b.Close()
-				go func() { io.Copy(b, c); b.(*net.TCPConn).CloseWrite() }()
-				io.Copy(c, b)
-			}()
+	srv := echtest.NewPassthroughServer(t, func(c *ech.Conn) {
+		if !c.ECHAccepted() {
+			return
 		}
-	}()
-	list, err := ks.ConfigList()
-	require.NoError(t, err)
+		b, err := net.Dial("tcp", backends[c.ServerName()])
+		if err != nil {
+			return
+		}
+		defer b.Close()
+		go func() { io.Copy(b, c); b.(*net.TCPConn).CloseWrite() }()
+		io.Copy(c, b)
+	}, echtest.WithCA(ca))
 	for _, name := range names {
-		conn, err := net.Dial("tcp", ln.Addr().String())
-		require.NoError(t, err)
-		state, greeting, err := clientHandshake(conn, &tls.Config{
-			ServerName: name, RootCAs: ca.Pool, EncryptedClientHelloConfigList: list,
-		})
-		require.NoError(t, err)
+		conn := srv.Dial(t, name)
+		state := conn.ConnectionState()
 		assert.True(t, state.ECHAccepted)
-		assert.Equal(t, "backend "+name, greeting)
+		assert.Equal(t, "backend "+name, greeting(t, conn))
 		assert.Equal(t, name, state.PeerCertificates[0].Subject.CommonName)
 	}
 }
 
 func TestConcurrentHandshakes(t *testing.T) {
 	t.Parallel()
-	f := startFrontend(t, newKeySet(t, nil), nil)
+	srv := echtest.NewServer(t, greet)
 	const n = 200
 	var wg sync.WaitGroup
 	errs := make(chan error, n)
 	for i := range n {
 		wg.Go(func() {
 			name := innerName
-			cfg := f.clientConfig(name)
+			cfg := srv.ClientConfig(name)
 			if i%4 == 3 {
 				cfg.EncryptedClientHelloConfigList = nil // some clients without ECH
 			}
-			state, greeting, err := f.dial(cfg)
+			conn, err := net.DialTimeout("tcp", srv.Addr, testTimeout)
+			if err != nil {
+				errs <- err
+				return
+			}
+			state, greeting, err := clientHandshake(conn, cfg)
 			switch {
 			case err != nil:
 				errs <- err
@@ -752,10 +618,9 @@ func TestConcurrentHandshakes(t *testing.T) {
 		t.Error(err)
 	}
 	accepted := 0
-	for range n {
-		r := f.result()
-		require.NoError(t, r.err)
-		if r.status == ech.StatusAccepted {
+	for _, r := range srv.WaitConns(t, n) {
+		require.NoError(t, r.Err)
+		if r.Status == ech.StatusAccepted {
 			accepted++
 		}
 	}
@@ -764,7 +629,7 @@ func TestConcurrentHandshakes(t *testing.T) {
 
 func TestNewConnBounded(t *testing.T) {
 	t.Parallel()
-	ks := newKeySet(t, nil)
+	ks := echtest.NewKeySet(t, publicName)
 	t.Run("context cancel ends a silent client", func(t *testing.T) {
 		t.Parallel()
 		_, server := tcpPair(t)
@@ -821,7 +686,7 @@ func TestNewConnBounded(t *testing.T) {
 // TestAfterHandshakeNoAllocs checks that once the hello is through, Read
 // and Write are direct calls on the wrapped conn.
 func TestAfterHandshakeNoAllocs(t *testing.T) {
-	ks := newKeySet(t, nil)
+	ks := echtest.NewKeySet(t, publicName)
 	client, server := tcpPair(t)
 	go client.Write(records(baseOuter().message(), 1<<14))
 	c, err := ech.NewConn(t.Context(), server, ech.WithKeySet(ks))

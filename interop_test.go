@@ -16,12 +16,13 @@ import (
 	"time"
 
 	"github.com/echkit/ech"
+	"github.com/echkit/ech/echtest"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
 
 // Independent ECH clients run against NewConn in front of a crypto/tls
-// backend (startFrontend) over loopback:
+// backend (echtest.NewServer with greet) over loopback:
 //
 //   - BoringSSL's bssl-tool (Debian android-boringssl) prints
 //     "Encrypted ClientHello: yes" or "...: no" after a handshake, and fails
@@ -31,8 +32,8 @@ import (
 //     and fails with SSL_ERROR_ECH_RETRY_WITH_ECH (and prints "Received ECH
 //     retry_configs:" and their base64) when the server rejected ECH.
 //
-// Each case checks what the tool reports, what the frontend saw and what the
-// backend answered ("hello <name>").
+// Each case checks what the tool reports, what the server recorded of the
+// connection and what the backend answered ("hello <name>").
 
 // interopTimeout bounds one run of a client tool.
 const interopTimeout = 20 * time.Second
@@ -94,93 +95,87 @@ func runInteropTool(t *testing.T, stdin string, path string, args ...string) int
 	return r
 }
 
-// interopSetup is a frontend and the files a client tool needs to reach it.
+// interopSetup is a server and the files a client tool needs to reach it.
 type interopSetup struct {
-	f       *frontend
-	ks      *ech.KeySet
+	srv     *echtest.Server
 	dir     string
 	caPEM   string         // the test CA's certificate, PEM
-	list    ech.ConfigList // the frontend's ECHConfigList
+	list    ech.ConfigList // the server's ECHConfigList
 	listBin string         // list as a file
-	stale   ech.ConfigList // configs of a key the frontend lacks
+	stale   ech.ConfigList // configs of a key the server lacks
 	staleID uint8
 	host    string
 	port    string
-	states  chan tls.ConnectionState // the backend's view of each handshake
+	seen    int // connections whose records were checked
 }
 
-// newInteropSetup starts a frontend whose backend reports its connection
-// states; hrr makes the backend accept only P-256 so that a client whose
-// first key share is X25519 gets a HelloRetryRequest.
+// newInteropSetup starts a server whose backend offers h2 and http/1.1;
+// hrr makes the backend accept only P-256 so that a client whose first key
+// share is X25519 gets a HelloRetryRequest.
 func newInteropSetup(t *testing.T, hrr bool) *interopSetup {
 	t.Helper()
-	ks := newKeySet(t, nil)
-	s := &interopSetup{ks: ks, dir: t.TempDir(), states: make(chan tls.ConnectionState, 16)}
-	s.f = startFrontend(t, ks, func(c *tls.Config) {
+	// NOTE: tstclnt checks the certificate of a handshake whose ECH was
+	// rejected against the inner name (-a), not the public name (RFC 9849,
+	// Section 6.1.6): a certificate for both lets it go on to report the
+	// retry configs.
+	ca := echtest.NewCA(t)
+	cert := ca.Certificate(publicName, innerName)
+	srv := echtest.NewServer(t, greet, echtest.WithCA(ca), echtest.WithBackendConfig(func(c *tls.Config) {
+		c.GetCertificate, c.Certificates = nil, []tls.Certificate{cert}
+		c.NextProtos = []string{"h2", "http/1.1"}
 		if hrr {
 			c.CurvePreferences = []tls.CurveID{tls.CurveP256}
 		}
-		c.VerifyConnection = func(cs tls.ConnectionState) error {
-			select {
-			case s.states <- cs:
-			default:
-			}
-			return nil
-		}
-	})
+	}))
+	s := &interopSetup{srv: srv, dir: t.TempDir()}
 	var err error
-	s.host, s.port, err = net.SplitHostPort(s.f.addr())
+	s.host, s.port, err = net.SplitHostPort(srv.Addr)
 	require.NoError(t, err)
 
 	s.caPEM = filepath.Join(s.dir, "ca.pem")
-	require.NoError(t, os.WriteFile(s.caPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: s.f.ca.Cert.Raw}), 0o600))
-	s.list, err = ks.ConfigList()
+	require.NoError(t, os.WriteFile(s.caPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.CA.Root().Raw}), 0o600))
+	s.list, err = srv.Keys.ConfigList()
 	require.NoError(t, err)
 	s.listBin = filepath.Join(s.dir, "configlist.bin")
 	require.NoError(t, os.WriteFile(s.listBin, s.list, 0o600))
 
-	stale := newKeySet(t, &ech.KeyOptions{AvoidConfigIDs: ks.ConfigIDs()})
-	s.stale, err = stale.ConfigList()
+	s.stale = srv.StaleClientConfig(innerName).EncryptedClientHelloConfigList
+	stale, err := s.stale.Configs()
 	require.NoError(t, err)
-	s.staleID = stale.ConfigIDs()[0]
+	s.staleID = stale[0].ConfigID
 	return s
 }
 
-// backendState returns the backend's connection state of the last handshake.
-func (s *interopSetup) backendState(t *testing.T) tls.ConnectionState {
+// next returns what the server recorded of the next connection.
+func (s *interopSetup) next(t *testing.T) echtest.ConnInfo {
 	t.Helper()
-	select {
-	case cs := <-s.states:
-		return cs
-	case <-time.After(10 * time.Second):
-		t.Fatal("the backend did not complete a handshake")
-		return tls.ConnectionState{}
-	}
+	s.seen++
+	return s.srv.WaitConns(t, s.seen)[s.seen-1]
 }
 
-// checkAccepted checks the frontend's result for a connection whose ECH was
-// accepted.
-func (s *interopSetup) checkAccepted(t *testing.T) result {
+// checkAccepted checks the server's record of the next connection, whose
+// ECH was accepted.
+func (s *interopSetup) checkAccepted(t *testing.T) echtest.ConnInfo {
 	t.Helper()
-	r := s.f.result()
-	require.NoError(t, r.err)
-	assert.Equal(t, ech.StatusAccepted, r.status)
-	assert.Equal(t, innerName, r.serverName)
-	assert.Equal(t, publicName, r.outerName)
-	assert.True(t, r.presented)
-	assert.Equal(t, s.ks.ConfigIDs()[0], r.configID)
+	r := s.next(t)
+	require.NoError(t, r.Err)
+	assert.Equal(t, ech.StatusAccepted, r.Status)
+	assert.Equal(t, innerName, r.ServerName)
+	assert.Equal(t, publicName, r.OuterServerName)
+	assert.True(t, r.ECHPresented)
+	assert.Equal(t, s.srv.Keys.ConfigIDs()[0], r.ConfigID)
 	return r
 }
 
-// checkRejected checks the frontend's result for a connection whose ECH did
-// not decrypt: the outer hello went to the backend.
-func (s *interopSetup) checkRejected(t *testing.T) result {
+// checkRejected checks the server's record of the next connection, whose
+// ECH did not decrypt: the outer hello went to the backend.
+func (s *interopSetup) checkRejected(t *testing.T) echtest.ConnInfo {
 	t.Helper()
-	r := s.f.result()
-	assert.Equal(t, ech.StatusRejected, r.status)
-	assert.Equal(t, publicName, r.serverName)
-	assert.Equal(t, publicName, r.outerName)
-	assert.True(t, r.presented)
+	r := s.next(t)
+	assert.Equal(t, ech.StatusRejected, r.Status)
+	assert.Equal(t, publicName, r.ServerName)
+	assert.Equal(t, publicName, r.OuterServerName)
+	assert.True(t, r.ECHPresented)
 	return r
 }
 
@@ -189,7 +184,7 @@ func TestInteropBoringSSL(t *testing.T) {
 	t.Parallel()
 	bssl := interopTool(t, "bssl-tool", "android-boringssl")
 	client := func(s *interopSetup, args ...string) []string {
-		return append([]string{"client", "-connect", s.f.addr(), "-root-certs", s.caPEM}, args...)
+		return append([]string{"client", "-connect", s.srv.Addr, "-root-certs", s.caPEM}, args...)
 	}
 
 	t.Run("accepted", func(t *testing.T) {
@@ -202,9 +197,9 @@ func TestInteropBoringSSL(t *testing.T) {
 		assert.Contains(t, run.stderr, "ALPN protocol: h2")
 		assert.Contains(t, run.stdout, "hello "+innerName)
 		r := s.checkAccepted(t)
-		assert.Equal(t, []string{"h2", "http/1.1"}, r.alpn, "the inner hello's ALPN")
-		assert.Equal(t, "h2", r.negotiated)
-		assert.False(t, s.backendState(t).HelloRetryRequest)
+		assert.Equal(t, []string{"h2", "http/1.1"}, r.ALPN, "the inner hello's ALPN")
+		assert.Equal(t, "h2", r.NegotiatedProtocol)
+		assert.False(t, r.HelloRetryRequest)
 	})
 
 	t.Run("hrr", func(t *testing.T) {
@@ -217,8 +212,7 @@ func TestInteropBoringSSL(t *testing.T) {
 		assert.Contains(t, run.stderr, "Encrypted ClientHello: yes", "bssl-tool reports ECH accepted")
 		assert.Contains(t, run.stderr, "ECDHE curve: P-256")
 		assert.Contains(t, run.stdout, "hello "+innerName)
-		s.checkAccepted(t)
-		cs := s.backendState(t)
+		cs := s.checkAccepted(t)
 		assert.True(t, cs.HelloRetryRequest, "the backend sent a HelloRetryRequest")
 		assert.Equal(t, tls.CurveP256, cs.CurveID)
 	})
@@ -237,8 +231,8 @@ func TestInteropBoringSSL(t *testing.T) {
 			assert.Contains(t, run.stderr, "Encrypted ClientHello: no", "bssl-tool reports no ECH")
 			assert.Contains(t, run.stdout, "hello "+publicName)
 			r := s.checkRejected(t)
-			require.NoError(t, r.err)
-			assert.Equal(t, hrr, s.backendState(t).HelloRetryRequest)
+			require.NoError(t, r.Err)
+			assert.Equal(t, hrr, r.HelloRetryRequest)
 		})
 	}
 
@@ -252,7 +246,7 @@ func TestInteropBoringSSL(t *testing.T) {
 		assert.Contains(t, run.stderr, "ECH_REJECTED", "bssl-tool reports ECH rejected")
 		assert.NotContains(t, run.stdout, "hello ")
 		r := s.checkRejected(t)
-		assert.Equal(t, s.staleID, r.configID)
+		assert.Equal(t, s.staleID, r.ConfigID)
 
 		// NOTE: bssl-tool neither prints the retry configs nor retries with
 		// them: it has no flag for SSL_get0_ech_retry_configs, so the
@@ -293,8 +287,7 @@ func TestInteropNSS(t *testing.T) {
 		require.NoError(t, run.err, "%s", run)
 		assert.NotContains(t, run.stderr, "SSL_ERROR")
 		assert.Contains(t, run.stdout, "hello "+innerName)
-		s.checkAccepted(t)
-		assert.False(t, s.backendState(t).HelloRetryRequest)
+		assert.False(t, s.checkAccepted(t).HelloRetryRequest)
 	})
 
 	t.Run("hrr", func(t *testing.T) {
@@ -305,8 +298,7 @@ func TestInteropNSS(t *testing.T) {
 		require.NoError(t, run.err, "%s", run)
 		assert.NotContains(t, run.stderr, "SSL_ERROR")
 		assert.Contains(t, run.stdout, "hello "+innerName)
-		s.checkAccepted(t)
-		cs := s.backendState(t)
+		cs := s.checkAccepted(t)
 		assert.True(t, cs.HelloRetryRequest, "the backend sent a HelloRetryRequest")
 		assert.Equal(t, tls.CurveP256, cs.CurveID)
 	})
@@ -324,8 +316,8 @@ func TestInteropNSS(t *testing.T) {
 			assert.NotContains(t, run.stderr, "SSL_ERROR")
 			assert.Contains(t, run.stdout, "hello "+publicName)
 			r := s.checkRejected(t)
-			require.NoError(t, r.err)
-			assert.Equal(t, hrr, s.backendState(t).HelloRetryRequest)
+			require.NoError(t, r.Err)
+			assert.Equal(t, hrr, r.HelloRetryRequest)
 		})
 	}
 
@@ -340,7 +332,7 @@ func TestInteropNSS(t *testing.T) {
 		assert.Contains(t, run.stderr, "SSL_ERROR_ECH_RETRY_WITH_ECH", "tstclnt reports ECH rejected with retry configs")
 		assert.NotContains(t, run.stdout, "hello ")
 		r := s.checkRejected(t)
-		assert.Equal(t, s.staleID, r.configID)
+		assert.Equal(t, s.staleID, r.ConfigID)
 
 		retry := nssRetryConfigs(t, run.stderr)
 		assert.Equal(t, s.list, retry, "the public name's server sent the key set's configs")

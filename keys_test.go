@@ -10,12 +10,10 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/hex"
 	"encoding/pem"
 	"errors"
 	"io"
-	"math/big"
 	mathrand "math/rand/v2"
 	"net"
 	"os"
@@ -26,56 +24,39 @@ import (
 	"testing"
 	"time"
 
+	"github.com/echkit/ech/internal/testpki"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
 
-// keysTestCert is a self-signed ECDSA P-256 certificate for public.example
-// (the public name: rejected handshakes) and secret.example (the inner
-// name), and a pool that trusts it.
-var keysTestCert = sync.OnceValues(func() (tls.Certificate, *x509.CertPool) {
-	priv, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+// keysTestPKI is a test CA and a certificate for public.example (the public
+// name: rejected handshakes) and secret.example (the inner name).
+var keysTestPKI = sync.OnceValues(func() (*testpki.CA, tls.Certificate) {
+	ca, err := testpki.NewCA()
 	if err != nil {
 		panic(err)
 	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "ech test"},
-		DNSNames:              []string{"public.example", "secret.example"},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(time.Hour),
-		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &priv.PublicKey, priv)
+	cert, err := ca.Leaf("public.example", "secret.example")
 	if err != nil {
 		panic(err)
 	}
-	leaf, err := x509.ParseCertificate(der)
-	if err != nil {
-		panic(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AddCert(leaf)
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: priv, Leaf: leaf}, pool
+	return ca, cert
 })
 
 // tlsServerConfig returns a crypto/tls server configuration for
-// keysTestCert. The caller sets its ECH keys.
+// keysTestPKI's certificate. The caller sets its ECH keys.
 func tlsServerConfig() *tls.Config {
-	cert, _ := keysTestCert()
+	_, cert := keysTestPKI()
 	return &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13}
 }
 
 // tlsClientConfig returns a crypto/tls client configuration that offers ECH
 // with list for secret.example.
 func tlsClientConfig(list []byte) *tls.Config {
-	_, pool := keysTestCert()
+	ca, _ := keysTestPKI()
 	return &tls.Config{
 		ServerName:                     "secret.example",
-		RootCAs:                        pool,
+		RootCAs:                        ca.Pool,
 		MinVersion:                     tls.VersionTLS13,
 		EncryptedClientHelloConfigList: list,
 	}

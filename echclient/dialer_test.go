@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/echkit/ech"
+	"github.com/echkit/ech/echtest"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/net/dns/dnsmessage"
@@ -150,12 +151,12 @@ func TestDialerRetryConfigs(t *testing.T) {
 func TestDialerRetryRejected(t *testing.T) {
 	for _, p := range []Policy{Opportunistic, RequireECH} {
 		t.Run(p.String(), func(t *testing.T) {
-			pki, dns := newTestPKI(t), newTestDNS(t)
+			ca, dns := echtest.NewCA(t), newTestDNS(t)
 			_, stale := newKeySet(t)
 			ks1, _ := newKeySet(t)
 			ks2, _ := newKeySet(t)
-			srv := startECHServer(t, pki, func(n int) *ech.KeySet { return []*ech.KeySet{ks1, ks2}[n%2] })
-			e := &env{pki: pki, dns: dns, srv: srv}
+			srv := startECHServer(t, ca, func(n int) *ech.KeySet { return []*ech.KeySet{ks1, ks2}[n%2] })
+			e := &env{ca: ca, dns: dns, srv: srv}
 			e.publish(secretName, testTTL, stale)
 			_, err := dialAndRead(t, e.dialer(p), secretName+":443")
 			require.ErrorIs(t, err, ErrECHRejected)
@@ -172,12 +173,12 @@ func TestDialerRetryRejected(t *testing.T) {
 func TestDialerECHDisabled(t *testing.T) {
 	for _, p := range []Policy{Opportunistic, RequireECH} {
 		t.Run(p.String(), func(t *testing.T) {
-			pki, dns := newTestPKI(t), newTestDNS(t)
+			ca, dns := echtest.NewCA(t), newTestDNS(t)
 			_, stale := newKeySet(t)
 			none, err := ech.NewKeySet()
 			require.NoError(t, err)
-			srv := startECHServer(t, pki, func(int) *ech.KeySet { return none })
-			e := &env{pki: pki, dns: dns, srv: srv}
+			srv := startECHServer(t, ca, func(int) *ech.KeySet { return none })
+			e := &env{ca: ca, dns: dns, srv: srv}
 			e.publish(secretName, testTTL, stale)
 			got, err := dialAndRead(t, e.dialer(p), secretName+":443")
 			if p == RequireECH {

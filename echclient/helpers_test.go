@@ -3,15 +3,9 @@ package echclient
 import (
 	"bufio"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/binary"
 	"io"
-	"math/big"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -24,75 +18,27 @@ import (
 	"time"
 
 	"github.com/echkit/ech"
+	"github.com/echkit/ech/echtest"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/net/dns/dnsmessage"
 )
 
-// Names used by the tests. The test certificate covers all of them.
+// Names used by the tests. The servers' certificates come from an
+// echtest.CA, which issues them for whatever name a client asks for.
 const (
-	publicName = "public.example"
+	publicName = echtest.DefaultPublicName
 	secretName = "secret.example"
 	testTTL    = 300
 )
 
-var testNames = []string{publicName, secretName, "other.example", "plain.example", "backend.example", "svc2.example"}
-
 // testTimeout bounds every test step that waits on the network.
 const testTimeout = 10 * time.Second
-
-// testPKI is a CA and one leaf certificate for testNames and 127.0.0.1.
-type testPKI struct {
-	roots *x509.CertPool
-	cert  tls.Certificate
-}
-
-func newTestPKI(t testing.TB) *testPKI {
-	t.Helper()
-	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	require.NoError(t, err)
-	now := time.Now()
-	caTmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "echclient test CA"},
-		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.Add(time.Hour),
-		KeyUsage:              x509.KeyUsageCertSign,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	require.NoError(t, err)
-	ca, err := x509.ParseCertificate(caDER)
-	require.NoError(t, err)
-
-	leafKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	require.NoError(t, err)
-	leafTmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(2),
-		Subject:      pkix.Name{CommonName: secretName},
-		NotBefore:    now.Add(-time.Hour),
-		NotAfter:     now.Add(time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		DNSNames:     testNames,
-		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
-	}
-	leafDER, err := x509.CreateCertificate(rand.Reader, leafTmpl, ca, &leafKey.PublicKey, caKey)
-	require.NoError(t, err)
-
-	roots := x509.NewCertPool()
-	roots.AddCert(ca)
-	return &testPKI{roots: roots, cert: tls.Certificate{Certificate: [][]byte{leafDER}, PrivateKey: leafKey}}
-}
 
 // newKeySet returns a key set with one new key for publicName, sent as
 // retry config, and the config list that publishes it.
 func newKeySet(t testing.TB) (*ech.KeySet, ech.ConfigList) {
 	t.Helper()
-	k, err := ech.GenerateKey(publicName, &ech.KeyOptions{SendAsRetry: true})
-	require.NoError(t, err)
-	ks, err := ech.NewKeySet(k)
-	require.NoError(t, err)
+	ks := echtest.NewKeySet(t, publicName)
 	list, err := ks.ConfigList()
 	require.NoError(t, err)
 	return ks, list
@@ -127,12 +73,12 @@ type echServer struct {
 
 // startECHServer starts an echServer whose n-th connection (from 0) uses the
 // key set keys(n).
-func startECHServer(t testing.TB, pki *testPKI, keys func(n int) *ech.KeySet) *echServer {
+func startECHServer(t testing.TB, ca *echtest.CA, keys func(n int) *ech.KeySet) *echServer {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
 	s := &echServer{addr: l.Addr().String(), port: l.Addr().(*net.TCPAddr).Port}
-	cfg := &tls.Config{Certificates: []tls.Certificate{pki.cert}, MinVersion: tls.VersionTLS13}
+	cfg := &tls.Config{GetCertificate: ca.GetCertificate, MinVersion: tls.VersionTLS13}
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	t.Cleanup(func() {
@@ -181,15 +127,15 @@ type echListener struct {
 	conns chan net.Conn
 }
 
-func newECHListener(t testing.TB, pki *testPKI, ks *ech.KeySet) *echListener {
+func newECHListener(t testing.TB, ca *echtest.CA, ks *ech.KeySet) *echListener {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
 	el := &echListener{Listener: l, conns: make(chan net.Conn)}
 	cfg := &tls.Config{
-		Certificates: []tls.Certificate{pki.cert},
-		MinVersion:   tls.VersionTLS13,
-		NextProtos:   []string{"h2", "http/1.1"},
+		GetCertificate: ca.GetCertificate,
+		MinVersion:     tls.VersionTLS13,
+		NextProtos:     []string{"h2", "http/1.1"},
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
@@ -516,7 +462,7 @@ func param(key uint16, value ...byte) dnsmessage.SVCParam {
 // env is a DNS server and an ECH server with one key set, and the names
 // and certificates the tests use.
 type env struct {
-	pki  *testPKI
+	ca   *echtest.CA
 	dns  *testDNS
 	ks   *ech.KeySet
 	list ech.ConfigList
@@ -525,9 +471,9 @@ type env struct {
 
 func newEnv(t testing.TB) *env {
 	t.Helper()
-	e := &env{pki: newTestPKI(t), dns: newTestDNS(t)}
+	e := &env{ca: echtest.NewCA(t), dns: newTestDNS(t)}
 	e.ks, e.list = newKeySet(t)
-	e.srv = startECHServer(t, e.pki, func(int) *ech.KeySet { return e.ks })
+	e.srv = startECHServer(t, e.ca, func(int) *ech.KeySet { return e.ks })
 	return e
 }
 
@@ -535,7 +481,7 @@ func newEnv(t testing.TB) *env {
 func (e *env) dialer(p Policy) *Dialer {
 	return &Dialer{
 		Resolver:  e.dns.resolver(),
-		Config:    &tls.Config{RootCAs: e.pki.roots},
+		Config:    &tls.Config{RootCAs: e.ca.Pool()},
 		NetDialer: e.dns.netDialer(),
 		Policy:    p,
 	}

@@ -14,7 +14,7 @@ import (
 
 func TestTransport(t *testing.T) {
 	e := newEnv(t)
-	l := newECHListener(t, e.pki, e.ks)
+	l := newECHListener(t, e.ca, e.ks)
 	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, "hello %s over %s", r.TLS.ServerName, r.Proto)
 	})}

@@ -35,6 +35,11 @@ func NewCA(tb testing.TB) *CA {
 // [tls.Config.RootCAs] (or ClientCAs).
 func (ca *CA) Pool() *x509.CertPool { return ca.ca.Pool.Clone() }
 
+// Root returns the CA's self-signed root certificate, for a client that
+// takes a file rather than a pool: pem.Encode its Raw bytes for OpenSSL,
+// BoringSSL or NSS tools. The caller must not modify it.
+func (ca *CA) Root() *x509.Certificate { return ca.ca.Cert }
+
 // Certificate returns a new leaf certificate, with a fresh key, for names:
 // DNS names or IP addresses, the first one also its common name. The chain
 // holds the leaf and the root. It panics if names is empty.

@@ -27,6 +27,8 @@ func TestCACertificate(t *testing.T) {
 	_, err = cert.Leaf.Verify(x509.VerifyOptions{DNSName: "a.example", Roots: echtest.NewCA(t).Pool()})
 	assert.Error(t, err, "each CA is fresh")
 	assert.Panics(t, func() { ca.Certificate() })
+	assert.Equal(t, ca.Root().Raw, cert.Certificate[1], "the chain ends with the root")
+	assert.True(t, ca.Root().IsCA)
 }
 
 func TestCAGetCertificate(t *testing.T) {

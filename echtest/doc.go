@@ -29,8 +29,9 @@
 //     [ech.Conn] to a [PassthroughHandler], which routes it as a split-mode
 //     client-facing server does: to a backend, say.
 //
-// Either way the server records each connection's ECH status, names and
-// ALPN protocols for assertions: see [Server.Conns] and [Server.ConnInfo].
+// Either way the server records each connection's ECH status, names, ALPN
+// protocols and, when it completed the handshake, what the handshake
+// settled on, for assertions: see [Server.Conns] and [Server.ConnInfo].
 //
 // # Clients
 //

@@ -48,6 +48,8 @@ func TestWithBackendConfigHRR(t *testing.T) {
 	info := srv.ConnInfo(t, conn)
 	assert.Equal(t, ech.StatusAccepted, info.Status)
 	assert.Equal(t, "secret.example", info.ServerName)
+	assert.True(t, info.HelloRetryRequest)
+	assert.Equal(t, tls.CurveP256, info.CurveID)
 }
 
 func TestWithBackendConfigInOrder(t *testing.T) {

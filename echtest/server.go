@@ -39,9 +39,18 @@ type ConnInfo struct {
 	// It is empty for a [PassthroughHandler] server, which does no
 	// handshake.
 	NegotiatedProtocol string
+	// ECHPresented reports whether the client sent an outer ECH
+	// extension, real or GREASE (see [ech.Conn.ECHPresented]).
+	ECHPresented bool
 	// ConfigID is the config_id the client named; it is meaningless when
-	// Status is [ech.StatusNotOffered].
+	// ECHPresented is false.
 	ConfigID uint8
+	// HelloRetryRequest reports whether the server's handshake sent a
+	// HelloRetryRequest, and CurveID is the key exchange it settled on. Like
+	// NegotiatedProtocol, they are zero for a [PassthroughHandler] server
+	// and for a handshake that failed.
+	HelloRetryRequest bool
+	CurveID           tls.CurveID
 	// RemoteAddr is the client's address.
 	RemoteAddr net.Addr
 	// Err is the error of [ech.NewConn] or of the server's handshake. The
@@ -267,6 +276,7 @@ func (s *Server) serve(conn net.Conn) {
 		ServerName:      c.ServerName(),
 		OuterServerName: c.OuterServerName(),
 		ALPN:            c.ALPNProtos(),
+		ECHPresented:    c.ECHPresented(),
 		RemoteAddr:      c.RemoteAddr(),
 	}
 	info.ConfigID, _ = c.ConfigID()
@@ -281,7 +291,9 @@ func (s *Server) serve(conn net.Conn) {
 		s.record(info)
 		return
 	}
-	info.NegotiatedProtocol = tc.ConnectionState().NegotiatedProtocol
+	state := tc.ConnectionState()
+	info.NegotiatedProtocol = state.NegotiatedProtocol
+	info.HelloRetryRequest, info.CurveID = state.HelloRetryRequest, state.CurveID
 	s.record(info)
 	s.handler(tc, info.clone())
 	tc.Close()

@@ -86,7 +86,10 @@ func TestAccepted(t *testing.T) {
 	assert.Equal(t, ech.StatusAccepted, info.Status)
 	assert.Equal(t, "secret.example", info.ServerName)
 	assert.Equal(t, echtest.DefaultPublicName, info.OuterServerName)
+	assert.True(t, info.ECHPresented)
 	assert.Equal(t, srv.Keys.ConfigIDs()[0], info.ConfigID)
+	assert.False(t, info.HelloRetryRequest)
+	assert.Equal(t, state.CurveID, info.CurveID)
 	assert.Equal(t, conn.LocalAddr().String(), info.RemoteAddr.String())
 	assert.Equal(t, info, srv.ConnInfo(t, conn))
 }
@@ -124,6 +127,7 @@ func TestUnknownKeyRejected(t *testing.T) {
 	assert.NotEmpty(t, rej.RetryConfigList)
 	info := srv.WaitConns(t, 1)[0]
 	assert.Equal(t, ech.StatusRejected, info.Status)
+	assert.True(t, info.ECHPresented)
 	assert.Equal(t, srv.Keys.ConfigIDs()[0], info.ConfigID, "the server's config_id, another key")
 	assert.Equal(t, srv.PublicName, info.OuterServerName)
 }
@@ -136,6 +140,7 @@ func TestNoECH(t *testing.T) {
 	assert.False(t, conn.ConnectionState().ECHAccepted)
 	info := srv.ConnInfo(t, conn)
 	assert.Equal(t, ech.StatusNotOffered, info.Status)
+	assert.False(t, info.ECHPresented)
 	assert.Equal(t, "secret.example", info.ServerName)
 	assert.Equal(t, "secret.example", info.OuterServerName)
 }
@@ -189,6 +194,7 @@ func TestPassthroughProxy(t *testing.T) {
 	assert.Equal(t, "secret.example", info.ServerName)
 	assert.Equal(t, "front.example", info.OuterServerName)
 	assert.Empty(t, info.NegotiatedProtocol, "a passthrough server does no handshake")
+	assert.Zero(t, info.CurveID)
 
 	// Rejection goes through too: the backend sends the retry configs.
 	cfg := srv.StaleClientConfig("secret.example")
