@@ -22,6 +22,8 @@ var readmeSkipped = map[string]string{
 	"go test ./...": "the test command itself, which runs this test",
 	"sudo ./ech-router -config /etc/ech-router/router.json":                                                                               "needs a deployment: its certificates, keys and ports",
 	"go run ./example/client -connect cover.example:443 -name chat.example -alpn imap -ech https://cover.example/.well-known/origin-svcb": "needs a deployed router at cover.example",
+	"go test -run '^$' -bench 'NewConn|ServerHandshake|Handshake|HPKEOpen' -count 6 . | tee bench.txt":                                    "takes minutes; .ci/run runs every benchmark once instead",
+	"go run golang.org/x/perf/cmd/benchstat@latest bench.txt":                                                                             "needs the output of the benchmark run above",
 }
 
 // readmeBlock is a fenced code block of README.md.
