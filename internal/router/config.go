@@ -97,6 +97,7 @@ type ConfigError struct {
 	Err  error
 }
 
+// Error returns "file:line: setting: problem".
 func (e *ConfigError) Error() string {
 	var b strings.Builder
 	b.WriteString(e.File)
@@ -111,6 +112,7 @@ func (e *ConfigError) Error() string {
 	return b.String()
 }
 
+// Unwrap returns the underlying error.
 func (e *ConfigError) Unwrap() error { return e.Err }
 
 // LoadConfig reads and checks the configuration file at path. Relative
