@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -49,6 +50,7 @@ type alert uint8
 
 const (
 	alertUnexpectedMessage alert = 10
+	alertRecordOverflow    alert = 22
 	alertIllegalParameter  alert = 47
 	alertDecodeError       alert = 50
 	alertDecryptError      alert = 51
@@ -68,8 +70,10 @@ func alertFor(err error) (alert, bool) {
 		return alertMissingExtension, true
 	case errors.Is(err, ErrDecryptError):
 		return alertDecryptError, true
-	case errors.Is(err, ErrNotTLS):
+	case errors.Is(err, ErrNotTLS), errors.Is(err, ErrUnexpectedMessage):
 		return alertUnexpectedMessage, true
+	case errors.Is(err, ErrRecordOverflow):
+		return alertRecordOverflow, true
 	case errors.Is(err, ErrInvalidKey), errors.Is(err, ErrMalformedConfig),
 		errors.Is(err, ErrUnsupportedAlgorithm), errors.Is(err, ErrInvalidPublicName):
 		return alertInternalError, true
@@ -103,19 +107,26 @@ const (
 // the Conn also handles a HelloRetryRequest: it decrypts the client's second
 // ClientHello with the same HPKE context and replays its inner hello.
 //
-// A Conn is used as any [net.Conn]: one goroutine may read while another
-// writes. Once the handshake messages are through, Read and Write go
-// straight to the wrapped connection.
+// A Conn is used as any [net.Conn], from any number of goroutines. Once the
+// handshake messages are through, Read and Write go straight to the wrapped
+// connection. Until then the server's bytes must go through [Conn.Write], not
+// the wrapped connection: the Conn watches them for a HelloRetryRequest.
 type Conn struct {
 	conn net.Conn
 
-	// Read side: owned by the reading goroutine.
+	// Read side. Until rdone is set, rmu guards the fields below it; then
+	// Read goes straight to conn.
+	rdone  atomic.Bool
+	rmu    sync.Mutex
 	replay []byte       // bytes Read returns before the wrapped conn's
 	pooled *[]byte      // buffer behind replay, returned to the pool when drained
 	watch  *secondHello // non-nil while a second ClientHello may come
 	rstate atomic.Uint32
 
-	// Write side: owned by the writing goroutine.
+	// Write side. Until wdone is set, wmu guards wwatch; then Write goes
+	// straight to conn.
+	wdone  atomic.Bool
+	wmu    sync.Mutex
 	wwatch *serverFlight // non-nil until the server's first message is classified
 
 	status     Status
@@ -153,8 +164,10 @@ var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, 4096); return &b 
 
 func getBuf() *[]byte { return bufPool.Get().(*[]byte) }
 
+// putBuf returns b to the pool, cleared: it held a ClientHelloInner.
 func putBuf(b *[]byte) {
 	if cap(*b) <= 1<<17 {
+		clear((*b)[:cap(*b)])
 		*b = (*b)[:0]
 		bufPool.Put(b)
 	}
@@ -182,6 +195,7 @@ func (sc *scratch) release() {
 	sc.enc = clientHello{exts: sc.enc.exts[:0]}
 	sc.inner = clientHello{exts: sc.inner.exts[:0]}
 	clear(sc.cands[:])
+	clear(sc.pt[:cap(sc.pt)]) // the decrypted EncodedClientHelloInner
 	scratchPool.Put(sc)
 }
 
@@ -216,6 +230,9 @@ func NewConn(ctx context.Context, conn net.Conn, opts ...Option) (*Conn, error) 
 	if err := conn.SetDeadline(deadline); err != nil {
 		return nil, fmt.Errorf("ech: setting deadline: %w", err)
 	}
+	// Deferred calls run last first: the deadline is cleared only after the
+	// context's callback can no longer set it.
+	defer conn.SetDeadline(time.Time{})
 	if ctx.Done() != nil {
 		interrupted := make(chan struct{})
 		stop := context.AfterFunc(ctx, func() {
@@ -228,11 +245,12 @@ func NewConn(ctx context.Context, conn net.Conn, opts ...Option) (*Conn, error) 
 			}
 		}()
 	}
-	defer conn.SetDeadline(time.Time{})
 
 	c := &Conn{conn: conn}
 	err := c.readHello(ctx, &o)
 	if err == nil {
+		c.rdone.Store(c.replay == nil && c.watch == nil)
+		c.wdone.Store(c.wwatch == nil)
 		return c, nil
 	}
 	ctxErr := ctx.Err()
@@ -282,12 +300,17 @@ func readHandshakeMessage(r io.Reader, dst []byte, hdr *[recordHeaderLen]byte, m
 			return nil, 0, records, fmt.Errorf("ech: reading ClientHello: %w", err)
 		}
 		typ, rv, n := hdr[0], uint16(hdr[1])<<8|uint16(hdr[2]), int(hdr[3])<<8|int(hdr[4])
-		if typ != recordTypeHandshake || hdr[1] != 3 {
+		switch {
+		case hdr[1] != 3 || typ != recordTypeHandshake && records == 0:
 			return nil, 0, records, fmt.Errorf("%w: record type %d, version 0x%04x", ErrNotTLS, typ, rv)
-		}
-		// RFC 8446, Section 5.1: no empty handshake fragments, at most 2^14 bytes.
-		if n == 0 || n > maxPlaintext {
-			return nil, 0, records, fmt.Errorf("%w: handshake record of %d bytes", ErrDecodeError, n)
+		case typ != recordTypeHandshake:
+			// RFC 8446, Section 5.1: handshake messages are not interleaved.
+			return nil, 0, records, fmt.Errorf("%w: record type %d inside the ClientHello", ErrUnexpectedMessage, typ)
+		case n > maxPlaintext:
+			return nil, 0, records, fmt.Errorf("%w: handshake record of %d bytes", ErrRecordOverflow, n)
+		case n == 0:
+			// RFC 8446, Section 5.1: no zero-length handshake fragments.
+			return nil, 0, records, fmt.Errorf("%w: empty handshake record", ErrDecodeError)
 		}
 		if records == 0 {
 			vers = rv
@@ -408,7 +431,7 @@ func (c *Conn) readHello(ctx context.Context, o *options) error {
 		}
 		sc.pt = encoded[:0] // keep the capacity for the next hello
 		// RFC 9849, Section 7.1: optionally, the outer SNI is the public_name.
-		if o.checkPublicName && outer.serverName != pk.config.PublicName {
+		if o.checkPublicName && !strings.EqualFold(strings.TrimSuffix(outer.serverName, "."), pk.config.PublicName) {
 			putBuf(bp)
 			return fmt.Errorf("%w: outer server_name is not the public_name of config_id %d", ErrIllegalParameter, ech.configID)
 		}
@@ -466,11 +489,14 @@ func (c *Conn) log(ctx context.Context, logger *slog.Logger) {
 // the client's bytes. After the handshake messages it is a direct read of
 // the wrapped connection.
 func (c *Conn) Read(p []byte) (int, error) {
-	if c.replay == nil && c.watch == nil {
+	if c.rdone.Load() {
 		return c.conn.Read(p)
 	}
+	c.rmu.Lock()
+	defer c.rmu.Unlock()
 	for c.replay == nil {
 		if c.watch == nil {
+			c.rdone.Store(true)
 			return c.conn.Read(p)
 		}
 		if err := c.readWatching(); err != nil {
@@ -505,16 +531,20 @@ func (c *Conn) readWatching() error {
 		return nil
 	}
 	if _, err := io.ReadFull(c.conn, w.hdr[:]); err != nil {
+		if len(w.msg) > 0 {
+			err = noEOF(err) // the stream ended inside the second ClientHello
+		}
 		return err
 	}
 	typ, n := w.hdr[0], int(w.hdr[3])<<8|int(w.hdr[4])
 	if typ != recordTypeHandshake {
 		if len(w.msg) > 0 {
-			return c.fail(fmt.Errorf("%w: record type %d inside a ClientHello", ErrDecodeError, typ))
+			// RFC 8446, Section 5.1: handshake messages are not interleaved.
+			return c.fail(fmt.Errorf("%w: record type %d inside the second ClientHello", ErrUnexpectedMessage, typ))
 		}
 		// RFC 8446, Section 5.2: protected records carry at most 2^14+256 bytes.
 		if n > maxPlaintext+256 {
-			return c.fail(fmt.Errorf("%w: record of %d bytes", ErrDecodeError, n))
+			return c.fail(fmt.Errorf("%w: record of %d bytes", ErrRecordOverflow, n))
 		}
 		rec := make([]byte, recordHeaderLen+n)
 		copy(rec, w.hdr[:])
@@ -524,8 +554,11 @@ func (c *Conn) readWatching() error {
 		c.replay = rec
 		return nil
 	}
-	if n == 0 || n > maxPlaintext {
-		return c.fail(fmt.Errorf("%w: handshake record of %d bytes", ErrDecodeError, n))
+	if n > maxPlaintext {
+		return c.fail(fmt.Errorf("%w: handshake record of %d bytes", ErrRecordOverflow, n))
+	}
+	if n == 0 {
+		return c.fail(fmt.Errorf("%w: empty handshake record", ErrDecodeError))
 	}
 	if len(w.msg) == 0 {
 		w.recVers = uint16(w.hdr[1])<<8 | uint16(w.hdr[2]) // replay with the client's framing
@@ -606,8 +639,13 @@ func (c *Conn) fail(err error) error {
 // Write writes to the client. Until the server's first handshake message
 // has gone through, it notes whether it is a HelloRetryRequest.
 func (c *Conn) Write(p []byte) (int, error) {
-	if c.wwatch != nil {
-		c.observe(p)
+	if !c.wdone.Load() {
+		c.wmu.Lock()
+		if c.wwatch != nil {
+			c.observe(p)
+		}
+		c.wdone.Store(c.wwatch == nil)
+		c.wmu.Unlock()
 	}
 	return c.conn.Write(p)
 }
@@ -662,7 +700,8 @@ func (c *Conn) SetReadDeadline(t time.Time) error { return c.conn.SetReadDeadlin
 // SetWriteDeadline sets the write deadline of the wrapped connection.
 func (c *Conn) SetWriteDeadline(t time.Time) error { return c.conn.SetWriteDeadline(t) }
 
-// NetConn returns the wrapped connection.
+// NetConn returns the wrapped connection. Write the server's first flight
+// through the Conn, not through it (see [Conn]).
 func (c *Conn) NetConn() net.Conn { return c.conn }
 
 // Status returns the outcome of ECH for this connection.

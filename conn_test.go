@@ -157,6 +157,7 @@ func alertRecord(desc byte) []byte { return []byte{21, 3, 3, 0, 2, 2, desc} }
 
 const (
 	alertUnexpectedMessage = 10
+	alertRecordOverflow    = 22
 	alertIllegalParameter  = 47
 	alertDecodeError       = 50
 	alertDecryptError      = 51
@@ -201,7 +202,10 @@ func TestMalformedHellos(t *testing.T) {
 		{"application data record", func(testing.TB) []byte { return []byte{23, 3, 3, 0, 1, 0} }, nil, alertUnexpectedMessage, ech.ErrNotTLS},
 		{"not a ClientHello", func(testing.TB) []byte { return records([]byte{2, 0, 0, 1, 0}, 1<<14) }, nil, alertUnexpectedMessage, ech.ErrNotTLS},
 		{"empty handshake record", func(testing.TB) []byte { return []byte{22, 3, 1, 0, 0} }, nil, alertDecodeError, ech.ErrDecodeError},
-		{"record over 2^14", func(testing.TB) []byte { return []byte{22, 3, 1, 0x40, 0x01} }, nil, alertDecodeError, ech.ErrDecodeError},
+		{"record over 2^14", func(testing.TB) []byte { return []byte{22, 3, 1, 0x40, 0x01} }, nil, alertRecordOverflow, ech.ErrRecordOverflow},
+		{"alert record inside a fragmented ClientHello", func(testing.TB) []byte {
+			return append(records(baseOuter().message(), 50)[:55], 21, 3, 3, 0, 2, 2, 40)
+		}, nil, alertUnexpectedMessage, ech.ErrUnexpectedMessage},
 		{"truncated ClientHello body", func(testing.TB) []byte {
 			m := baseOuter().message()
 			m = m[:60]
@@ -217,7 +221,10 @@ func TestMalformedHellos(t *testing.T) {
 			h := baseOuter()
 			h.exts = append(h.exts, ext{tGroups, []byte{0, 2, 0, 0x17}})
 			return records(h.message(), 1<<14)
-		}, nil, alertIllegalParameter, ech.ErrIllegalParameter},
+		}, nil, alertDecodeError, ech.ErrDecodeError},
+		{"duplicate inner extension", func(t testing.TB) []byte {
+			return sealedEnc(t, nil, func(h *hello) { h.exts = append(h.exts, ext{tALPN, alpnExt("x")}) })
+		}, nil, alertDecodeError, ech.ErrDecodeError},
 		{"malformed server_name", func(testing.TB) []byte {
 			h := baseOuter()
 			h.set(tSNI, []byte{0, 5, 0, 0, 9})
@@ -799,4 +806,113 @@ func (l *lockedWriter) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.w.Write(p)
+}
+
+// TestSecondHelloCut checks a stream that ends, or carries another record,
+// inside a fragmented second ClientHello.
+func TestSecondHelloCut(t *testing.T) {
+	t.Parallel()
+	key, err := ech.GenerateKey(publicName, &ech.KeyOptions{ConfigID: 7})
+	require.NoError(t, err)
+	for _, tc := range []struct {
+		name  string
+		tail  []byte // after the first record of the second hello
+		err   error
+		alert []byte
+	}{
+		{"end of stream", nil, io.ErrUnexpectedEOF, nil},
+		{"alert record", []byte{21, 3, 3, 0, 2, 1, 0}, ech.ErrUnexpectedMessage, alertRecord(alertUnexpectedMessage)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			client, server := tcpPair(t)
+			s := newSealer(t, key)
+			go client.Write(records(s.seal(baseOuter(), baseInner(), s.enc, 7), 1<<14))
+			c, err := ech.NewConn(t.Context(), server, ech.WithKeys(key))
+			require.NoError(t, err)
+			readMessage(t, c)
+			_, err = c.Write(hrrRecord())
+			require.NoError(t, err)
+			second := records(s.seal(baseOuter(), baseInner(), nil, 7), 100)
+			go func() {
+				client.Write(append(second[:105:105], tc.tail...))
+				if tc.tail == nil {
+					client.(*net.TCPConn).CloseWrite()
+				}
+			}()
+			_, err = c.Read(make([]byte, 100))
+			require.ErrorIs(t, err, tc.err)
+			server.Close()
+			got := readAll(t, client)
+			assert.Equal(t, append(hrrRecord(), tc.alert...), got)
+		})
+	}
+}
+
+// TestConcurrentReadsAndWrites uses a Conn from several goroutines during
+// the handshake, as net.Conn allows; the race detector checks it.
+func TestConcurrentReadsAndWrites(t *testing.T) {
+	t.Parallel()
+	key, err := ech.GenerateKey(publicName, nil)
+	require.NoError(t, err)
+	client, server := tcpPair(t)
+	s := newSealer(t, key)
+	go client.Write(records(s.seal(baseOuter(), baseInner(), s.enc, key.Config[4]), 1<<14))
+	c, err := ech.NewConn(t.Context(), server, ech.WithKeys(key))
+	require.NoError(t, err)
+	go io.Copy(io.Discard, client)
+	go client.Write(make([]byte, 4096))
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Go(func() {
+			c.Write(hrrRecord()[:20])
+			c.Read(make([]byte, 64))
+		})
+	}
+	wg.Wait()
+}
+
+func TestPublicNameCheckIgnoresCase(t *testing.T) {
+	t.Parallel()
+	key, err := ech.GenerateKey(publicName, &ech.KeyOptions{ConfigID: 7})
+	require.NoError(t, err)
+	for _, name := range []string{"Public.Example", "public.example."} {
+		client, server := tcpPair(t)
+		s := newSealer(t, key)
+		outer := baseOuter()
+		outer.set(tSNI, sniExt(name))
+		go client.Write(records(s.seal(outer, baseInner(), s.enc, 7), 1<<14))
+		c, err := ech.NewConn(t.Context(), server, ech.WithKeys(key), ech.WithPublicNameCheck(true))
+		require.NoError(t, err, name)
+		assert.True(t, c.ECHAccepted(), name)
+	}
+}
+
+// cancelOnClear cancels a context when NewConn clears the deadline, the
+// latest moment a context can end inside NewConn.
+type cancelOnClear struct {
+	net.Conn
+	cancel context.CancelFunc
+}
+
+func (c *cancelOnClear) SetDeadline(t time.Time) error {
+	if t.IsZero() {
+		c.cancel()
+	}
+	return c.Conn.SetDeadline(t)
+}
+
+// TestNoDeadlineLeftBehind checks that a context ending as NewConn returns
+// does not leave a past deadline on the returned Conn.
+func TestNoDeadlineLeftBehind(t *testing.T) {
+	t.Parallel()
+	client, server := tcpPair(t)
+	go client.Write(records(baseOuter().message(), 1<<14))
+	ctx, cancel := context.WithCancel(t.Context())
+	c, err := ech.NewConn(ctx, &cancelOnClear{Conn: server, cancel: cancel}, ech.WithKeys())
+	require.NoError(t, err)
+	readMessage(t, c)
+	go client.Write([]byte("x"))
+	_, err = c.Read(make([]byte, 1))
+	require.NoError(t, err)
 }

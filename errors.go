@@ -4,10 +4,13 @@ import "errors"
 
 // Sentinel errors. Errors returned by this package wrap one of these, so
 // callers can test for them with [errors.Is]. Error strings never contain
-// key material or decrypted plaintext.
+// key material, and of a decrypted ClientHelloInner at most the codepoint of
+// an offending extension.
 //
-// The first four correspond to the TLS alerts that [NewConn] sends to the
-// client before returning the error (RFC 9849, Section 7 and 7.1).
+// The alert sentinels correspond to the TLS alerts that [NewConn] (for the
+// first ClientHello) or [Conn.Read] (for a second ClientHello after a
+// HelloRetryRequest) sends to the client before returning the error
+// (RFC 8446, Section 6; RFC 9849, Sections 7 and 7.1).
 var (
 	// ErrDecodeError reports a malformed record, ClientHello or extension
 	// (alert decode_error).
@@ -21,12 +24,20 @@ var (
 	// ErrDecryptError reports a second ClientHello that does not decrypt
 	// after ECH was accepted (alert decrypt_error).
 	ErrDecryptError = errors.New("ech: decrypt error")
+	// ErrUnexpectedMessage reports a record of another type inside a
+	// fragmented ClientHello (alert unexpected_message, RFC 8446,
+	// Section 5.1).
+	ErrUnexpectedMessage = errors.New("ech: unexpected message")
+	// ErrRecordOverflow reports a record longer than 2^14 bytes, or 2^14+256
+	// once protected (alert record_overflow, RFC 8446, Section 5.1).
+	ErrRecordOverflow = errors.New("ech: record overflow")
 
 	// ErrHelloTooLarge reports a ClientHello larger than the configured
 	// limit (see [WithMaxHelloSize]); the client gets a decode_error alert.
 	ErrHelloTooLarge = errors.New("ech: ClientHello too large")
 	// ErrNotTLS reports a first record that is not a TLS handshake record
-	// carrying a ClientHello; the client gets an unexpected_message alert.
+	// carrying a ClientHello; the client gets an unexpected_message alert
+	// (RFC 8446, Section 6.2: "an inappropriate message").
 	ErrNotTLS = errors.New("ech: not a TLS ClientHello")
 
 	// ErrMalformedConfig reports an ECHConfig or ECHConfigList that does not

@@ -2,6 +2,7 @@ package ech
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 
 	"golang.org/x/crypto/cryptobyte"
@@ -9,9 +10,8 @@ import (
 
 // TLS codepoints used by this package.
 const (
-	recordTypeChangeCipherSpec uint8 = 20
-	recordTypeAlert            uint8 = 21
-	recordTypeHandshake        uint8 = 22
+	recordTypeAlert     uint8 = 21
+	recordTypeHandshake uint8 = 22
 
 	typeClientHello uint8 = 1
 	typeServerHello uint8 = 2
@@ -65,6 +65,9 @@ type clientHello struct {
 	hasECH     bool
 }
 
+// errDuplicateExtension reports an extension type that appears twice.
+var errDuplicateExtension = fmt.Errorf("%w: duplicate extension", ErrDecodeError)
+
 // extensionSet is a bitmap of the 2^16 extension types, for finding
 // duplicates in linear time.
 type extensionSet [1 << 10]uint64
@@ -110,9 +113,14 @@ func parseClientHelloBody(ch *clientHello, body []byte) ([]byte, error) {
 		}
 		e.data = data
 		e.end = len(body) - len(s) - len(exts)
-		// RFC 8446, Section 4.2: at most one extension of each type.
+		// RFC 8446, Section 4.2: at most one extension of each type; like
+		// crypto/tls, a repeated one is a decode_error. RFC 9849, Section
+		// 5.1: a repeated ech_outer_extensions is illegal_parameter.
 		if seen.add(e.typ) {
-			return nil, fmt.Errorf("%w: duplicate extension 0x%04x", ErrIllegalParameter, e.typ)
+			if e.typ == extensionECHOuterExtensions {
+				return nil, fmt.Errorf("%w: ech_outer_extensions repeated", ErrIllegalParameter)
+			}
+			return nil, fmt.Errorf("%w 0x%04x", errDuplicateExtension, e.typ)
 		}
 		switch e.typ {
 		case extensionServerName:
@@ -261,7 +269,7 @@ type echOuter struct {
 }
 
 // parseECHExtension parses the extension data. An inner extension returns
-// typ echTypeInner and a nil echOuter.
+// typ echTypeInner and a zero echOuter.
 func parseECHExtension(data []byte) (typ uint8, e echOuter, err error) {
 	s := cryptobyte.String(data)
 	if !s.ReadUint8(&typ) {
@@ -351,8 +359,12 @@ func appendInnerHello(dst []byte, outer *clientHello, encoded []byte, enc, inner
 	out[len(dst)+1], out[len(dst)+2], out[len(dst)+3] = byte(msgLen>>16), byte(msgLen>>8), byte(msgLen)
 
 	// The rebuilt hello may repeat a type that the inner and the outer
-	// extensions both carry: parsing it again catches that as well.
+	// extensions both carry: parsing it again catches that as well, and it
+	// is a bad ech_outer_extensions reference.
 	if err := parseClientHello(inner, out[len(dst)+handshakeHeaderLen:]); err != nil {
+		if errors.Is(err, errDuplicateExtension) {
+			return nil, fmt.Errorf("%w: ech_outer_extensions references a type the inner hello has", ErrIllegalParameter)
+		}
 		return nil, err
 	}
 	// RFC 9849, Section 7.1: the inner hello carries an inner ECH extension.

@@ -256,8 +256,6 @@ func newRecipientContext(sk *kemPrivateKey, cs CipherSuite, enc, ksc []byte) (*h
 			r.aead, err = cipher.NewGCM(block)
 		}
 	}
-	clear(st.key[:])
-	clear(st.prk[:])
 	if err != nil {
 		return nil, ErrDecryptError
 	}
@@ -330,7 +328,17 @@ func getKDF(id KDFID) *kdfState {
 	return st
 }
 
-func (st *kdfState) put() { st.pool.Put(st) }
+// put returns st to its pool, with no secret left in it.
+func (st *kdfState) put() {
+	clear(st.ipad[:])
+	clear(st.opad[:])
+	clear(st.tmp[:])
+	clear(st.prk[:])
+	clear(st.key[:])
+	clear(st.ss[:])
+	clear(st.dh[:])
+	st.pool.Put(st)
+}
 
 func (st *kdfState) hpkeSuiteID(kem KEMID, cs CipherSuite) []byte {
 	// suite_id = "HPKE" || I2OSP(kem_id, 2) || I2OSP(kdf_id, 2) || I2OSP(aead_id, 2)
@@ -344,6 +352,9 @@ func (st *kdfState) hpkeSuiteID(kem KEMID, cs CipherSuite) []byte {
 // hmacStart begins HMAC(key, ...); key is at most one block, as every HKDF
 // key here is (a salt or PRK of at most Nh bytes).
 func (st *kdfState) hmacStart(key []byte) {
+	if len(key) > st.block {
+		panic("ech: HMAC key longer than a block") // unreachable: keys are at most Nh bytes
+	}
 	clear(st.ipad[:st.block])
 	copy(st.ipad[:], key)
 	st.opad = st.ipad
@@ -424,7 +435,5 @@ func (st *kdfState) decap(sk *kemPrivateKey, enc []byte) ([]byte, error) {
 	copy(kst.kemID[:], "KEM")
 	binary.BigEndian.PutUint16(kst.kemID[3:], uint16(KEMX25519))
 	prk := kst.labeledExtract(kst.prk[:0], kst.kemID[:], nil, labelEAEPRK, st.dh[:])
-	ss := kst.labeledExpand(st.ss[:0], prk, kst.kemID[:], labelSharedSecret, ctx, sha256.Size)
-	clear(st.dh[:])
-	return ss, nil
+	return kst.labeledExpand(st.ss[:0], prk, kst.kemID[:], labelSharedSecret, ctx, sha256.Size), nil
 }

@@ -43,8 +43,9 @@ func WithKeySet(ks *KeySet) Option {
 }
 
 // WithLogger makes [NewConn] log its decisions at debug level and its
-// refusals at info level. Nothing secret is logged. By default nothing is
-// logged.
+// refusals at info level. The debug lines hold the client's address and the
+// inner server name, which ECH hides from the network: keep such logs as
+// access logs. No key material is logged. By default nothing is logged.
 func WithLogger(l *slog.Logger) Option {
 	return func(o *options) { o.logger = l }
 }
