@@ -651,6 +651,10 @@ func (c *Conn) Write(p []byte) (int, error) {
 }
 
 // observe classifies the server's first flight.
+//
+// NOTE: it reads the first 43 bytes written as one record; a backend that
+// split its ServerHello into records shorter than that would be classified
+// by bytes of two records. No TLS stack does that with a ServerHello.
 func (c *Conn) observe(p []byte) {
 	w := c.wwatch
 	w.n += copy(w.head[w.n:], p)
