@@ -137,7 +137,11 @@ type Conn struct {
 	alpn       []string
 }
 
-var _ net.Conn = (*Conn)(nil)
+var (
+	_ net.Conn      = (*Conn)(nil)
+	_ io.WriterTo   = (*Conn)(nil)
+	_ io.ReaderFrom = (*Conn)(nil)
+)
 
 // secondHello is what decrypting a second ClientHello after a
 // HelloRetryRequest needs (RFC 9849, Section 7.1.1).
@@ -674,6 +678,66 @@ func (c *Conn) observe(p []byte) {
 	} else {
 		c.rstate.Store(serverDone)
 	}
+}
+
+// WriteTo copies the client's bytes to w until EOF or an error: first
+// through [Conn.Read], while the handshake messages are being replayed or
+// watched, then with [io.Copy] from the wrapped connection, so that a proxy
+// between two TCP connections gets the kernel's splice.
+func (c *Conn) WriteTo(w io.Writer) (int64, error) {
+	var n int64
+	var buf []byte
+	for !c.rdone.Load() {
+		if buf == nil {
+			buf = make([]byte, maxPlaintext+recordHeaderLen+256)
+		}
+		m, err := c.Read(buf)
+		if m > 0 {
+			wm, werr := w.Write(buf[:m])
+			n += int64(wm)
+			if werr != nil {
+				return n, werr
+			}
+		}
+		if err == io.EOF {
+			return n, nil
+		}
+		if err != nil {
+			return n, err
+		}
+	}
+	m, err := io.Copy(w, c.conn)
+	return n + m, err
+}
+
+// ReadFrom copies r to the client until EOF or an error: through
+// [Conn.Write] until the server's first message has been seen, then with
+// [io.Copy] to the wrapped connection, so that a proxy between two TCP
+// connections gets the kernel's splice.
+func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
+	var n int64
+	var buf []byte
+	for !c.wdone.Load() {
+		if buf == nil {
+			buf = make([]byte, maxPlaintext+recordHeaderLen+256)
+		}
+		m, err := r.Read(buf)
+		if m > 0 {
+			wm, werr := c.Write(buf[:m])
+			n += int64(wm)
+			if werr != nil {
+				return n, werr
+			}
+		}
+		if err == io.EOF {
+			return n, nil
+		}
+		if err != nil {
+			return n, err
+		}
+	}
+	m, err := io.Copy(c.conn, r)
+	return n + m, err
 }
 
 // Close closes the connection.

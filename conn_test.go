@@ -1,6 +1,7 @@
 package ech_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"fmt"
@@ -915,4 +916,55 @@ func TestNoDeadlineLeftBehind(t *testing.T) {
 	go client.Write([]byte("x"))
 	_, err = c.Read(make([]byte, 1))
 	require.NoError(t, err)
+}
+
+// TestProxyCopy proxies a Conn to a crypto/tls backend with io.Copy both
+// ways (so through WriteTo and ReadFrom), with a HelloRetryRequest, and
+// echoes 1 MiB through it.
+func TestProxyCopy(t *testing.T) {
+	t.Parallel()
+	ca := echtest.NewCA(t)
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{
+		Certificates:     []tls.Certificate{ca.Certificate(innerName)},
+		CurvePreferences: []tls.CurveID{tls.CurveP256}, // forces a HelloRetryRequest
+	})
+	require.NoError(t, err)
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				io.Copy(c, c) // echo
+			}()
+		}
+	}()
+	srv := echtest.NewPassthroughServer(t, func(c *ech.Conn) {
+		b, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			return
+		}
+		defer b.Close()
+		go func() { io.Copy(b, c); b.(*net.TCPConn).CloseWrite() }()
+		io.Copy(c, b)
+	}, echtest.WithCA(ca))
+	conn := srv.Dial(t, innerName)
+	state := conn.ConnectionState()
+	require.True(t, state.ECHAccepted)
+	require.True(t, state.HelloRetryRequest)
+	data := make([]byte, 1<<20)
+	for i := range data {
+		data[i] = byte(i * 7)
+	}
+	go func() {
+		conn.Write(data)
+		conn.CloseWrite()
+	}()
+	conn.SetReadDeadline(time.Now().Add(testTimeout))
+	got, err := io.ReadAll(conn)
+	require.NoError(t, err)
+	assert.True(t, bytes.Equal(data, got), "1 MiB echoed intact")
 }
