@@ -685,26 +685,9 @@ func (c *Conn) observe(p []byte) {
 // watched, then with [io.Copy] from the wrapped connection, so that a proxy
 // between two TCP connections gets the kernel's splice.
 func (c *Conn) WriteTo(w io.Writer) (int64, error) {
-	var n int64
-	var buf []byte
-	for !c.rdone.Load() {
-		if buf == nil {
-			buf = make([]byte, maxPlaintext+recordHeaderLen+256)
-		}
-		m, err := c.Read(buf)
-		if m > 0 {
-			wm, werr := w.Write(buf[:m])
-			n += int64(wm)
-			if werr != nil {
-				return n, werr
-			}
-		}
-		if err == io.EOF {
-			return n, nil
-		}
-		if err != nil {
-			return n, err
-		}
+	n, ended, err := copyHandshake(w, c, &c.rdone)
+	if ended {
+		return n, err
 	}
 	m, err := io.Copy(w, c.conn)
 	return n + m, err
@@ -715,29 +698,38 @@ func (c *Conn) WriteTo(w io.Writer) (int64, error) {
 // [io.Copy] to the wrapped connection, so that a proxy between two TCP
 // connections gets the kernel's splice.
 func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
-	var n int64
-	var buf []byte
-	for !c.wdone.Load() {
-		if buf == nil {
-			buf = make([]byte, maxPlaintext+recordHeaderLen+256)
-		}
-		m, err := r.Read(buf)
-		if m > 0 {
-			wm, werr := c.Write(buf[:m])
-			n += int64(wm)
-			if werr != nil {
-				return n, werr
-			}
-		}
-		if err == io.EOF {
-			return n, nil
-		}
-		if err != nil {
-			return n, err
-		}
+	n, ended, err := copyHandshake(c, r, &c.wdone)
+	if ended {
+		return n, err
 	}
 	m, err := io.Copy(c.conn, r)
 	return n + m, err
+}
+
+// copyHandshake copies src to dst through a buffer until done is set. It
+// reports whether the copy ended (EOF or an error) before that.
+func copyHandshake(dst io.Writer, src io.Reader, done *atomic.Bool) (n int64, ended bool, err error) {
+	var buf []byte
+	for !done.Load() {
+		if buf == nil {
+			buf = make([]byte, maxPlaintext+recordHeaderLen+256)
+		}
+		m, rerr := src.Read(buf)
+		if m > 0 {
+			wm, werr := dst.Write(buf[:m])
+			n += int64(wm)
+			if werr != nil {
+				return n, true, werr
+			}
+		}
+		if rerr == io.EOF {
+			return n, true, nil
+		}
+		if rerr != nil {
+			return n, true, rerr
+		}
+	}
+	return n, false, nil
 }
 
 // Close closes the connection.
