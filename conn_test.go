@@ -691,26 +691,45 @@ func TestNewConnBounded(t *testing.T) {
 	})
 }
 
-// TestAfterHandshakeNoAllocs checks that once the hello is through, Read
+// TestNoAllocsAfterHandshake checks that once the handshake messages are
+// through (the server's ServerHello written, for an accepted hello), Read
 // and Write are direct calls on the wrapped conn.
-func TestAfterHandshakeNoAllocs(t *testing.T) {
-	ks := echtest.NewKeySet(t, publicName)
-	client, server := tcpPair(t)
-	go client.Write(records(baseOuter().message(), 1<<14))
-	c, err := ech.NewConn(t.Context(), server, ech.WithKeySet(ks))
+func TestNoAllocsAfterHandshake(t *testing.T) {
+	key, err := ech.GenerateKey(publicName, nil)
 	require.NoError(t, err)
-	readMessage(t, c)
-	go io.Copy(client, client) // echo
-	buf := make([]byte, 64)
-	allocs := testing.AllocsPerRun(100, func() {
-		if _, err := c.Write(buf); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := io.ReadFull(c, buf); err != nil {
-			t.Fatal(err)
-		}
-	})
-	assert.Zero(t, allocs)
+	s := newSealer(t, key)
+	serverHello := hrrRecord()
+	serverHello[11] ^= 0xff // not the HelloRetryRequest random
+	for _, accepted := range []bool{false, true} {
+		t.Run(map[bool]string{false: "not offered", true: "accepted"}[accepted], func(t *testing.T) {
+			client, server := tcpPair(t)
+			hello := baseOuter().message()
+			if accepted {
+				hello = s.seal(baseOuter(), baseInner(), s.enc, key.Config[4])
+			}
+			go client.Write(records(hello, 1<<14))
+			c, err := ech.NewConn(t.Context(), server, ech.WithKeys(key))
+			require.NoError(t, err)
+			require.Equal(t, accepted, c.ECHAccepted())
+			readMessage(t, c)
+			_, err = c.Write(serverHello)
+			require.NoError(t, err)
+			go func() {
+				io.ReadFull(client, make([]byte, len(serverHello)))
+				io.Copy(client, client) // echo
+			}()
+			buf := make([]byte, 64)
+			allocs := testing.AllocsPerRun(100, func() {
+				if _, err := c.Write(buf); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := io.ReadFull(c, buf); err != nil {
+					t.Fatal(err)
+				}
+			})
+			assert.Zero(t, allocs)
+		})
+	}
 }
 
 // TestKeysTriedPerHello checks the cap on trial decryption: of several keys
@@ -737,38 +756,6 @@ func TestKeysTriedPerHello(t *testing.T) {
 		}
 		assert.Equal(t, want, c.Status(), "key %d", i)
 	}
-}
-
-// TestAcceptedNoAllocsAfterHandshake checks the accepted path: once the
-// server's ServerHello has gone out, Read and Write do not allocate.
-func TestAcceptedNoAllocsAfterHandshake(t *testing.T) {
-	key, err := ech.GenerateKey(publicName, nil)
-	require.NoError(t, err)
-	client, server := tcpPair(t)
-	s := newSealer(t, key)
-	go client.Write(records(s.seal(baseOuter(), baseInner(), s.enc, key.Config[4]), 1<<14))
-	c, err := ech.NewConn(t.Context(), server, ech.WithKeys(key))
-	require.NoError(t, err)
-	require.True(t, c.ECHAccepted())
-	readMessage(t, c)
-	serverHello := hrrRecord()
-	serverHello[11] ^= 0xff // not the HelloRetryRequest random
-	_, err = c.Write(serverHello)
-	require.NoError(t, err)
-	go func() {
-		io.ReadFull(client, make([]byte, len(serverHello)))
-		io.Copy(client, client) // echo
-	}()
-	buf := make([]byte, 64)
-	allocs := testing.AllocsPerRun(100, func() {
-		if _, err := c.Write(buf); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := io.ReadFull(c, buf); err != nil {
-			t.Fatal(err)
-		}
-	})
-	assert.Zero(t, allocs)
 }
 
 func TestLogger(t *testing.T) {
