@@ -173,28 +173,7 @@ func echFields(b *testing.B, rec []byte, key ech.Key) (suite hpke.Suite, enc, pa
 // server in this process: crypto/tls without ECH, crypto/tls's own ECH
 // server (shared mode), and NewConn in front of crypto/tls (split mode).
 func BenchmarkHandshake(b *testing.B) {
-	ca := echtest.NewCA(b)
-	ks := echtest.NewKeySet(b, publicName)
-	list, err := ks.ConfigList()
-	require.NoError(b, err)
-	serverCfg := &tls.Config{Certificates: []tls.Certificate{ca.Certificate(innerName)}, MinVersion: tls.VersionTLS13}
-	sharedCfg := serverCfg.Clone()
-	sharedCfg.EncryptedClientHelloKeys = ks.TLSKeys()
-	ctx := context.Background()
-	modes := []handshakeMode{
-		{"NoECH", false, func(c net.Conn) error { return tls.Server(c, serverCfg).HandshakeContext(ctx) }},
-		{"SharedModeCryptoTLS", true, func(c net.Conn) error { return tls.Server(c, sharedCfg).HandshakeContext(ctx) }},
-		{"SplitModeNewConn", true, func(c net.Conn) error {
-			ec, err := ech.NewConn(ctx, c, ech.WithKeySet(ks))
-			if err != nil {
-				return err
-			}
-			if !ec.ECHAccepted() {
-				return errors.New("not accepted")
-			}
-			return tls.Server(ec, serverCfg).HandshakeContext(ctx)
-		}},
-	}
+	ca, list, modes := handshakeServers(b)
 	// The default key exchange (X25519MLKEM768) costs more than ECH on
 	// either side; X25519 alone shows the ECH part more plainly.
 	for _, curves := range [][]tls.CurveID{nil, {tls.X25519}} {
@@ -210,6 +189,34 @@ type handshakeMode struct {
 	name   string
 	ech    bool
 	server func(net.Conn) error
+}
+
+// handshakeServers returns the three servers the handshake benchmarks
+// compare, with the CA their certificate chains to and the config list of
+// their ECH key.
+func handshakeServers(b *testing.B) (*echtest.CA, ech.ConfigList, []handshakeMode) {
+	ca := echtest.NewCA(b)
+	ks := echtest.NewKeySet(b, publicName)
+	list, err := ks.ConfigList()
+	require.NoError(b, err)
+	serverCfg := &tls.Config{Certificates: []tls.Certificate{ca.Certificate(innerName)}, MinVersion: tls.VersionTLS13}
+	sharedCfg := serverCfg.Clone()
+	sharedCfg.EncryptedClientHelloKeys = ks.TLSKeys()
+	ctx := context.Background()
+	return ca, list, []handshakeMode{
+		{"NoECH", false, func(c net.Conn) error { return tls.Server(c, serverCfg).HandshakeContext(ctx) }},
+		{"SharedModeCryptoTLS", true, func(c net.Conn) error { return tls.Server(c, sharedCfg).HandshakeContext(ctx) }},
+		{"SplitModeNewConn", true, func(c net.Conn) error {
+			ec, err := ech.NewConn(ctx, c, ech.WithKeySet(ks))
+			if err != nil {
+				return err
+			}
+			if !ec.ECHAccepted() {
+				return errors.New("not accepted")
+			}
+			return tls.Server(ec, serverCfg).HandshakeContext(ctx)
+		}},
+	}
 }
 
 func benchmarkHandshakes(b *testing.B, modes []handshakeMode, ca *echtest.CA, list ech.ConfigList, curves []tls.CurveID) {
@@ -303,14 +310,7 @@ func FuzzNewConn(f *testing.F) {
 // and which is the larger part there, is left out: ns/op is what a server
 // spends per handshake, so 1e9/ns/op is its handshakes per second per core.
 func BenchmarkServerHandshake(b *testing.B) {
-	ca := echtest.NewCA(b)
-	ks := echtest.NewKeySet(b, publicName)
-	list, err := ks.ConfigList()
-	require.NoError(b, err)
-	serverCfg := &tls.Config{Certificates: []tls.Certificate{ca.Certificate(innerName)}, MinVersion: tls.VersionTLS13}
-	sharedCfg := serverCfg.Clone()
-	sharedCfg.EncryptedClientHelloKeys = ks.TLSKeys()
-	ctx := context.Background()
+	ca, list, modes := handshakeServers(b)
 	for _, curves := range [][]tls.CurveID{nil, {tls.X25519}} {
 		group := "X25519MLKEM768"
 		if curves != nil {
@@ -320,33 +320,18 @@ func BenchmarkServerHandshake(b *testing.B) {
 		plain := captureHello(b, clientCfg)
 		clientCfg.EncryptedClientHelloConfigList = list
 		withECH := captureHello(b, clientCfg)
-		modes := []struct {
-			name  string
-			hello []byte
-			serve func(net.Conn) error
-		}{
-			{"NoECH", plain, func(c net.Conn) error { return tls.Server(c, serverCfg).HandshakeContext(ctx) }},
-			{"SharedModeCryptoTLS", withECH, func(c net.Conn) error { return tls.Server(c, sharedCfg).HandshakeContext(ctx) }},
-			{"SplitModeNewConn", withECH, func(c net.Conn) error {
-				ec, err := ech.NewConn(ctx, c, ech.WithKeySet(ks))
-				if err != nil {
-					return err
-				}
-				if !ec.ECHAccepted() {
-					return errors.New("not accepted")
-				}
-				return tls.Server(ec, serverCfg).HandshakeContext(ctx)
-			}},
-		}
 		for _, m := range modes {
 			b.Run(group+"/"+m.name, func(b *testing.B) {
 				b.ReportAllocs()
-				conn := &memConn{data: m.hello}
+				conn := &memConn{data: plain}
+				if m.ech {
+					conn.data = withECH
+				}
 				for b.Loop() {
 					conn.off = 0
 					// The server has sent its flight and waits for the
 					// client's: the end of the stream stops it there.
-					if err := m.serve(conn); !errors.Is(err, io.EOF) {
+					if err := m.server(conn); !errors.Is(err, io.EOF) {
 						b.Fatalf("server stopped with %v, want EOF after its flight", err)
 					}
 				}
