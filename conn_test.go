@@ -553,34 +553,14 @@ func TestRouting(t *testing.T) {
 	names := []string{"mail.example", "web.example"}
 	backends := map[string]string{}
 	for _, name := range names {
-		ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{ca.Certificate(name)}})
-		require.NoError(t, err)
-		t.Cleanup(func() { ln.Close() })
-		backends[name] = ln.Addr().String()
-		go func() {
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				go func() {
-					defer c.Close()
-					fmt.Fprintf(c, "backend %s\n", name)
-				}()
-			}
-		}()
+		backends[name] = tlsBackend(t, &tls.Config{Certificates: []tls.Certificate{ca.Certificate(name)}}, func(c net.Conn) {
+			fmt.Fprintf(c, "backend %s\n", name)
+		})
 	}
 	srv := echtest.NewPassthroughServer(t, func(c *ech.Conn) {
-		if !c.ECHAccepted() {
-			return
+		if c.ECHAccepted() {
+			proxy(c, backends[c.ServerName()])
 		}
-		b, err := net.Dial("tcp", backends[c.ServerName()])
-		if err != nil {
-			return
-		}
-		defer b.Close()
-		go func() { io.Copy(b, c); b.(*net.TCPConn).CloseWrite() }()
-		io.Copy(c, b)
 	}, echtest.WithCA(ca))
 	for _, name := range names {
 		conn := srv.Dial(t, name)
@@ -911,33 +891,11 @@ func TestNoDeadlineLeftBehind(t *testing.T) {
 func TestProxyCopy(t *testing.T) {
 	t.Parallel()
 	ca := echtest.NewCA(t)
-	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{
+	backend := tlsBackend(t, &tls.Config{
 		Certificates:     []tls.Certificate{ca.Certificate(innerName)},
 		CurvePreferences: []tls.CurveID{tls.CurveP256}, // forces a HelloRetryRequest
-	})
-	require.NoError(t, err)
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				io.Copy(c, c) // echo
-			}()
-		}
-	}()
-	srv := echtest.NewPassthroughServer(t, func(c *ech.Conn) {
-		b, err := net.Dial("tcp", ln.Addr().String())
-		if err != nil {
-			return
-		}
-		defer b.Close()
-		go func() { io.Copy(b, c); b.(*net.TCPConn).CloseWrite() }()
-		io.Copy(c, b)
-	}, echtest.WithCA(ca))
+	}, func(c net.Conn) { io.Copy(c, c) }) // echo
+	srv := echtest.NewPassthroughServer(t, func(c *ech.Conn) { proxy(c, backend) }, echtest.WithCA(ca))
 	conn := srv.Dial(t, innerName)
 	state := conn.ConnectionState()
 	require.True(t, state.ECHAccepted)
@@ -954,4 +912,38 @@ func TestProxyCopy(t *testing.T) {
 	got, err := io.ReadAll(conn)
 	require.NoError(t, err)
 	assert.True(t, bytes.Equal(data, got), "1 MiB echoed intact")
+}
+
+// tlsBackend starts a crypto/tls server on loopback that runs handle on each
+// connection, and returns its address.
+func tlsBackend(t testing.TB, cfg *tls.Config, handle func(net.Conn)) string {
+	t.Helper()
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", cfg)
+	require.NoError(t, err)
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				handle(c)
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+// proxy copies c to and from a new connection to addr, with io.Copy both
+// ways (so through Conn's WriteTo and ReadFrom).
+func proxy(c *ech.Conn, addr string) {
+	b, err := net.Dial("tcp", addr)
+	if err != nil {
+		return
+	}
+	defer b.Close()
+	go func() { io.Copy(b, c); b.(*net.TCPConn).CloseWrite() }()
+	io.Copy(c, b)
 }
