@@ -153,6 +153,7 @@ type secondHello struct {
 	maxSize   int
 	hdr       [recordHeaderLen]byte
 	msg       []byte // handshake message being reassembled
+	rec       []byte // a record passed through unchanged (change_cipher_spec, early data)
 }
 
 // serverFlight collects the first bytes the server writes, to tell a
@@ -550,12 +551,12 @@ func (c *Conn) readWatching() error {
 		if n > maxPlaintext+256 {
 			return c.fail(fmt.Errorf("%w: record of %d bytes", ErrRecordOverflow, n))
 		}
-		rec := make([]byte, recordHeaderLen+n)
-		copy(rec, w.hdr[:])
-		if _, err := io.ReadFull(c.conn, rec[recordHeaderLen:]); err != nil {
+		// The previous record has been read out of replay: reuse its buffer.
+		w.rec = append(append(w.rec[:0], w.hdr[:]...), make([]byte, n)...)
+		if _, err := io.ReadFull(c.conn, w.rec[recordHeaderLen:]); err != nil {
 			return noEOF(err)
 		}
-		c.replay = rec
+		c.replay = w.rec
 		return nil
 	}
 	if n > maxPlaintext {

@@ -206,16 +206,6 @@ type hpkeRecipient struct {
 	seq       uint64
 }
 
-// newRecipient runs SetupBaseR(enc, skR, info) (RFC 9180, Section 5.1.1).
-// A failure means the client's enc does not decapsulate under this key: the
-// caller treats it as a failed trial decryption, not as an error.
-func newRecipient(sk *kemPrivateKey, cs CipherSuite, enc, info []byte) (*hpkeRecipient, error) {
-	if !cs.Supported() {
-		return nil, fmt.Errorf("%w: %v", ErrUnsupportedAlgorithm, cs)
-	}
-	return newRecipientContext(sk, cs, enc, keyScheduleContext(sk.kem, cs, info))
-}
-
 // keyScheduleContext returns mode || psk_id_hash || info_hash for base mode
 // (RFC 9180, Section 5.1). It depends only on the key's config and the
 // suite, so a parsed key computes it once per suite.
@@ -228,8 +218,10 @@ func keyScheduleContext(kem KEMID, cs CipherSuite, info []byte) []byte {
 	return st.labeledExtract(out, id, nil, labelInfoHash, info)
 }
 
-// newRecipientContext runs SetupBaseR with a precomputed key schedule
-// context.
+// newRecipientContext runs SetupBaseR(enc, skR, info) (RFC 9180, Section
+// 5.1.1) with the key schedule context precomputed from info. A failure
+// means the client's enc does not decapsulate under this key: the caller
+// treats it as a failed trial decryption, not as an error.
 func newRecipientContext(sk *kemPrivateKey, cs CipherSuite, enc, ksc []byte) (*hpkeRecipient, error) {
 	st := getKDF(cs.KDF)
 	defer st.put()

@@ -5,6 +5,7 @@ import (
 	"crypto/hpke"
 	"crypto/rand"
 	"errors"
+	"fmt"
 	mathrand "math/rand/v2"
 	"slices"
 	"testing"
@@ -149,6 +150,15 @@ func TestGenerateKEMKey(t *testing.T) {
 	require.ErrorIs(t, err, ErrInvalidKey)
 }
 
+// newRecipient runs SetupBaseR(enc, skR, info), computing the key schedule
+// context that a parsed key keeps per suite.
+func newRecipient(sk *kemPrivateKey, cs CipherSuite, enc, info []byte) (*hpkeRecipient, error) {
+	if !cs.Supported() {
+		return nil, fmt.Errorf("%w: %v", ErrUnsupportedAlgorithm, cs)
+	}
+	return newRecipientContext(sk, cs, enc, keyScheduleContext(sk.kem, cs, info))
+}
+
 // echInfo returns the HPKE info for config (RFC 9849, Section 6.1).
 func echInfo(config []byte) []byte {
 	return append([]byte("tls ech\x00"), config...)
@@ -226,14 +236,13 @@ func TestCryptoHPKEKeys(t *testing.T) {
 					keys := ks.table().candidates(nil, 0x42, cs)
 					require.Len(t, keys, 1)
 					pk := keys[0]
-					assert.Equal(t, echInfo(config), pk.info)
 
 					aad1, aad2 := []byte("outer hello 1"), []byte("outer hello 2")
 					enc, cts := sealTo(t, id, pk.config.PublicKey, cs, echInfo(config), aad1, []byte("inner 1"))
 					_, cts2 := sealTo(t, id, pk.config.PublicKey, cs, echInfo(config), aad1, []byte("x"))
 					require.Len(t, cts2, 1)
 
-					r, err := newRecipient(pk.sk, cs, enc, pk.info)
+					r, err := newRecipient(pk.sk, cs, enc, echInfo(pk.key.Config))
 					require.NoError(t, err)
 					pt, err := r.open(nil, aad1, cts[0])
 					require.NoError(t, err)
@@ -244,7 +253,7 @@ func TestCryptoHPKEKeys(t *testing.T) {
 					require.ErrorIs(t, err, ErrDecryptError)
 
 					// The wrong AAD does not open.
-					r, err = newRecipient(pk.sk, cs, enc, pk.info)
+					r, err = newRecipient(pk.sk, cs, enc, echInfo(pk.key.Config))
 					require.NoError(t, err)
 					_, err = r.open(nil, aad2, cts[0])
 					require.ErrorIs(t, err, ErrDecryptError)
@@ -262,8 +271,8 @@ func TestCryptoHPKEKeys(t *testing.T) {
 			cs := CipherSuite{KDFHKDFSHA256, AEADAES128GCM}
 			pk := ks.table().keys[0]
 			aad := []byte("outer")
-			enc, cts := sealTo(t, id, pk.config.PublicKey, cs, pk.info, aad, []byte("first"), []byte("second"))
-			r, err := newRecipient(pk.sk, cs, enc, pk.info)
+			enc, cts := sealTo(t, id, pk.config.PublicKey, cs, echInfo(pk.key.Config), aad, []byte("first"), []byte("second"))
+			r, err := newRecipient(pk.sk, cs, enc, echInfo(pk.key.Config))
 			require.NoError(t, err)
 			pt, err := r.open(nil, aad, cts[0])
 			require.NoError(t, err)
@@ -288,9 +297,9 @@ func TestX448CirclRoundTrip(t *testing.T) {
 	for _, cs := range allSuites {
 		t.Run(cs.String(), func(t *testing.T) {
 			aad := []byte("outer")
-			enc, cts := sealTo(t, KEMX448, pk.config.PublicKey, cs, pk.info, aad, []byte("first"), []byte("second"))
+			enc, cts := sealTo(t, KEMX448, pk.config.PublicKey, cs, echInfo(pk.key.Config), aad, []byte("first"), []byte("second"))
 			assert.Len(t, enc, 56)
-			r, err := newRecipient(pk.sk, cs, enc, pk.info)
+			r, err := newRecipient(pk.sk, cs, enc, echInfo(pk.key.Config))
 			require.NoError(t, err)
 			for i, want := range []string{"first", "second"} {
 				pt, err := r.open(nil, aad, cts[i])
@@ -356,13 +365,13 @@ func BenchmarkHPKEOpen(b *testing.B) {
 		require.NoError(b, err)
 		pk, err := parseKey(k)
 		require.NoError(b, err)
-		enc, cts := sealTo(b, id, pk.config.PublicKey, cs, pk.info, aad, inner)
+		enc, cts := sealTo(b, id, pk.config.PublicKey, cs, echInfo(pk.key.Config), aad, inner)
 		ct := cts[0]
 
 		b.Run(kemShortNames[id]+"/ech", func(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
-				r, err := newRecipient(pk.sk, cs, enc, pk.info)
+				r, err := pk.recipient(cs, enc) // as NewConn does
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -386,7 +395,7 @@ func BenchmarkHPKEOpen(b *testing.B) {
 			require.NoError(b, err)
 			b.ReportAllocs()
 			for b.Loop() {
-				r, err := hpke.NewRecipient(enc, sk, kdf, aead, pk.info)
+				r, err := hpke.NewRecipient(enc, sk, kdf, aead, echInfo(pk.key.Config))
 				if err != nil {
 					b.Fatal(err)
 				}

@@ -160,8 +160,7 @@ type parsedKey struct {
 	key    Key
 	config *Config
 	sk     *kemPrivateKey
-	info   []byte // "tls ech" || 0x00 || ECHConfig (RFC 9849, Section 6.1)
-	kscs   []suiteContext
+	kscs   []suiteContext // per supported suite of the config
 }
 
 // suiteContext is the HPKE key schedule context of a key for one suite,
@@ -201,7 +200,7 @@ func parseKey(k Key) (*parsedKey, error) {
 	}
 	info := make([]byte, 0, len(hpkeInfoPrefix)+len(k.Config))
 	info = append(append(info, hpkeInfoPrefix...), k.Config...)
-	pk := &parsedKey{key: k, config: c, sk: sk, info: info}
+	pk := &parsedKey{key: k, config: c, sk: sk}
 	for _, cs := range c.CipherSuites {
 		if cs.Supported() {
 			pk.kscs = append(pk.kscs, suiteContext{cs, keyScheduleContext(c.KEM, cs, info)})
