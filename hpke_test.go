@@ -365,7 +365,8 @@ func BenchmarkHPKEOpen(b *testing.B) {
 		require.NoError(b, err)
 		pk, err := parseKey(k)
 		require.NoError(b, err)
-		enc, cts := sealTo(b, id, pk.config.PublicKey, cs, echInfo(pk.key.Config), aad, inner)
+		info := echInfo(pk.key.Config)
+		enc, cts := sealTo(b, id, pk.config.PublicKey, cs, info, aad, inner)
 		ct := cts[0]
 
 		b.Run(kemShortNames[id]+"/ech", func(b *testing.B) {
@@ -395,7 +396,7 @@ func BenchmarkHPKEOpen(b *testing.B) {
 			require.NoError(b, err)
 			b.ReportAllocs()
 			for b.Loop() {
-				r, err := hpke.NewRecipient(enc, sk, kdf, aead, echInfo(pk.key.Config))
+				r, err := hpke.NewRecipient(enc, sk, kdf, aead, info)
 				if err != nil {
 					b.Fatal(err)
 				}
