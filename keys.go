@@ -233,6 +233,9 @@ type KeySet struct {
 type keyTable struct {
 	keys []*parsedKey
 	byID [256][]*parsedKey
+	// retry holds the configs sent as retry configs, without private keys,
+	// for [KeySet.PublicNameConfig].
+	retry []tls.EncryptedClientHelloKey
 }
 
 // NewKeySet parses keys into a KeySet. Every key must pass [KeyConfig]. An
@@ -247,8 +250,15 @@ func NewKeySet(keys ...Key) (*KeySet, error) {
 
 func newKeyTable(parsed []*parsedKey) *keyTable {
 	t := &keyTable{keys: parsed}
+	marked := false
 	for _, pk := range parsed {
 		t.byID[pk.config.ConfigID] = append(t.byID[pk.config.ConfigID], pk)
+		marked = marked || pk.key.SendAsRetry
+	}
+	for _, pk := range parsed {
+		if pk.key.SendAsRetry || !marked {
+			t.retry = append(t.retry, tls.EncryptedClientHelloKey{Config: pk.key.Config, SendAsRetry: true})
+		}
 	}
 	return t
 }
@@ -402,10 +412,61 @@ func (ks *KeySet) ConfigList() (ConfigList, error) {
 }
 
 // TLSKeys returns the keys of ks for [tls.Config.EncryptedClientHelloKeys]:
-// for a crypto/tls server that does ECH itself (shared mode), or for the
-// server that completes rejected and GREASE handshakes for the public name,
-// so that clients receive retry configs.
+// for a crypto/tls server that does ECH itself (shared mode).
 func (ks *KeySet) TLSKeys() []tls.EncryptedClientHelloKey { return ks.Keys() }
+
+// PublicNameConfig returns a copy of base for the TLS server that completes
+// the handshakes [NewConn] did not decrypt and that name the public name: a
+// client whose config is stale, or one with no config at all. To a client
+// that offered ECH it sends the configs of [KeySet.ConfigList] as retry
+// configs (RFC 9849, Section 7.1) and it never decrypts: a crypto/tls server
+// given the keys themselves would try every key on every ECH hello, whatever
+// its config_id, after NewConn has already decided, costing one HPKE
+// operation per key and accepting hellos NewConn rejected. The private keys
+// never reach crypto/tls. The returned config follows later changes of ks.
+//
+// base may be nil. Its EncryptedClientHelloKeys and
+// GetEncryptedClientHelloKeys are ignored; its GetConfigForClient, if any, is
+// called first and the config it returns gets the retry configs.
+func (ks *KeySet) PublicNameConfig(base *tls.Config) *tls.Config {
+	cfg := base.Clone()
+	if cfg == nil {
+		cfg = new(tls.Config)
+	}
+	cfg.EncryptedClientHelloKeys = nil
+	cfg.GetEncryptedClientHelloKeys = nil
+	next := cfg.GetConfigForClient
+	plain := cfg.Clone() // what a hello gets before the retry configs are added
+	plain.GetConfigForClient = nil
+	cfg.GetConfigForClient = func(chi *tls.ClientHelloInfo) (*tls.Config, error) {
+		c := plain
+		if next != nil {
+			got, err := next(chi)
+			if err != nil {
+				return nil, err
+			}
+			if got != nil {
+				c = got
+			}
+		}
+		retry := ks.table().retry
+		if len(retry) == 0 || !slices.Contains(chi.Extensions, extensionECH) {
+			if c == plain && next == nil {
+				return nil, nil
+			}
+			return c, nil
+		}
+		// crypto/tls reads the keys twice: before the handshake, to decrypt,
+		// when this function has not run yet and the config has none; and
+		// for the EncryptedExtensions, to send the retry configs.
+		c = c.Clone()
+		c.GetConfigForClient = nil
+		c.GetEncryptedClientHelloKeys = nil
+		c.EncryptedClientHelloKeys = retry
+		return c, nil
+	}
+	return cfg
+}
 
 // GetEncryptedClientHelloKeys returns the current keys of ks. It has the
 // signature of [tls.Config.GetEncryptedClientHelloKeys], so a tls.Config
