@@ -22,7 +22,6 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -267,40 +266,5 @@ func (o *options) fetch(ctx context.Context, cfg *tls.Config, url string) (ech.C
 			return (&net.Dialer{}).DialContext(ctx, network, o.connect)
 		},
 	}}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := hc.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("%s: %s", url, resp.Status)
-	}
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-	if err != nil {
-		return nil, err
-	}
-	// draft-ietf-tls-wkech, Section 5: the first endpoint with an ech
-	// parameter.
-	var doc struct {
-		Endpoints []struct {
-			Params map[string]json.RawMessage `json:"params"`
-		} `json:"endpoints"`
-	}
-	if json.Unmarshal(body, &doc) == nil && len(doc.Endpoints) > 0 {
-		for _, e := range doc.Endpoints {
-			// "key5" is the generic form of "ech" (RFC 9848, Section 3).
-			for _, k := range []string{"ech", "key5"} {
-				var s string
-				if json.Unmarshal(e.Params[k], &s) == nil && s != "" {
-					return ech.ParseConfigListBase64(s)
-				}
-			}
-		}
-		return nil, fmt.Errorf("%s: no endpoint has an ech parameter", url)
-	}
-	return ech.ParseConfigListBase64(string(body))
+	return echclient.FetchConfigList(ctx, hc, url)
 }
