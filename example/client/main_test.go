@@ -205,14 +205,29 @@ func TestClientDoH(t *testing.T) {
 	}))
 	t.Cleanup(doh.Close)
 
-	code, stdout, stderr := client("-name", innerName, "-doh", doh.URL, "-require-ech", "-ca", caFile, "-alpn", "imap")
+	code, stdout, stderr := client("-name", innerName, "-doh", doh.URL, "-ca", caFile, "-alpn", "imap")
 	require.Equal(t, 0, code, stderr)
-	assert.Contains(t, stdout, "ECHConfigList from the DNS HTTPS records of "+innerName+":443")
+	assert.Contains(t, stdout, "ECHConfigList from the HTTPS record of "+innerName+" (1 "+innerName+`. alpn="imap" port=`)
+	assert.Contains(t, stdout, "from DNS-over-HTTPS "+doh.URL)
 	assert.Contains(t, stdout, "ECH:              accepted")
 	assert.Contains(t, stdout, "server says:      hello secret.example imap")
 
-	// A name without a record, with ECH required, fails clearly.
-	code, _, stderr = client("-name", "other.example", "-doh", doh.URL, "-require-ech", "-ca", caFile)
+	// -connect an IP address: the record is still that of -name.
+	code, stdout, stderr = client("-name", innerName, "-connect", addr, "-doh", doh.URL, "-ca", caFile, "-alpn", "imap")
+	require.Equal(t, 0, code, stderr)
+	assert.Contains(t, stdout, "ECHConfigList from the HTTPS record of "+innerName)
+	assert.Contains(t, stdout, "ECH:              accepted")
+
+	// A name without a record: never in the clear unless asked.
+	code, stdout, stderr = client("-name", "other.example", "-connect", addr, "-doh", doh.URL, "-ca", caFile)
 	assert.Equal(t, 1, code)
-	assert.Contains(t, stderr, "echclient:")
+	assert.Contains(t, stderr, "no ECHConfigList for other.example from DNS-over-HTTPS")
+	assert.Contains(t, stderr, "not connecting, since other.example would be sent in the clear")
+	assert.NotContains(t, stdout, "connected to", "no connection was made")
+
+	// The DoH server has no record for the public name either.
+	code, stdout, stderr = client("-name", publicName, "-connect", addr, "-doh", doh.URL, "-ca", caFile, "-allow-plaintext")
+	assert.Equal(t, 0, code, stderr)
+	assert.Contains(t, stdout, "connecting WITHOUT ECH (-allow-plaintext): "+publicName+" is sent in the clear")
+	assert.Contains(t, stdout, "inner name:       - (no ECH: "+publicName+" was sent in the clear)")
 }
