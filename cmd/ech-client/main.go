@@ -1,4 +1,4 @@
-// Command client shows a TLS client using ECH: it connects to an address
+// Command ech-client is a TLS client using ECH: it connects to an address
 // with an inner name and an ECHConfigList, and prints the ECH outcome, the
 // name on the wire and the inner name, and the negotiated ALPN. When the
 // server rejects ECH and sends retry configs (a stale config), it says so
@@ -13,9 +13,9 @@
 // echclient, and says which record it used. It never sends -name in the
 // clear unless -allow-plaintext says it may.
 //
-//	client -connect 127.0.0.1:443 -name secret.example -ech keys/cover.ech -ca ca.pem
-//	client -connect relay.example:993 -name chat.example -ech https://relay.example/.well-known/origin-svcb -alpn imap
-//	client -name secret.example    (the config from DNS)
+//	ech-client -connect 127.0.0.1:443 -name secret.example -ech keys/cover.ech -ca ca.pem
+//	ech-client -connect relay.example:993 -name chat.example -ech https://relay.example/.well-known/origin-svcb -alpn imap
+//	ech-client -name secret.example    (the config from DNS)
 package main
 
 import (
@@ -37,10 +37,11 @@ import (
 
 	"github.com/echkit/ech"
 	"github.com/echkit/ech/echclient"
+	"github.com/echkit/ech/internal/cli"
 )
 
 func main() {
-	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+	os.Exit(cli.Run("ech-client", os.Args[1:], os.Stdout, os.Stderr, run))
 }
 
 // options are the command's flags.
@@ -51,11 +52,10 @@ type options struct {
 	read, timeout                   time.Duration
 }
 
-// run runs the client with args and returns the exit code: 0 when the
-// connection used ECH (or, under -allow-plaintext, connected at all), 1
-// otherwise, 2 for bad usage.
-func run(args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("client", flag.ContinueOnError)
+// run runs the client with args. It succeeds when the connection used ECH
+// (or, under -allow-plaintext, connected at all).
+func run(args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("ech-client", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var o options
 	fs.StringVar(&o.name, "name", "", "the inner server `name`, encrypted in the ClientHello (required)")
@@ -68,26 +68,23 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.doh, "doh", "", "without -ech: ask this DNS-over-HTTPS `URL` (RFC 8484) instead")
 	fs.DurationVar(&o.read, "read", time.Second, "how long to wait for the server's first line after the handshake (0: do not wait)")
 	fs.DurationVar(&o.timeout, "timeout", 10*time.Second, "bound on each connection and fetch")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		return 2
+	version := fs.Bool("version", false, "print the version and exit")
+	if err := cli.Parse(fs, args); err != nil {
+		return err
+	}
+	if *version {
+		fmt.Fprintln(stdout, cli.Version("ech-client"))
+		return nil
 	}
 	if o.name == "" || fs.NArg() > 0 {
-		fmt.Fprintln(stderr, "client: -name is required, and there are no arguments")
 		fs.Usage()
-		return 2
+		return cli.Usagef("-name is required, and there are no arguments")
 	}
 	o.connectGiven = o.connect != ""
 	if o.connect == "" {
 		o.connect = net.JoinHostPort(o.name, "443")
 	}
-	if err := o.run(stdout); err != nil {
-		fmt.Fprintln(stderr, "client:", err)
-		return 1
-	}
-	return 0
+	return o.run(stdout)
 }
 
 func (o *options) tlsConfig() (*tls.Config, error) {

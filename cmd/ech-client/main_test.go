@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/echkit/ech"
+	"github.com/echkit/ech/internal/cli"
 	"github.com/echkit/ech/internal/router"
 	"github.com/echkit/ech/internal/testpki"
 	"github.com/stretchr/testify/assert"
@@ -84,7 +85,7 @@ func setup(t *testing.T) (addr, keyFile, caFile string, ks *ech.KeySet) {
 
 func client(args ...string) (int, string, string) {
 	var o, e strings.Builder
-	code := run(args, &o, &e)
+	code := cli.Run("ech-client", args, &o, &e, run)
 	return code, o.String(), e.String()
 }
 
@@ -230,4 +231,10 @@ func TestClientDoH(t *testing.T) {
 	assert.Equal(t, 0, code, stderr)
 	assert.Contains(t, stdout, "connecting WITHOUT ECH (-allow-plaintext): "+publicName+" is sent in the clear")
 	assert.Contains(t, stdout, "inner name:       - (no ECH: "+publicName+" was sent in the clear)")
+}
+
+func TestClientVersion(t *testing.T) {
+	code, stdout, stderr := client("-version")
+	require.Equal(t, 0, code, stderr)
+	assert.Regexp(t, `^ech-client github.com/echkit/ech \S+ .*go1\.`, stdout)
 }
