@@ -100,21 +100,26 @@ func TestREADME(t *testing.T) {
 	env := os.Environ()
 
 	t.Run("go", func(t *testing.T) {
-		// The accept loop, the echclient example and the echtest example,
-		// each in a file with the imports it needs.
-		require.Len(t, goBlocks, 3)
+		// The accept loop, the echclient example, the echtest example and
+		// the test of one's own router (the README's accept loop), each in
+		// a file with the imports it needs.
+		require.Len(t, goBlocks, 4)
 		files := map[string]string{
 			"main.go": "package main\n\nimport (\n\t\"context\"\n\t\"crypto/tls\"\n\t\"io\"\n\t\"net\"\n\n\t\"github.com/echkit/ech\"\n)\n\n" +
 				"var _ = serve // the README's example\n\nfunc main() {}\n\n" + goBlocks[0],
 			"client.go": "package main\n\nimport (\n\t\"context\"\n\t\"net/http\"\n\n\t\"github.com/echkit/ech/echclient\"\n)\n\n" +
 				"var _ = fetch\n\n" + goBlocks[1],
 			"secret_test.go": "package main\n\nimport (\n\t\"testing\"\n\n\t\"github.com/echkit/ech/echtest\"\n\t\"github.com/stretchr/testify/require\"\n)\n\n" + goBlocks[2],
+			"router_test.go": "package main\n\nimport (\n\t\"crypto/tls\"\n\t\"net\"\n\t\"testing\"\n\n\t\"github.com/echkit/ech\"\n\t\"github.com/echkit/ech/echtest\"\n\t\"github.com/stretchr/testify/require\"\n)\n\n" +
+				"func startMyRouter(t *testing.T, ks *ech.KeySet, backends map[string]string) string {\n" +
+				"\tln, err := net.Listen(\"tcp\", \"127.0.0.1:0\")\n\trequire.NoError(t, err)\n\tt.Cleanup(func() { ln.Close() })\n" +
+				"\tgo serve(ln, ks, tls.Certificate{}, backends)\n\treturn ln.Addr().String()\n}\n\n" + goBlocks[3],
 		}
 		require.NoError(t, os.MkdirAll(filepath.Join(dir, "readmeexample"), 0o755))
 		for name, src := range files {
 			require.NoError(t, os.WriteFile(filepath.Join(dir, "readmeexample", name), []byte(src), 0o644))
 		}
-		cmd := exec.Command("go", "test", "-count=1", "./readmeexample") // compiles all three, runs TestSecret
+		cmd := exec.Command("go", "test", "-count=1", "./readmeexample") // compiles all four, runs the tests
 		cmd.Dir, cmd.Env = dir, env
 		out, err := cmd.CombinedOutput()
 		require.NoError(t, err, "the README's Go examples do not compile or TestSecret fails:\n%s", out)
