@@ -441,14 +441,14 @@ func sendAlert(w io.Writer, desc uint8) {
 
 // dial connects to a route's backend and sends the PROXY header if the
 // route asks for one.
-func (r *Router) dial(c *ech.Conn, rt *Route, alpn string) (net.Conn, error) {
+func (r *Router) dial(c *ech.Conn, rt *Route, alpn string, tlsVersion uint16) (net.Conn, error) {
 	d := net.Dialer{Timeout: orDefault(r.DialTimeout, DefaultDialTimeout)}
 	backend, err := d.Dial("tcp", rt.Backend)
 	if err != nil {
 		return nil, fmt.Errorf("router: backend: %w", err)
 	}
 	if rt.ProxyProtocol {
-		hdr, err := appendProxyHeader(nil, c.RemoteAddr(), c.LocalAddr(), c.ServerName(), alpn)
+		hdr, err := appendProxyHeader(nil, c.RemoteAddr(), c.LocalAddr(), c.ServerName(), alpn, tlsVersion)
 		if err == nil {
 			_, err = backend.Write(hdr)
 		}
@@ -461,7 +461,7 @@ func (r *Router) dial(c *ech.Conn, rt *Route, alpn string) (net.Conn, error) {
 }
 
 func (r *Router) passthrough(c *ech.Conn, rt *Route) error {
-	backend, err := r.dial(c, rt, "")
+	backend, err := r.dial(c, rt, "", 0)
 	if err != nil {
 		return err
 	}
@@ -481,7 +481,7 @@ func (r *Router) terminate(c *ech.Conn, rt *Route) (string, error) {
 		return "", err
 	}
 	proto := tc.ConnectionState().NegotiatedProtocol
-	backend, err := r.dial(c, rt, proto)
+	backend, err := r.dial(c, rt, proto, tc.ConnectionState().Version)
 	if err != nil {
 		tc.Close()
 		return proto, err

@@ -377,7 +377,7 @@ func TestProxyHeaderIPv6AndLocal(t *testing.T) {
 	t.Parallel()
 	src := &net.TCPAddr{IP: net.ParseIP("2001:db8::1"), Port: 40000}
 	dst := &net.TCPAddr{IP: net.ParseIP("192.0.2.1"), Port: 443}
-	hdr, err := appendProxyHeader(nil, src, dst, "", "")
+	hdr, err := appendProxyHeader(nil, src, dst, "", "", 0)
 	require.NoError(t, err)
 	s, d, tlvs, err := readProxyHeader(strings.NewReader(string(hdr)))
 	require.NoError(t, err)
@@ -389,7 +389,7 @@ func TestProxyHeaderIPv6AndLocal(t *testing.T) {
 	p1, p2 := net.Pipe()
 	defer p1.Close()
 	defer p2.Close()
-	hdr, err = appendProxyHeader(nil, p1.LocalAddr(), p1.RemoteAddr(), "x.example", "")
+	hdr, err = appendProxyHeader(nil, p1.LocalAddr(), p1.RemoteAddr(), "x.example", "", 0)
 	require.NoError(t, err)
 	assert.Equal(t, proxyV2VersionLocal, hdr[12])
 	assert.Equal(t, proxyFamUnspec, hdr[13])
