@@ -291,3 +291,37 @@ func TestGREASEBoringSSL(t *testing.T) {
 		})
 	}
 }
+
+// TestPublicNameNeverDecrypts connects with a config the router has but
+// NewConn does not try: the router holds more than MaxKeysPerHello keys
+// with its config_id, and NewConn stops at the cap. The public name's
+// server must not decrypt it after NewConn has decided: the client gets
+// the rejection and the retry configs, never ECH accepted on that path.
+func TestPublicNameNeverDecrypts(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	var keys []ech.Key
+	for range ech.MaxKeysPerHello + 1 {
+		k, err := ech.GenerateKey(publicName, &ech.KeyOptions{ConfigID: 9, SendAsRetry: true})
+		require.NoError(t, err)
+		keys = append(keys, k)
+	}
+	require.NoError(t, e.ks.Replace(keys...))
+	all, err := e.ks.ConfigList()
+	require.NoError(t, err)
+	last, err := ech.NewKeySet(keys[len(keys)-1])
+	require.NoError(t, err)
+	lastList, err := last.ConfigList()
+	require.NoError(t, err)
+	addr := e.serve(Route{Name: "tls", ServerNames: []string{tlsName}, Mode: ModePassthrough, Backend: e.tlsBackend(tlsName)})
+
+	_, _, state, err := exchange(addr, e.clientConfig(tlsName, lastList))
+	assert.False(t, state.ECHAccepted)
+	var rej *tls.ECHRejectionError
+	require.ErrorAs(t, err, &rej)
+	assert.Equal(t, []byte(all), rej.RetryConfigList)
+	l := e.log()
+	assert.Equal(t, "rejected", l["ech"])
+	assert.Equal(t, "public", l["route"])
+	assert.Equal(t, "9", l["config_id"])
+}
