@@ -14,8 +14,10 @@
 // nothing of ECH (Dovecot, Postfix). Either may send a PROXY protocol v2
 // header first, so the backend sees the client's address.
 //
-// The router serves the public name itself: a client whose ECH did not
-// decrypt (a stale config, GREASE) completes its handshake there and gets
+// A hello whose ECH did not decrypt is routed by its outer name, as a hello
+// without ECH: a GREASE client names the real server in the clear. The
+// router serves the public name itself: a client with a stale config names
+// the public name in the clear, completes its handshake there and gets
 // retry configs, and the current ECHConfigList is published over HTTPS at
 // /.well-known/origin-svcb and /ech-config-list.
 //
@@ -147,8 +149,10 @@ type Router struct {
 	// connections only.
 	Keys *ech.KeySet
 	// PublicName is the public_name of the keys' configs. The router
-	// serves it: rejected and GREASE ECH hellos, hellos for this name and
-	// hellos without server_name complete their handshake here.
+	// serves it: hellos for this name (with ECH that did not decrypt, a
+	// stale config, they get retry configs) and hellos without
+	// server_name complete their handshake here. A hello whose ECH did not
+	// decrypt for another name is routed by that name.
 	PublicName string
 	// PublicCertificate is the certificate for PublicName. It must be one
 	// that clients trust: they accept retry configs only from a server
@@ -401,10 +405,14 @@ func (r *Router) handle(conn net.Conn, routes []Route) {
 		l.innerName = c.ServerName()
 	}
 
-	if c.Status() == ech.StatusRejected || c.ServerName() == "" || strings.EqualFold(c.ServerName(), r.PublicName) {
-		// RFC 9849, Section 6.1.6: the public name's server sends retry
-		// configs to a client whose ECH did not decrypt. No route may take
-		// the public name, not even "*".
+	// RFC 9849, Section 7.1: a hello whose ECH did not decrypt (GREASE, an
+	// unknown config_id, a stale key) is routed by its outer name exactly
+	// like a hello without ECH. A GREASE client has no config and names
+	// the real server in the clear; only a hello for the public name (a
+	// client with a stale config) or for no name is served by the public
+	// name's server, which sends retry configs (Section 6.1.6). No route
+	// may take the public name, not even "*".
+	if c.ServerName() == "" || strings.EqualFold(c.ServerName(), r.PublicName) {
 		l.route, l.mode = "public", "terminate"
 		l.negotiated, l.err = r.servePublic(c)
 		return
