@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
@@ -36,7 +37,13 @@ import (
 // Postfix (packages dovecot-imapd, dovecot-lmtpd, postfix; bssl-tool from
 // android-boringssl for the GREASE client), as example/router/chatmail.json
 // does: the router terminates TLS and sends a PROXY v2 header, Dovecot and
-// Postfix speak plaintext behind it.
+// Postfix speak plaintext behind it. Postfix authenticates submissions
+// through Dovecot's SASL service and delivers to Dovecot over LMTP.
+//
+// NOTE: Postfix reads only the addresses of a PROXY v2 header, not its
+// TLVs, so it never learns that the client used TLS: smtpd_tls_auth_only
+// must stay off (its default) on the port behind the router, or AUTH is
+// not offered.
 
 const (
 	mailName     = "chat.example"
@@ -94,6 +101,13 @@ service lmtp {
     port = {{.LMTPPort}}
   }
 }
+# Postfix's SASL authentication.
+service auth {
+  inet_listener {
+    address = 127.0.0.1
+    port = {{.AuthPort}}
+  }
+}
 `))
 
 var postfixMain = template.Must(template.New("main.cf").Parse(`# Written by TestMailServers.
@@ -125,6 +139,9 @@ smtputf8_enable = no
 var postfixMaster = template.Must(template.New("master.cf").Parse(`# Written by TestMailServers.
 127.0.0.1:{{.SMTPPort}} inet n - n - - smtpd
   -o smtpd_upstream_proxy_protocol=haproxy
+  -o smtpd_sasl_auth_enable=yes
+  -o smtpd_sasl_type=dovecot
+  -o smtpd_sasl_path=inet:127.0.0.1:{{.AuthPort}}
 pickup    unix  n - n 60    1 pickup
 cleanup   unix  n - n -     0 cleanup
 qmgr      unix  n - n 300   1 qmgr
@@ -147,10 +164,10 @@ postlog   unix-dgram n - n - 1 postlogd
 
 // mailEnv is Dovecot and Postfix running for one test.
 type mailEnv struct {
-	Dir                          string
-	Name                         string
-	UID, GID                     int
-	IMAPPort, LMTPPort, SMTPPort int
+	Dir                                    string
+	Name                                   string
+	UID, GID                               int
+	IMAPPort, LMTPPort, SMTPPort, AuthPort int
 }
 
 func TestMailServers(t *testing.T) {
@@ -276,7 +293,8 @@ func TestMailServers(t *testing.T) {
 	}
 	for _, src := range smtpSrcs {
 		assert.NotEmpty(t, findLine(plog, "connect from unknown["+src+"]"), "Postfix logged the client %s", src)
-		assert.NotEmpty(t, findLine(plog, "client=unknown["+src+"]"), "Postfix accepted a message from %s", src)
+		assert.NotEmpty(t, findLine(plog, "client=unknown["+src+"]", "sasl_username="+mailUser),
+			"Postfix accepted a message from %s after AUTH (Dovecot SASL)", src)
 	}
 	assert.NotEmpty(t, findLine(plog, "status=sent", "lmtp"), "Postfix delivered over LMTP")
 
@@ -290,7 +308,7 @@ func TestMailServers(t *testing.T) {
 	}
 	t.Logf("PASS mail servers behind the router (%s, Postfix %s) in %v: ECH accepted, "+
 		"IMAP LOGIN/LIST/SELECT/FETCH/LOGOUT over 993 and 443 (ALPN imap), "+
-		"SMTP EHLO/MAIL/RCPT/DATA/QUIT over 465 and 443 (ALPN smtp) delivered by LMTP and read back, "+
+		"SMTP EHLO/AUTH PLAIN/MAIL/RCPT/DATA/QUIT over 465 and 443 (ALPN smtp) delivered by LMTP and read back, "+
 		"disable_plaintext_auth=yes with logins secured by PP2_TYPE_SSL, client addresses from the PROXY header in both logs; %s",
 		dovecotVersion(), postfixVersion(), time.Since(start).Round(time.Millisecond), grease)
 }
@@ -309,7 +327,7 @@ func startMailServers(t *testing.T, dovecot string) *mailEnv {
 	require.NoError(t, err)
 	nogroup, err := user.LookupGroup("nogroup")
 	require.NoError(t, err)
-	m := &mailEnv{Dir: dir, Name: mailName, IMAPPort: freePort(t), LMTPPort: freePort(t), SMTPPort: freePort(t)}
+	m := &mailEnv{Dir: dir, Name: mailName, IMAPPort: freePort(t), LMTPPort: freePort(t), SMTPPort: freePort(t), AuthPort: freePort(t)}
 	m.UID, _ = strconv.Atoi(nobody.Uid)
 	m.GID, _ = strconv.Atoi(nogroup.Gid)
 
@@ -724,6 +742,8 @@ func smtpSession(t *testing.T, c *textConn) string {
 	c.expect("220")
 	c.send("EHLO client.example")
 	assert.Contains(t, c.expect("250"), "mx."+mailName)
+	c.send("AUTH PLAIN " + base64.StdEncoding.EncodeToString([]byte("\x00"+mailUser+"\x00"+mailPassword)))
+	c.expect("235")
 	c.send("MAIL FROM:<bob@example.org>")
 	c.expect("250")
 	c.send("RCPT TO:<" + mailUser + ">")
