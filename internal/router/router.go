@@ -36,6 +36,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/echkit/ech"
@@ -203,21 +204,34 @@ func (r *Router) Serve(ln net.Listener, routes []Route) error {
 		return ErrClosed
 	}
 	defer r.untrack(ln)
-	var tempDelay time.Duration
+	var (
+		tempDelay time.Duration // the backoff after a temporary accept error
+		failures  int           // accept errors in this burst
+	)
 	for {
 		conn, err := ln.Accept()
 		if err != nil {
 			if r.isClosed() {
 				return ErrClosed
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				// As net/http does on EMFILE and the like.
-				tempDelay = min(max(2*tempDelay, 5*time.Millisecond), time.Second)
-				time.Sleep(tempDelay)
-				continue
+			if !temporaryAcceptError(err) {
+				return err
 			}
-			return err
+			// As net/http's Server does: back off from 5ms, doubling up
+			// to 1s, and go on accepting. One log line per burst.
+			if failures == 0 {
+				r.logger().Warn("accept failed, retrying", slog.String("address", ln.Addr().String()),
+					slog.String("error", err.Error()))
+			}
+			failures++
+			tempDelay = min(max(2*tempDelay, 5*time.Millisecond), time.Second)
+			time.Sleep(tempDelay)
+			continue
+		}
+		if failures > 0 {
+			r.logger().Info("accepting again", slog.String("address", ln.Addr().String()),
+				slog.Int("failed_accepts", failures))
+			failures = 0
 		}
 		tempDelay = 0
 		if !r.trackConn(conn) {
@@ -229,6 +243,19 @@ func (r *Router) Serve(ln net.Listener, routes []Route) error {
 			r.handle(conn, routes)
 		}()
 	}
+}
+
+// temporaryAcceptError reports whether an accept error is one to retry:
+// running out of file descriptors or buffers, a connection aborted before
+// it was accepted, or a timeout.
+func temporaryAcceptError(err error) bool {
+	for _, errno := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.ECONNABORTED} {
+		if errors.Is(err, errno) {
+			return true
+		}
+	}
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
 }
 
 func (r *Router) track(ln net.Listener) bool {
