@@ -3,6 +3,7 @@ package router
 import (
 	"bufio"
 	"crypto/tls"
+	"fmt"
 	"net"
 	"strings"
 	"testing"
@@ -211,4 +212,39 @@ func TestProxySSLThroughRouter(t *testing.T) {
 		assert.Equal(t, plainName, pi.tlvs[pp2TypeAuthority])
 		e.log()
 	}
+}
+
+// TestProxyRefusesBadAuthority sends inner names with bytes outside LDH
+// through a wildcard route: the backend must never get them in a PROXY
+// header.
+func TestProxyRefusesBadAuthority(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	proxied := make(chan proxyInfo, 10)
+	addr := e.serve(Route{Name: "any", ServerNames: []string{"*.example"}, Mode: ModeTerminate,
+		Backend: e.plainBackend("mail", proxied), Certificate: e.cert("*.example"), ProxyProtocol: true})
+	for i, name := range []string{"a\r\nb.example", "a_b.example", "a b.example"} {
+		t.Run(fmt.Sprint(i), func(t *testing.T) {
+			cfg := e.clientConfig(name, e.list)
+			cfg.InsecureSkipVerify = true // the certificate cannot name it
+			_, _, _, err := exchange(addr, cfg)
+			require.Error(t, err, "the client gets no greeting")
+			l := e.log()
+			assert.Equal(t, "accepted", l["ech"])
+			assert.Contains(t, l["error"], ErrInvalidServerName.Error())
+		})
+	}
+	// A good name last: every header the backend got up to it must be
+	// for it, or none (the router closed the connection before a header).
+	greeting, _, _, err := exchange(addr, e.clientConfig("ok.example", e.list))
+	require.NoError(t, err)
+	assert.Equal(t, "plain mail", greeting)
+	for pi := range proxied {
+		if pi.err == nil {
+			require.Equal(t, "ok.example", pi.tlvs[pp2TypeAuthority])
+			break
+		}
+		assert.Empty(t, pi.tlvs)
+	}
+	e.log()
 }
