@@ -824,7 +824,9 @@ func TestAcceptRetriesTemporaryErrors(t *testing.T) {
 			fl := &flakyListener{Listener: ln, err: &net.OpError{Op: "accept", Net: "tcp", Err: os.NewSyscallError("accept4", errno)}}
 			fl.n.Store(6)
 			done := make(chan error, 1)
-			go func() { done <- e.r.Serve(fl, []Route{{Name: "tls", ServerNames: []string{tlsName}, Mode: ModePassthrough, Backend: e.tlsBackend(tlsName)}}) }()
+			go func() {
+				done <- e.r.Serve(fl, []Route{{Name: "tls", ServerNames: []string{tlsName}, Mode: ModePassthrough, Backend: e.tlsBackend(tlsName)}})
+			}()
 			greeting, _, state, err := exchange(ln.Addr().String(), e.clientConfig(tlsName, e.list))
 			require.NoError(t, err)
 			assert.True(t, state.ECHAccepted)
