@@ -104,8 +104,8 @@ func NewListener(ln net.Listener, opts ...Option) *Listener {
 // Accept waits for a connection whose ClientHello has been read and
 // returns it; the [net.Conn] is a [*Conn]. After [Listener.Close], it
 // returns an error wrapping [net.ErrClosed]. If the wrapped listener failed
-// with an error that is not temporary, Accept returns that error once the
-// connections pending then have been returned.
+// with an error that is not temporary, Accept returns an error wrapping it
+// once the connections pending then have been returned.
 func (l *Listener) Accept() (net.Conn, error) {
 	l.start.Do(l.run)
 	select {
@@ -171,7 +171,7 @@ func (l *Listener) acceptLoop(onError func(net.Conn, error)) {
 		if err != nil {
 			<-l.slots
 			if !temporaryAcceptError(err) {
-				l.err = err
+				l.err = fmt.Errorf("ech: accept: %w", err)
 				return
 			}
 			if delay == 0 {
