@@ -23,9 +23,9 @@ type Server struct {
 	// Keys reloads Router.Keys.
 	Keys *KeyDir
 
-	config *Config
-	logger *slog.Logger
-	routes [][]Route
+	config    *Config
+	logger    *slog.Logger
+	listeners []Listener
 
 	mu  sync.Mutex
 	lns []net.Listener
@@ -74,6 +74,7 @@ func New(cfg *Config, logger *slog.Logger) (*Server, error) {
 			HandshakeTimeout:  cfg.handshakeTimeout,
 			DialTimeout:       cfg.dialTimeout,
 			Logger:            logger,
+			HideInnerNames:    cfg.LogInnerNames != nil && !*cfg.LogInnerNames,
 		},
 		Keys:   kd,
 		config: cfg,
@@ -89,6 +90,8 @@ func New(cfg *Config, logger *slog.Logger) (*Server, error) {
 				Mode:          ModePassthrough,
 				Backend:       rc.Backend,
 				ProxyProtocol: rc.ProxyProtocol,
+				IdleTimeout:   rc.idleTimeout,
+				FinTimeout:    rc.finTimeout,
 			}
 			if rc.Mode == "terminate" {
 				rt.Mode = ModeTerminate
@@ -103,7 +106,7 @@ func New(cfg *Config, logger *slog.Logger) (*Server, error) {
 			}
 			routes = append(routes, rt)
 		}
-		s.routes = append(s.routes, routes)
+		s.listeners = append(s.listeners, Listener{Routes: routes, MaxConnections: l.MaxConnections})
 	}
 	if s.Router.RegenInterval == 0 {
 		s.Router.RegenInterval = DefaultRegenInterval
@@ -162,8 +165,8 @@ func (s *Server) Run(ctx context.Context, reload <-chan struct{}) error {
 
 	errc := make(chan error, len(lns))
 	for i, ln := range lns {
-		s.logger.Info("listening", slog.String("address", ln.Addr().String()), slog.Int("routes", len(s.routes[i])))
-		go func() { errc <- s.Router.Serve(ln, s.routes[i]) }()
+		s.logger.Info("listening", slog.String("address", ln.Addr().String()), slog.Int("routes", len(s.listeners[i].Routes)))
+		go func() { errc <- s.Router.ServeListener(ln, s.listeners[i]) }()
 	}
 	var err error
 	select {
