@@ -85,6 +85,9 @@ type Route struct {
 	// Certificate is the certificate a terminate route presents for
 	// ServerNames.
 	Certificate *tls.Certificate
+	// GetCertificate, if not nil, is used instead of Certificate, as
+	// [tls.Config.GetCertificate]: for a certificate that is reloaded.
+	GetCertificate func(*tls.ClientHelloInfo) (*tls.Certificate, error)
 	// ProxyProtocol makes the router send a PROXY protocol v2 header to
 	// the backend before any other byte.
 	ProxyProtocol bool
@@ -200,6 +203,10 @@ type Router struct {
 	// that clients trust: they accept retry configs only from a server
 	// that proves it is the public name (RFC 9849, Section 6.1.6).
 	PublicCertificate *tls.Certificate
+	// GetPublicCertificate, if not nil, is used instead of
+	// PublicCertificate, as [tls.Config.GetCertificate]: for a
+	// certificate that is reloaded.
+	GetPublicCertificate func(*tls.ClientHelloInfo) (*tls.Certificate, error)
 	// RegenInterval is the regeninterval published at
 	// /.well-known/origin-svcb: how often the key set may change. Zero
 	// means DefaultRegenInterval.
@@ -244,12 +251,12 @@ func (r *Router) Serve(ln net.Listener, routes []Route) error {
 // ServeListener is [Router.Serve] with the settings of l.
 func (r *Router) ServeListener(ln net.Listener, l Listener) error {
 	routes := l.Routes
-	if r.Keys == nil || r.PublicCertificate == nil || r.PublicName == "" {
+	if r.Keys == nil || r.PublicCertificate == nil && r.GetPublicCertificate == nil || r.PublicName == "" {
 		ln.Close()
 		return errors.New("router: Keys, PublicName and PublicCertificate are required")
 	}
 	for i, rt := range routes {
-		if rt.Mode == ModeTerminate && rt.Certificate == nil {
+		if rt.Mode == ModeTerminate && rt.Certificate == nil && rt.GetCertificate == nil {
 			ln.Close()
 			return fmt.Errorf("router: route %q: terminate needs a certificate", rt.Name)
 		}
@@ -602,11 +609,15 @@ func (r *Router) passthrough(c *ech.Conn, name string, rt *Route) (in, out int64
 }
 
 func (r *Router) terminate(c *ech.Conn, name string, rt *Route) (proto string, in, out int64, err error) {
-	tc := tls.Server(c, &tls.Config{
-		Certificates: []tls.Certificate{*rt.Certificate},
-		NextProtos:   rt.ALPN,
-		MinVersion:   tls.VersionTLS12,
-	})
+	cfg := &tls.Config{
+		NextProtos:     rt.ALPN,
+		MinVersion:     tls.VersionTLS12,
+		GetCertificate: rt.GetCertificate,
+	}
+	if cfg.GetCertificate == nil {
+		cfg.Certificates = []tls.Certificate{*rt.Certificate}
+	}
+	tc := tls.Server(c, cfg)
 	ctx, cancel := context.WithTimeout(context.Background(), orDefault(r.HandshakeTimeout, DefaultHandshakeTimeout))
 	err = tc.HandshakeContext(ctx)
 	cancel()
