@@ -603,6 +603,7 @@ func (r *Router) dial(c *ech.Conn, name string, rt *Route, alpn string) (net.Con
 func (r *Router) passthrough(c *ech.Conn, name string, rt *Route) (in, out int64, err error) {
 	backend, err := r.dial(c, name, rt, "")
 	if err != nil {
+		abort(c.NetConn()) // the backend failed: the client gets a reset
 		return 0, 0, err
 	}
 	return r.pipe(c, c.NetConn(), backend, rt)
@@ -627,7 +628,7 @@ func (r *Router) terminate(c *ech.Conn, name string, rt *Route) (proto string, i
 	proto = tc.ConnectionState().NegotiatedProtocol
 	backend, err := r.dial(c, name, rt, proto)
 	if err != nil {
-		tc.Close()
+		abort(c.NetConn()) // the backend failed: the client gets a reset
 		return proto, 0, 0, err
 	}
 	in, out, err = r.pipe(tc, c.NetConn(), backend, rt)
