@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"io"
 	"net"
+	"os"
 	"runtime"
 	"testing"
 	"time"
@@ -113,7 +114,8 @@ const idleConns = 500
 // use) that an idle passthrough connection costs the router: 500
 // connections through it minus 500 direct connections to the same backend,
 // whose client and backend sides are the same. It reports B/conn for
-// both and their difference, router-B/conn.
+// both and their difference, router-B/conn, and the router's file
+// descriptors per connection (on Linux).
 func BenchmarkIdleConnectionMemory(b *testing.B) {
 	hello := captureHello(&testing.T{}, &tls.Config{ServerName: tlsName})
 	held := make(chan struct{})
@@ -137,6 +139,13 @@ func BenchmarkIdleConnectionMemory(b *testing.B) {
 	e := newEnv(b)
 	routed := e.serve(Route{Name: "idle", ServerNames: []string{tlsName}, Mode: ModePassthrough, Backend: ln.Addr().String()})
 
+	fds := func() int {
+		ents, err := os.ReadDir("/proc/self/fd")
+		if err != nil {
+			return 0 // not Linux
+		}
+		return len(ents)
+	}
 	inUse := func() (total, stack uint64) {
 		runtime.GC()
 		runtime.GC()
@@ -144,8 +153,9 @@ func BenchmarkIdleConnectionMemory(b *testing.B) {
 		runtime.ReadMemStats(&ms)
 		return ms.HeapInuse + ms.StackInuse, ms.StackInuse
 	}
-	open := func(addr string) (perConn, stackPerConn float64) {
+	open := func(addr string) (perConn, stackPerConn, fdsPerConn float64) {
 		base, baseStack := inUse()
+		baseFDs := fds()
 		var conns []net.Conn
 		for range idleConns {
 			c, err := net.Dial("tcp", addr)
@@ -159,17 +169,19 @@ func BenchmarkIdleConnectionMemory(b *testing.B) {
 		used, stack := inUse()
 		perConn = (float64(used) - float64(base)) / idleConns
 		stackPerConn = (float64(stack) - float64(baseStack)) / idleConns
+		fdsPerConn = float64(fds()-baseFDs) / idleConns
 		for _, c := range conns {
 			c.Close()
 		}
 		time.Sleep(500 * time.Millisecond)
-		return perConn, stackPerConn
+		return perConn, stackPerConn, fdsPerConn
 	}
-	var direct, viaRouter, directStack, viaRouterStack float64
+	var direct, viaRouter, directStack, viaRouterStack, directFDs, viaRouterFDs float64
 	for b.Loop() {
-		direct, directStack = open(ln.Addr().String())
-		viaRouter, viaRouterStack = open(routed)
+		direct, directStack, directFDs = open(ln.Addr().String())
+		viaRouter, viaRouterStack, viaRouterFDs = open(routed)
 	}
+	b.ReportMetric(viaRouterFDs-directFDs, "router-fds/conn")
 	b.ReportMetric(direct, "direct-B/conn")
 	b.ReportMetric(viaRouter, "routed-B/conn")
 	b.ReportMetric(viaRouter-direct, "router-B/conn")
