@@ -188,7 +188,8 @@ func validServerName(name string) bool {
 // Router accepts TLS connections, reads each ClientHello with
 // [ech.NewConn], and routes the connection by its inner name and ALPN. Set
 // its fields, then call [Router.Serve] for each listener. It logs one line
-// per connection at info level.
+// per connection, at info level or, when the backend failed it (a dial
+// error, a reset), at warn level.
 type Router struct {
 	// Keys are the ECH keys. Replacing them (see [KeyDir]) affects new
 	// connections only.

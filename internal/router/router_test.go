@@ -628,6 +628,7 @@ func TestNoRoute(t *testing.T) {
 	conn.Close()
 	l = e.log()
 	assert.Contains(t, l["error"], ech.ErrNotTLS.Error())
+	assert.Equal(t, "unknown", l["ech"], "NewConn refused the hello before anyone knew")
 }
 
 func TestBackendDown(t *testing.T) {
