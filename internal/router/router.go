@@ -160,31 +160,6 @@ var ErrClosed = errors.New("router: closed")
 // errNoRoute is logged for a hello whose name no route serves.
 var errNoRoute = errors.New("router: no route for this server name")
 
-// errBadServerName is logged for a hello whose server_name is not a DNS
-// name.
-var errBadServerName = errors.New("router: server_name is not a DNS name")
-
-// validServerName reports whether name, without a final dot, is a DNS name
-// of letters, digits and hyphens (LDH, RFC 5890, Section 2.3.1): labels of
-// 1 to 63 bytes, 253 bytes in all.
-func validServerName(name string) bool {
-	if name == "" || len(name) > 253 {
-		return false
-	}
-	for label := range strings.SplitSeq(name, ".") {
-		if label == "" || len(label) > 63 {
-			return false
-		}
-		for i := 0; i < len(label); i++ {
-			b := label[i]
-			if !('a' <= b && b <= 'z' || 'A' <= b && b <= 'Z' || '0' <= b && b <= '9' || b == '-') {
-				return false
-			}
-		}
-	}
-	return true
-}
-
 // Router accepts TLS connections, reads each ClientHello with
 // [ech.NewConn], and routes the connection by its inner name and ALPN. Set
 // its fields, then call [Router.Serve] for each listener. It logs one line
@@ -538,10 +513,12 @@ func (r *Router) handle(conn net.Conn, routes []Route) {
 	// must be a DNS name. A final dot is dropped (RFC 6066, Section 3,
 	// forbids it; some clients send it).
 	name := strings.TrimSuffix(c.ServerName(), ".")
-	if c.ServerName() != "" && !validServerName(name) {
-		sendAlert(c, alertUnrecognizedName)
-		l.err = errBadServerName
-		return
+	if c.ServerName() != "" {
+		if err := checkServerName(name); err != nil {
+			sendAlert(c, alertUnrecognizedName)
+			l.err = err
+			return
+		}
 	}
 	if name == "" || strings.EqualFold(name, r.PublicName) {
 		l.route, l.mode = "public", "terminate"
