@@ -14,8 +14,10 @@
 // nothing of ECH (Dovecot, Postfix). Either may send a PROXY protocol v2
 // header first, so the backend sees the client's address.
 //
-// The router serves the public name itself: a client whose ECH did not
-// decrypt (a stale config, GREASE) completes its handshake there and gets
+// A hello whose ECH did not decrypt is routed by its outer name, as a hello
+// without ECH: a GREASE client names the real server in the clear. The
+// router serves the public name itself: a client with a stale config names
+// the public name in the clear, completes its handshake there and gets
 // retry configs, and the current ECHConfigList is published over HTTPS at
 // /.well-known/origin-svcb and /ech-config-list.
 //
@@ -34,6 +36,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/echkit/ech"
@@ -147,8 +150,10 @@ type Router struct {
 	// connections only.
 	Keys *ech.KeySet
 	// PublicName is the public_name of the keys' configs. The router
-	// serves it: rejected and GREASE ECH hellos, hellos for this name and
-	// hellos without server_name complete their handshake here.
+	// serves it: hellos for this name (with ECH that did not decrypt, a
+	// stale config, they get retry configs) and hellos without
+	// server_name complete their handshake here. A hello whose ECH did not
+	// decrypt for another name is routed by that name.
 	PublicName string
 	// PublicCertificate is the certificate for PublicName. It must be one
 	// that clients trust: they accept retry configs only from a server
@@ -199,21 +204,34 @@ func (r *Router) Serve(ln net.Listener, routes []Route) error {
 		return ErrClosed
 	}
 	defer r.untrack(ln)
-	var tempDelay time.Duration
+	var (
+		tempDelay time.Duration // the backoff after a temporary accept error
+		failures  int           // accept errors in this burst
+	)
 	for {
 		conn, err := ln.Accept()
 		if err != nil {
 			if r.isClosed() {
 				return ErrClosed
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				// As net/http does on EMFILE and the like.
-				tempDelay = min(max(2*tempDelay, 5*time.Millisecond), time.Second)
-				time.Sleep(tempDelay)
-				continue
+			if !temporaryAcceptError(err) {
+				return err
 			}
-			return err
+			// As net/http's Server does: back off from 5ms, doubling up
+			// to 1s, and go on accepting. One log line per burst.
+			if failures == 0 {
+				r.logger().Warn("accept failed, retrying", slog.String("address", ln.Addr().String()),
+					slog.String("error", err.Error()))
+			}
+			failures++
+			tempDelay = min(max(2*tempDelay, 5*time.Millisecond), time.Second)
+			time.Sleep(tempDelay)
+			continue
+		}
+		if failures > 0 {
+			r.logger().Info("accepting again", slog.String("address", ln.Addr().String()),
+				slog.Int("failed_accepts", failures))
+			failures = 0
 		}
 		tempDelay = 0
 		if !r.trackConn(conn) {
@@ -225,6 +243,19 @@ func (r *Router) Serve(ln net.Listener, routes []Route) error {
 			r.handle(conn, routes)
 		}()
 	}
+}
+
+// temporaryAcceptError reports whether an accept error is one to retry:
+// running out of file descriptors or buffers, a connection aborted before
+// it was accepted, or a timeout.
+func temporaryAcceptError(err error) bool {
+	for _, errno := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.ECONNABORTED} {
+		if errors.Is(err, errno) {
+			return true
+		}
+	}
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
 }
 
 func (r *Router) track(ln net.Listener) bool {
@@ -401,10 +432,14 @@ func (r *Router) handle(conn net.Conn, routes []Route) {
 		l.innerName = c.ServerName()
 	}
 
-	if c.Status() == ech.StatusRejected || c.ServerName() == "" || strings.EqualFold(c.ServerName(), r.PublicName) {
-		// RFC 9849, Section 6.1.6: the public name's server sends retry
-		// configs to a client whose ECH did not decrypt. No route may take
-		// the public name, not even "*".
+	// RFC 9849, Section 7.1: a hello whose ECH did not decrypt (GREASE, an
+	// unknown config_id, a stale key) is routed by its outer name exactly
+	// like a hello without ECH. A GREASE client has no config and names
+	// the real server in the clear; only a hello for the public name (a
+	// client with a stale config) or for no name is served by the public
+	// name's server, which sends retry configs (Section 6.1.6). No route
+	// may take the public name, not even "*".
+	if c.ServerName() == "" || strings.EqualFold(c.ServerName(), r.PublicName) {
 		l.route, l.mode = "public", "terminate"
 		l.negotiated, l.err = r.servePublic(c)
 		return

@@ -91,18 +91,19 @@ func (r *Router) Handler() http.Handler {
 // configs for a client whose ECH did not decrypt, and serves [Router.Handler]
 // on the connection. It returns when the connection is closed.
 func (r *Router) servePublic(c *ech.Conn) (string, error) {
-	cfg := &tls.Config{
-		Certificates:                []tls.Certificate{*r.PublicCertificate},
-		MinVersion:                  tls.VersionTLS12,
-		GetEncryptedClientHelloKeys: r.Keys.GetEncryptedClientHelloKeys,
+	base := &tls.Config{
+		Certificates: []tls.Certificate{*r.PublicCertificate},
+		MinVersion:   tls.VersionTLS12,
 	}
 	if slices.Contains(c.ALPNProtos(), "http/1.1") {
 		// Offered only when the client wants it: a client whose ECH was
 		// rejected while it asked for "imap" must still complete the
 		// handshake to get the retry configs.
-		cfg.NextProtos = []string{"http/1.1"}
+		base.NextProtos = []string{"http/1.1"}
 	}
-	tc := tls.Server(c, cfg)
+	// NewConn has decided: this server only sends retry configs and never
+	// decrypts (crypto/tls given the keys would try every one of them).
+	tc := tls.Server(c, r.Keys.PublicNameConfig(base))
 	tc.SetDeadline(time.Now().Add(orDefault(r.HandshakeTimeout, DefaultHandshakeTimeout)))
 	if err := tc.Handshake(); err != nil {
 		return "", err
