@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -28,6 +29,10 @@ const howToRun = "the browser test needs root (port 443 on 127.80.0.x, a Chromiu
 // router and the backends to record its connections.
 const settleTimeout = 15 * time.Second
 
+// screenshotGrace bounds the wait for the screenshot once a backend has
+// served the page.
+const screenshotGrace = 15 * time.Second
+
 // run is one page load by one browser in one scenario.
 type run struct {
 	t       *testing.T
@@ -35,7 +40,6 @@ type run struct {
 	browser string
 	host    string // the name the browser loads, https://host/
 	stale   uint8  // the config_id of the stale config, in the stale scenario
-	relay0  int    // the relay's connection count before the load
 }
 
 // scenario is one thing a browser must do through the router. Its test
@@ -146,11 +150,11 @@ var scenarios = []scenario{
 	},
 	{
 		name: "observer",
-		dns:  func(r *run) *zoneEntry { return &zoneEntry{A: relayAddr, ECH: r.e.list} },
+		dns:  func(r *run) *zoneEntry { return &zoneEntry{A: r.e.relays[r.browser].addr(), ECH: r.e.list} },
 		done: func(r *run) bool { return r.acceptedLine() != nil && len(r.requests()) > 0 },
 		check: func(r *run) string {
 			r.assertAccepted("observer", "passthrough")
-			o := r.e.relay.observe(r.relay0, r.e.hidden)
+			o := r.e.relays[r.browser].observe(0, r.e.hidden)
 			require.Positive(r.t, o.conns, "the browser went through the relay")
 			assert.Empty(r.t, o.leaks, "hidden names on the wire")
 			assert.Empty(r.t, o.parseEr)
@@ -208,7 +212,11 @@ func TestBrowsers(t *testing.T) {
 		}
 		routes = append(routes, rc)
 	}
-	e := newEnv(t, artifacts, routes, func(sni string) bool { return strings.HasSuffix(sni, ".hrr.test") })
+	relays := make(map[string]netip.Addr)
+	for _, b := range browsers {
+		relays[b.name] = b.relay
+	}
+	e := newEnv(t, artifacts, routes, func(sni string) bool { return strings.HasSuffix(sni, ".hrr.test") }, relays)
 	for i, b := range browsers {
 		// A stale config per browser: a key the router never had, for the
 		// same public name, with a config_id of its own.
@@ -232,6 +240,9 @@ func TestBrowsers(t *testing.T) {
 
 	for _, b := range browsers {
 		t.Run(b.name, func(t *testing.T) {
+			// The browsers mostly wait (for their start, the page, their
+			// exit): side by side, the test takes the time of the slower.
+			t.Parallel()
 			if !slices.Contains(found, b.name) {
 				t.Skipf("no %s: %s", b.bin, howToRun)
 			}
@@ -239,12 +250,12 @@ func TestBrowsers(t *testing.T) {
 			require.NoError(t, err)
 			for _, sc := range scenarios {
 				t.Run(sc.name, func(t *testing.T) {
-					r := &run{t: t, e: e, browser: b.name, host: b.name + "." + sc.name + ".test", relay0: e.relay.count()}
+					r := &run{t: t, e: e, browser: b.name, host: b.name + "." + sc.name + ".test"}
 					base := filepath.Join(artifacts, b.name+"-"+sc.name)
 					ctx, cancel := context.WithTimeout(t.Context(), loadTimeout)
 					defer cancel()
 					start := time.Now()
-					err := load(ctx, t, "https://"+r.host+"/", base+".png", base+".log")
+					err := r.load(ctx, cancel, load, base)
 					elapsed := time.Since(start)
 					if err != nil {
 						// The verdict is what the servers saw, not the exit status.
@@ -268,6 +279,45 @@ func TestBrowsers(t *testing.T) {
 			}
 		})
 	}
+}
+
+// load runs the browser on the run's page. Once a backend has served the
+// page and the screenshot is written (or, under load, a while after the
+// page was served) it stops the browser, whose exit takes seconds more and
+// tells nothing.
+func (r *run) load(ctx context.Context, stop context.CancelFunc, load runner, base string) error {
+	errc := make(chan error, 1)
+	go func() { errc <- load(ctx, r.t, "https://"+r.host+"/", base+".png", base+".log") }()
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	var servedAt time.Time
+	for {
+		select {
+		case err := <-errc:
+			return err
+		case <-tick.C:
+		}
+		if servedAt.IsZero() {
+			if !r.served() {
+				continue
+			}
+			servedAt = time.Now()
+		}
+		fi, err := os.Stat(base + ".png")
+		if shot := err == nil && fi.Size() > 0; shot || time.Since(servedAt) > screenshotGrace {
+			if shot {
+				time.Sleep(200 * time.Millisecond) // the rest of the file
+			}
+			stop()
+			<-errc
+			return nil
+		}
+	}
+}
+
+// served reports whether a backend has served a request for the run's name.
+func (r *run) served() bool {
+	return len(r.requests()) > 0 || len(r.e.plain.forHost(r.host)) > 0
 }
 
 // configID returns the config_id of the router's key.

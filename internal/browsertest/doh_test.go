@@ -6,6 +6,7 @@ import (
 	"encoding/base64"
 	"fmt"
 	"io"
+	"log"
 	"net"
 	"net/http"
 	"net/netip"
@@ -72,7 +73,7 @@ func (d *dohServer) queryLog() []string {
 }
 
 // serve serves DoH over TLS on ln with cert until ln is closed.
-func (d *dohServer) serve(ln net.Listener, cert tls.Certificate) {
+func (d *dohServer) serve(ln net.Listener, cert tls.Certificate, errorLog *log.Logger) {
 	mux := http.NewServeMux()
 	mux.HandleFunc(dohPath, d.handle)
 	d.srv = &http.Server{
@@ -80,6 +81,7 @@ func (d *dohServer) serve(ln net.Listener, cert tls.Certificate) {
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       time.Minute,
 		TLSConfig:         &tls.Config{Certificates: []tls.Certificate{cert}},
+		ErrorLog:          errorLog,
 	}
 	d.srv.ServeTLS(ln, "", "")
 }
@@ -207,7 +209,7 @@ func TestDoH(t *testing.T) {
 	d.set("plain.test", &zoneEntry{A: netip.MustParseAddr("127.0.0.10")})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
-	go d.serve(ln, ca.Certificate("doh.test"))
+	go d.serve(ln, ca.Certificate("doh.test"), nil)
 	t.Cleanup(d.close)
 	client := &http.Client{
 		Timeout: 10 * time.Second,

@@ -30,12 +30,13 @@ import (
 
 // The loopback addresses the test listens on. Browsers use HTTPS records
 // and ECH only for https URLs on the default port, so the router, the DoH
-// server and the relay each take port 443 of their own address.
+// server and the relays each take port 443 of their own address.
 var (
 	routerAddr  = netip.MustParseAddr("127.80.0.1")
 	dohAddr     = netip.MustParseAddr("127.80.0.2")
-	relayAddr   = netip.MustParseAddr("127.80.0.3")
-	backendAddr = netip.MustParseAddr("127.80.0.4")
+	backendAddr = netip.MustParseAddr("127.80.0.3")
+	// Each browser has its relay (see browser.relay), so that the browsers
+	// can run in parallel and each observer sees one browser only.
 )
 
 const (
@@ -233,7 +234,7 @@ type env struct {
 	pass      *passthroughBackend
 	plain     *plainBackend
 	doh       *dohServer
-	relay     *relay
+	relays    map[string]*relay // by browser
 	routerSrv *router.Server
 }
 
@@ -258,9 +259,10 @@ func listen443(t *testing.T, addr netip.Addr) net.Listener {
 	return ln
 }
 
-// newEnv starts the router, its backends, the DoH server and the relay.
-// hrrName reports the names whose backend forces a HelloRetryRequest.
-func newEnv(t *testing.T, artifacts string, routes []router.RouteConfig, hrrName func(string) bool) *env {
+// newEnv starts the router, its backends, the DoH server and a relay on
+// port 443 of each of relays' addresses. hrrName reports the names whose
+// backend forces a HelloRetryRequest.
+func newEnv(t *testing.T, artifacts string, routes []router.RouteConfig, hrrName func(string) bool, relays map[string]netip.Addr) *env {
 	t.Helper()
 	e := &env{t: t, artifacts: artifacts, ca: echtest.NewCA(t), doh: newDoHServer()}
 	dir := t.TempDir()
@@ -361,12 +363,16 @@ func newEnv(t *testing.T, artifacts string, routes []router.RouteConfig, hrrName
 	// The DoH server, for Chromium by its address and for Firefox by its
 	// name with network.trr.bootstrapAddr.
 	dohLn := listen443(t, dohAddr)
-	go e.doh.serve(dohLn, e.ca.Certificate(dohName, dohAddr.String()))
+	go e.doh.serve(dohLn, e.ca.Certificate(dohName, dohAddr.String()), discardLog())
 	t.Cleanup(e.doh.close)
 
-	// The observer between the browser and the router.
-	e.relay = newRelay(listen443(t, relayAddr), netip.AddrPortFrom(routerAddr, 443).String())
-	t.Cleanup(e.relay.close)
+	// The observers between the browsers and the router.
+	e.relays = make(map[string]*relay)
+	for name, addr := range relays {
+		r := newRelay(listen443(t, addr), netip.AddrPortFrom(routerAddr, 443).String())
+		t.Cleanup(r.close)
+		e.relays[name] = r
+	}
 	return e
 }
 

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -19,12 +20,13 @@ import (
 )
 
 // loadTimeout bounds one browser run: start, page load, screenshot, exit.
-const loadTimeout = 90 * time.Second
+const loadTimeout = 60 * time.Second
 
 // browser is a browser the test drives headless.
 type browser struct {
-	name string // "chromium" or "firefox", also the first label of its test names
-	bin  string // the Debian package's program
+	name  string     // "chromium" or "firefox", also the first label of its test names
+	bin   string     // the Debian package's program
+	relay netip.Addr // where its observer listens
 	// setup prepares what all runs share; it may add cleanups to t.
 	setup func(t *testing.T, e *env) (runner, error)
 }
@@ -33,8 +35,8 @@ type browser struct {
 type runner func(ctx context.Context, t *testing.T, url, shot, logFile string) error
 
 var browsers = []browser{
-	{name: "chromium", bin: "chromium", setup: setupChromium},
-	{name: "firefox", bin: "firefox-esr", setup: setupFirefox},
+	{name: "chromium", bin: "chromium", relay: netip.MustParseAddr("127.80.1.1"), setup: setupChromium},
+	{name: "firefox", bin: "firefox-esr", relay: netip.MustParseAddr("127.80.1.2"), setup: setupFirefox},
 }
 
 // chromiumPolicy is the managed policy file of Debian's chromium package.
@@ -43,20 +45,20 @@ var browsers = []browser{
 const chromiumPolicy = "/etc/chromium/policies/managed/echkit-browsertest.json"
 
 // setupChromium installs the DoH policy and an NSS database trusting the
-// test CA in a HOME of its own.
+// test CA in a HOME of its own (Chromium on Linux reads $HOME/.pki/nssdb).
 //
-// Chromium takes DoH settings from managed policies only (chrome://policy):
-// DnsOverHttpsMode "secure" (DoH only, no fallback to the system resolver),
-// DnsOverHttpsTemplates (a template without a {?dns} variable is queried by
-// POST, Firefox uses GET: both paths of the DoH server see a browser),
-// BuiltInDnsClientEnabled (the
-// built-in client is the one that asks for HTTPS records). The template
-// names the DoH server by its address, so no /etc/hosts entry is needed.
+// Chromium takes DoH settings from managed policies only: DnsOverHttpsMode
+// "secure" (DoH only, no fallback to the system resolver) and
+// DnsOverHttpsTemplates (without a {?dns} variable the template is queried
+// by POST; Firefox uses GET: both paths of the DoH server see a browser).
+// The template names the DoH server by its address, so no /etc/hosts entry
+// is needed. BuiltInDnsClientEnabled is left out: DoH always uses the
+// built-in client (so says the policy's documentation, and the test passes
+// with it set to false).
 func setupChromium(t *testing.T, e *env) (runner, error) {
 	policy, err := json.Marshal(map[string]any{
-		"DnsOverHttpsMode":        "secure",
-		"DnsOverHttpsTemplates":   "https://" + dohAddr.String() + dohPath,
-		"BuiltInDnsClientEnabled": true,
+		"DnsOverHttpsMode":      "secure",
+		"DnsOverHttpsTemplates": "https://" + dohAddr.String() + dohPath,
 	})
 	require.NoError(t, err)
 	if err := installFile(t, chromiumPolicy, policy); err != nil {
@@ -82,7 +84,7 @@ func setupChromium(t *testing.T, e *env) (runner, error) {
 			"--window-size=800,600",
 			"--screenshot="+shot,
 			url)
-		if x := os.Getenv("DEBUG_CHROMIUM_ARGS"); x != "" {
+		if x := os.Getenv(chromiumArgsEnv); x != "" {
 			cmd.Args = append(cmd.Args[:len(cmd.Args)-1], append(strings.Fields(x), url)...)
 		}
 		cmd.Env = browserEnv(home)
@@ -90,16 +92,26 @@ func setupChromium(t *testing.T, e *env) (runner, error) {
 	}, nil
 }
 
-// firefoxPrefs are the user.js of a fresh Firefox profile, %s being the
-// DoH server's URL and its address. Each pref is in modules/libpref's
-// StaticPrefList.yaml or all.js and firefox.js of Firefox ESR.
+// chromiumArgsEnv names an environment variable of extra Chromium flags,
+// for debugging: ECH_BROWSERTEST_CHROMIUM_ARGS="--log-net-log=/tmp/net.json
+// --net-log-capture-mode=Everything" records what its network stack did.
+const chromiumArgsEnv = "ECH_BROWSERTEST_CHROMIUM_ARGS"
+
+// firefoxPrefsEnv names an environment variable of extra user.js lines
+// for Firefox, for debugging: they come last, so they override the test's.
+const firefoxPrefsEnv = "ECH_BROWSERTEST_FIREFOX_PREFS"
+
+// firefoxPrefs are the user.js of a fresh Firefox profile, %q being the
+// DoH server's URL and its address. network.trr.allow-rfc1918 is left
+// out: ESR 153 takes the 127.80.0.x answers without it (the test passes
+// with it false). network.dns.echconfig.enabled is needed: with it false,
+// Firefox ignores the ech parameter and sends GREASE.
 const firefoxPrefs = `// DoH only (TRR mode 3), to the test's server, found by its address.
 user_pref("network.trr.mode", 3);
 user_pref("network.trr.uri", %q);
 user_pref("network.trr.bootstrapAddr", %q);
-// The answers are loopback addresses, which TRR drops by default.
-user_pref("network.trr.allow-rfc1918", true);
-// No confirmation query (it would ask the DoH server for an NS record first).
+// No confirmation (an NS query for example.com, NXDOMAIN here): one state
+// machine less between the browser and its first query.
 user_pref("network.trr.confirmationNS", "skip");
 // ECH configs from HTTPS records.
 user_pref("network.dns.echconfig.enabled", true);
@@ -131,6 +143,9 @@ func setupFirefox(t *testing.T, e *env) (runner, error) {
 			return err
 		}
 		prefs := fmt.Sprintf(firefoxPrefs, "https://"+dohName+dohPath, dohAddr.String())
+		if x := os.Getenv(firefoxPrefsEnv); x != "" {
+			prefs += x + "\n"
+		}
 		if err := os.WriteFile(filepath.Join(profile, "user.js"), []byte(prefs), 0o600); err != nil {
 			return err
 		}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"strings"
 	"sync"
 	"time"
@@ -90,11 +91,9 @@ func (r *relay) close() {
 	r.wg.Wait()
 }
 
-// count returns how many connections the relay has accepted.
-func (r *relay) count() int {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return len(r.conns)
+// addr returns the relay's IP address.
+func (r *relay) addr() netip.Addr {
+	return r.ln.Addr().(*net.TCPAddr).AddrPort().Addr()
 }
 
 // observation is what the observer saw on the connections from the first'th on.
