@@ -23,7 +23,7 @@ import (
 // howToRun is said by every skip.
 const howToRun = "the browser test needs root (port 443 on 127.80.0.x, a Chromium policy file) and the Debian packages " +
 	"chromium, firefox-esr and libnss3-tools: sudo apt-get install chromium firefox-esr libnss3-tools; " +
-	"sudo go test -count=1 -v ./internal/browsertest/"
+	"sudo env PATH=\"$PATH\" go test -count=1 -v ./internal/browsertest/"
 
 // settleTimeout bounds the wait, after the browser has exited, for the
 // router and the backends to record its connections.
@@ -39,7 +39,6 @@ type run struct {
 	e       *env
 	browser string
 	host    string // the name the browser loads, https://host/
-	stale   uint8  // the config_id of the stale config, in the stale scenario
 }
 
 // scenario is one thing a browser must do through the router. Its test

@@ -10,7 +10,7 @@
 // skips, saying so. Run it with:
 //
 //	sudo apt-get install chromium firefox-esr libnss3-tools
-//	sudo go test -count=1 -v ./internal/browsertest/
+//	sudo env PATH="$PATH" go test -count=1 -v ./internal/browsertest/
 //
 // The package has no code outside its tests.
 package browsertest

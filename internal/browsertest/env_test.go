@@ -124,14 +124,13 @@ type tlsHello struct {
 // inner hello the router replays. It serves a page for any name with a
 // certificate for that name, and records every hello and request.
 type passthroughBackend struct {
-	ca      *echtest.CA
-	p384    func(sni string) bool // names whose handshake only P-384 may key
-	mu      sync.Mutex
-	hellos  []tlsHello
-	reqs    []backendRequest
-	srv     *http.Server
-	addr    string
-	certErr error
+	ca     *echtest.CA
+	p384   func(sni string) bool // names whose handshake only P-384 may key
+	mu     sync.Mutex
+	hellos []tlsHello
+	reqs   []backendRequest
+	srv    *http.Server
+	addr   string
 }
 
 func (b *passthroughBackend) getConfig(chi *tls.ClientHelloInfo) (*tls.Config, error) {
