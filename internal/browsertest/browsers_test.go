@@ -251,6 +251,12 @@ func TestBrowsers(t *testing.T) {
 				t.Run(sc.name, func(t *testing.T) {
 					r := &run{t: t, e: e, browser: b.name, host: b.name + "." + sc.name + ".test"}
 					base := filepath.Join(artifacts, b.name+"-"+sc.name)
+					defer func() {
+						if t.Failed() {
+							r.dump()
+							t.Logf("%s %s: FAILED; screenshots, browser output and router log in %s", b.name, sc.name, artifacts)
+						}
+					}()
 					ctx, cancel := context.WithTimeout(t.Context(), loadTimeout)
 					defer cancel()
 					start := time.Now()
@@ -265,14 +271,9 @@ func TestBrowsers(t *testing.T) {
 						time.Sleep(50 * time.Millisecond)
 					}
 					if !sc.done(r) {
-						r.dump()
-						t.Fatalf("%s %s: the router and backends did not see the page load (artifacts in %s)", b.name, sc.name, artifacts)
+						t.Fatalf("%s %s: the router and backends did not record what the scenario needs within %v of the browser stopping (their records follow; artifacts in %s)", b.name, sc.name, settleTimeout, artifacts)
 					}
 					summary := sc.check(r)
-					if t.Failed() {
-						r.dump()
-						t.Logf("artifacts in %s", artifacts)
-					}
 					t.Logf("%s %s (%.1fs): %s", b.name, sc.name, elapsed.Seconds(), summary)
 				})
 			}
