@@ -137,6 +137,7 @@ var scenarios = []scenario{
 			for _, h := range hellos {
 				require.NotNil(r.t, h.Wire, "hello not parsed: %v", h.Error)
 				assert.Equal(r.t, int(echTypeOuter), h.Wire.ECHType, "GREASE: an outer ECH extension in the hello the backend got: %s", h.Wire)
+				assert.True(r.t, slices.Contains(h.Extensions, extensionECH), "crypto/tls saw the ECH extension")
 				assert.Equal(r.t, r.host, h.Wire.SNI)
 			}
 			for _, req := range reqs {
@@ -453,9 +454,9 @@ func (r *run) assertInnerHellos() []tlsHello {
 	for _, h := range hellos {
 		require.NotNil(r.t, h.Wire, "hello not parsed: %v", h.Error)
 		assert.True(r.t, h.Wire.Inner(), "the backend got the ClientHelloInner: %s", h.Wire)
-		assert.True(r.t, slices.Contains(h.Info.Extensions, extensionECH), "crypto/tls saw the ECH extension")
+		assert.True(r.t, slices.Contains(h.Extensions, extensionECH), "crypto/tls saw the ECH extension")
 		assert.Equal(r.t, r.host, h.Wire.SNI)
-		assert.Contains(r.t, h.Info.SupportedProtos, "h2", "%s", h.Wire)
+		assert.Contains(r.t, h.ALPN, "h2", "%s", h.Wire)
 	}
 	require.NotEmpty(r.t, reqs, "the backend served no request for %s", r.host)
 	for _, req := range reqs {

@@ -112,11 +112,14 @@ type backendRequest struct {
 	TLS   *tls.ConnectionState // nil at the terminate route's plaintext backend
 }
 
-// tlsHello is one ClientHello the passthrough backend received.
+// tlsHello is one ClientHello the passthrough backend received: what
+// crypto/tls made of it, and what the wire said.
 type tlsHello struct {
-	Info  *tls.ClientHelloInfo // SNI, ALPN, groups, extension types
-	Wire  *hello               // the same hello read from the wire: ECH type, key shares
-	Error error                // why Wire is nil
+	ServerName string
+	ALPN       []string
+	Extensions []uint16 // the extension types, in order
+	Wire       *hello   // the same hello read from the wire: ECH type, key shares
+	Error      error    // why Wire is nil
 }
 
 // passthroughBackend is the ECH-aware TLS server behind the router's
@@ -134,7 +137,11 @@ type passthroughBackend struct {
 }
 
 func (b *passthroughBackend) getConfig(chi *tls.ClientHelloInfo) (*tls.Config, error) {
-	h := tlsHello{Info: chi}
+	h := tlsHello{
+		ServerName: chi.ServerName,
+		ALPN:       slices.Clone(chi.SupportedProtos),
+		Extensions: slices.Clone(chi.Extensions),
+	}
 	if rc, ok := chi.Conn.(*recordingConn); ok {
 		h.Wire, h.Error = rc.firstHello()
 	} else {
@@ -176,7 +183,7 @@ func (b *passthroughBackend) forName(name string) ([]tlsHello, []backendRequest)
 	defer b.mu.Unlock()
 	var hs []tlsHello
 	for _, h := range b.hellos {
-		if strings.EqualFold(h.Info.ServerName, name) {
+		if strings.EqualFold(h.ServerName, name) {
 			hs = append(hs, h)
 		}
 	}
