@@ -332,6 +332,8 @@ func newEnv(t *testing.T, artifacts string, routes []router.RouteConfig, hrrName
 		HandshakeTimeout: "10s",
 		DialTimeout:      "5s",
 		ShutdownTimeout:  "2s",
+		// The assertions read the inner names from the log.
+		LogInnerNames: new(true),
 		Listeners: []router.ListenerConfig{{
 			Address: netip.AddrPortFrom(routerAddr, 443).String(),
 			Routes:  routes,
