@@ -612,10 +612,18 @@ func MarshalPEM(k Key) ([]byte, error) {
 	return append(out, pem.EncodeToMemory(&pem.Block{Type: pemTypeECHConfig, Bytes: list})...), nil
 }
 
+// MaxKeyFileSize is the largest file [LoadKeyDir] reads. An RFC 9934 file
+// holds one private key and one ECHConfigList of at most 64 KiB, which
+// base64 and PEM lines make about 90 KiB.
+const MaxKeyFileSize = 256 << 10
+
 // LoadKeyDir reads every ECH PEM file in dir whose name ends in ".ech" or
 // ".pem" (the names OpenSSL-based servers load), in name order, and returns
-// their keys. Files without a private key are skipped. An unreadable or
-// malformed file is an error naming the file.
+// their keys. Files without a private key are skipped, and so are entries
+// that are not regular files (directories, sockets, devices, FIFOs; a
+// symbolic link counts as what it points to, as in a Kubernetes Secret
+// volume). An unreadable or malformed file, or one larger than
+// [MaxKeyFileSize], is an error naming the file.
 func LoadKeyDir(dir string) ([]Key, error) {
 	entries, err := os.ReadDir(dir)
 	if err != nil {
@@ -623,16 +631,19 @@ func LoadKeyDir(dir string) ([]Key, error) {
 	}
 	var names []string
 	for _, e := range entries {
-		if n := e.Name(); !e.IsDir() && (strings.HasSuffix(n, ".ech") || strings.HasSuffix(n, ".pem")) {
+		if n := e.Name(); strings.HasSuffix(n, ".ech") || strings.HasSuffix(n, ".pem") {
 			names = append(names, n)
 		}
 	}
 	sort.Strings(names)
 	var keys []Key
 	for _, n := range names {
-		data, err := os.ReadFile(filepath.Join(dir, n))
+		data, err := readKeyFile(filepath.Join(dir, n))
+		if errors.Is(err, errNotRegular) {
+			continue
+		}
 		if err != nil {
-			return nil, fmt.Errorf("ech: %w", err)
+			return nil, fmt.Errorf("ech: %w (file %s)", err, n)
 		}
 		f, err := ParsePEM(data)
 		if err != nil {
@@ -643,6 +654,42 @@ func LoadKeyDir(dir string) ([]Key, error) {
 		}
 	}
 	return keys, nil
+}
+
+var errNotRegular = errors.New("ech: not a regular file")
+
+// readKeyFile reads a regular file of at most MaxKeyFileSize bytes. It
+// looks at the file before it opens it, so as not to block on a FIFO, and
+// again after, so that what it checked is what it reads.
+func readKeyFile(name string) ([]byte, error) {
+	if fi, err := os.Stat(name); err != nil {
+		return nil, err
+	} else if !fi.Mode().IsRegular() {
+		return nil, errNotRegular
+	}
+	f, err := os.Open(name)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, errNotRegular
+	}
+	if fi.Size() > MaxKeyFileSize {
+		return nil, fmt.Errorf("%d bytes, more than %d", fi.Size(), MaxKeyFileSize)
+	}
+	data, err := io.ReadAll(io.LimitReader(f, MaxKeyFileSize+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(data) > MaxKeyFileSize {
+		return nil, fmt.Errorf("more than %d bytes", MaxKeyFileSize)
+	}
+	return data, nil
 }
 
 // OIDs of the PKCS#8 private key algorithms.

@@ -22,6 +22,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -882,14 +883,40 @@ func TestLoadKeyDir(t *testing.T) {
 	write("notes.txt", []byte("not a PEM file"))                   // not .pem or .ech: not read
 	write("d.pem.bak", []byte("garbage"))
 	require.NoError(t, os.Mkdir(filepath.Join(dir, "e.pem"), 0o700)) // a directory: not read
+	// A FIFO would block a reader forever; a socket cannot be read at all.
+	require.NoError(t, syscall.Mkfifo(filepath.Join(dir, "f.ech"), 0o600))
+	ln, err := net.Listen("unix", filepath.Join(dir, "g.ech"))
+	require.NoError(t, err)
+	defer ln.Close()
+	// A Kubernetes Secret volume: the file is a link to a link.
+	require.NoError(t, os.Mkdir(filepath.Join(dir, "..data"), 0o700))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "..data", "k.ech"), pb, 0o600))
+	require.NoError(t, os.Symlink("..data/k.ech", filepath.Join(dir, "k.ech")))
+	require.NoError(t, os.Symlink("nowhere.ech", filepath.Join(dir, "l.ech"))) // dangling
 
 	keys, err := LoadKeyDir(dir)
+	require.ErrorIs(t, err, os.ErrNotExist, "a dangling link is an error")
+	assert.Contains(t, err.Error(), "l.ech")
+	require.NoError(t, os.Remove(filepath.Join(dir, "l.ech")))
+
+	keys, err = LoadKeyDir(dir)
 	require.NoError(t, err)
 	a.SendAsRetry, b.SendAsRetry = true, true
-	assert.Equal(t, []Key{b, a}, keys, "in name order")
+	assert.Equal(t, []Key{b, a, b}, keys, "in name order, the link followed")
+	require.NoError(t, os.Remove(filepath.Join(dir, "k.ech")))
+	keys, err = LoadKeyDir(dir)
+	require.NoError(t, err)
 	ks, err := NewKeySet(keys...)
 	require.NoError(t, err)
 	assert.Equal(t, []uint8{2, 1}, ks.ConfigIDs())
+
+	// Sizes are capped before the file is read whole.
+	write("y.ech", append(pa, bytes.Repeat([]byte("\n"), MaxKeyFileSize)...))
+	_, err = LoadKeyDir(dir)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "y.ech")
+	assert.Contains(t, err.Error(), "more than")
+	require.NoError(t, os.Remove(filepath.Join(dir, "y.ech")))
 
 	write("z.pem", []byte("garbage"))
 	_, err = LoadKeyDir(dir)

@@ -160,31 +160,6 @@ var ErrClosed = errors.New("router: closed")
 // errNoRoute is logged for a hello whose name no route serves.
 var errNoRoute = errors.New("router: no route for this server name")
 
-// errBadServerName is logged for a hello whose server_name is not a DNS
-// name.
-var errBadServerName = errors.New("router: server_name is not a DNS name")
-
-// validServerName reports whether name, without a final dot, is a DNS name
-// of letters, digits and hyphens (LDH, RFC 5890, Section 2.3.1): labels of
-// 1 to 63 bytes, 253 bytes in all.
-func validServerName(name string) bool {
-	if name == "" || len(name) > 253 {
-		return false
-	}
-	for label := range strings.SplitSeq(name, ".") {
-		if label == "" || len(label) > 63 {
-			return false
-		}
-		for i := 0; i < len(label); i++ {
-			b := label[i]
-			if !('a' <= b && b <= 'z' || 'A' <= b && b <= 'Z' || '0' <= b && b <= '9' || b == '-') {
-				return false
-			}
-		}
-	}
-	return true
-}
-
 // Router accepts TLS connections, reads each ClientHello with
 // [ech.NewConn], and routes the connection by its inner name and ALPN. Set
 // its fields, then call [Router.Serve] for each listener. It logs one line
@@ -538,10 +513,12 @@ func (r *Router) handle(conn net.Conn, routes []Route) {
 	// must be a DNS name. A final dot is dropped (RFC 6066, Section 3,
 	// forbids it; some clients send it).
 	name := strings.TrimSuffix(c.ServerName(), ".")
-	if c.ServerName() != "" && !validServerName(name) {
-		sendAlert(c, alertUnrecognizedName)
-		l.err = errBadServerName
-		return
+	if c.ServerName() != "" {
+		if err := checkServerName(name); err != nil {
+			sendAlert(c, alertUnrecognizedName)
+			l.err = err
+			return
+		}
 	}
 	if name == "" || strings.EqualFold(name, r.PublicName) {
 		l.route, l.mode = "public", "terminate"
@@ -582,14 +559,14 @@ func sendAlert(w io.Writer, desc uint8) {
 
 // dial connects to a route's backend and sends the PROXY header if the
 // route asks for one.
-func (r *Router) dial(c *ech.Conn, name string, rt *Route, alpn string) (net.Conn, error) {
+func (r *Router) dial(c *ech.Conn, name string, rt *Route, alpn string, tlsVersion uint16) (net.Conn, error) {
 	d := net.Dialer{Timeout: orDefault(r.DialTimeout, DefaultDialTimeout)}
 	backend, err := d.Dial("tcp", rt.Backend)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", errBackend, err)
 	}
 	if rt.ProxyProtocol {
-		hdr, err := appendProxyHeader(nil, c.RemoteAddr(), c.LocalAddr(), name, alpn)
+		hdr, err := appendProxyHeader(nil, c.RemoteAddr(), c.LocalAddr(), name, alpn, tlsVersion)
 		if err == nil {
 			_, err = backend.Write(hdr)
 		}
@@ -602,7 +579,7 @@ func (r *Router) dial(c *ech.Conn, name string, rt *Route, alpn string) (net.Con
 }
 
 func (r *Router) passthrough(c *ech.Conn, name string, rt *Route) (in, out int64, err error) {
-	backend, err := r.dial(c, name, rt, "")
+	backend, err := r.dial(c, name, rt, "", 0)
 	if err != nil {
 		abort(c.NetConn()) // the backend failed: the client gets a reset
 		return 0, 0, err
@@ -627,7 +604,7 @@ func (r *Router) terminate(c *ech.Conn, name string, rt *Route) (proto string, i
 		return "", 0, 0, err
 	}
 	proto = tc.ConnectionState().NegotiatedProtocol
-	backend, err := r.dial(c, name, rt, proto)
+	backend, err := r.dial(c, name, rt, proto, tc.ConnectionState().Version)
 	if err != nil {
 		abort(c.NetConn()) // the backend failed: the client gets a reset
 		return proto, 0, 0, err

@@ -428,7 +428,7 @@ func TestProxyHeaderIPv6AndLocal(t *testing.T) {
 	t.Parallel()
 	src := &net.TCPAddr{IP: net.ParseIP("2001:db8::1"), Port: 40000}
 	dst := &net.TCPAddr{IP: net.ParseIP("192.0.2.1"), Port: 443}
-	hdr, err := appendProxyHeader(nil, src, dst, "", "")
+	hdr, err := appendProxyHeader(nil, src, dst, "", "", 0)
 	require.NoError(t, err)
 	s, d, tlvs, err := readProxyHeader(strings.NewReader(string(hdr)))
 	require.NoError(t, err)
@@ -440,7 +440,7 @@ func TestProxyHeaderIPv6AndLocal(t *testing.T) {
 	p1, p2 := net.Pipe()
 	defer p1.Close()
 	defer p2.Close()
-	hdr, err = appendProxyHeader(nil, p1.LocalAddr(), p1.RemoteAddr(), "x.example", "")
+	hdr, err = appendProxyHeader(nil, p1.LocalAddr(), p1.RemoteAddr(), "x.example", "", 0)
 	require.NoError(t, err)
 	assert.Equal(t, proxyV2VersionLocal, hdr[12])
 	assert.Equal(t, proxyFamUnspec, hdr[13])
@@ -757,7 +757,8 @@ func TestKeyReloadUnderLoad(t *testing.T) {
 	}
 	// Add and remove key b over and over; key a stays.
 	trigger := make(chan struct{})
-	go kd.Watch(ctx, 0, trigger)
+	watching := make(chan struct{})
+	go func() { kd.Watch(ctx, 0, trigger); close(watching) }()
 	for n := 0; ctx.Err() == nil; n++ {
 		if n%2 == 0 {
 			writeKey(t, dir, "b.ech", b)
@@ -772,6 +773,7 @@ func TestKeyReloadUnderLoad(t *testing.T) {
 		time.Sleep(5 * time.Millisecond)
 	}
 	wg.Wait()
+	<-watching // its last reload must not undo the ones below
 	assert.Empty(t, failures)
 	assert.GreaterOrEqual(t, handshakes.Load(), int64(40))
 	assert.GreaterOrEqual(t, reloads.Load(), int64(10))
