@@ -42,8 +42,9 @@ type pipe struct {
 	clientTCP net.Conn
 	idle, fin time.Duration
 
-	active    atomic.Int64 // when bytes last moved, UnixNano
-	finAt     atomic.Int64 // when the fin timeout ends, UnixNano; 0 before
+	active    atomic.Int64    // when bytes last moved, UnixNano
+	reports   [2]atomic.Int64 // windows ended, per direction
+	finAt     atomic.Int64    // when the fin timeout ends, UnixNano; 0 before
 	closeOnce sync.Once
 }
 
@@ -66,11 +67,11 @@ func (p *pipe) run() (in, out int64, err error) {
 	}
 	done := make(chan result, 1)
 	go func() {
-		err := p.copy(p.client, p.backend, &out)
+		err := p.copy(1, p.client, p.backend, &out)
 		done <- result{err, !errors.Is(err, syscall.EPIPE)}
 	}()
 	// One direction in this goroutine: an idle connection holds two.
-	err = p.copy(p.backend, p.client, &in)
+	err = p.copy(0, p.backend, p.client, &in)
 	first := result{err, errors.Is(err, syscall.EPIPE)}
 	second := <-done
 	p.close(nil)
@@ -91,23 +92,30 @@ func (p *pipe) run() (in, out int64, err error) {
 
 // copy copies src to dst until EOF, then half-closes dst. On an error it
 // closes both connections, resetting the peer of the side that did not
-// fail.
-func (p *pipe) copy(dst, src net.Conn, n *int64) error {
+// fail. dir is 0 or 1, the other direction 1 - dir.
+//
+// io.Copy tells how many bytes moved only when it returns, so each
+// direction copies in windows of a quarter of the idle timeout, ended by a
+// read deadline, and records when bytes last moved. A direction that finds
+// nothing moved for the idle timeout ends the other's window (by its read
+// deadline: its source is this direction's destination) and looks again
+// once that one has reported, or has not for an idle timeout: then it is
+// stuck in a write to a peer that does not read.
+func (p *pipe) copy(dir int, dst, src net.Conn, n *int64) error {
 	window := max(p.idle/4, time.Millisecond)
-	suspect := false // the connection looked idle at the last window's end
+	var (
+		suspectAt      time.Time // when the connection looked idle
+		suspectReports int64     // the other direction's windows then
+	)
 	for {
-		start := time.Now()
-		rd, wd := start.Add(window), start.Add(p.idle)
+		rd := time.Now().Add(window)
 		if f := p.finAt.Load(); f != 0 {
-			rd, wd = minTime(rd, time.Unix(0, f)), minTime(wd, time.Unix(0, f))
+			rd = minTime(rd, time.Unix(0, f))
 		}
 		src.SetReadDeadline(rd)
-		// A write blocked for a whole idle timeout is stuck.
-		dst.SetWriteDeadline(wd)
 		if f := p.finAt.Load(); f != 0 && time.Unix(0, f).Before(rd) {
-			// The other direction ended while the deadlines were set.
+			// The other direction ended while the deadline was set.
 			src.SetReadDeadline(time.Unix(0, f))
-			dst.SetWriteDeadline(time.Unix(0, f))
 		}
 		m, err := io.Copy(dst, src)
 		*n += m
@@ -115,6 +123,7 @@ func (p *pipe) copy(dst, src net.Conn, n *int64) error {
 		if m > 0 {
 			p.active.Store(now.UnixNano())
 		}
+		p.reports[dir].Add(1)
 		if err == nil {
 			// EOF: pass the half-close on and give the other side the
 			// fin timeout.
@@ -134,23 +143,21 @@ func (p *pipe) copy(dst, src net.Conn, n *int64) error {
 			p.close(failed)
 			return err
 		}
+		other := p.reports[1-dir].Load()
 		switch {
 		case p.finAt.Load() != 0 && !now.Before(time.Unix(0, p.finAt.Load())):
+			// Also a write stuck past the fin timeout: startFin set the
+			// write deadlines.
 			err = errFinTimeout
-		case !now.Before(wd):
-			// The write deadline passed: a write was stuck, and the
-			// bytes it held are lost.
-			err = errIdleTimeout
 		case now.Sub(time.Unix(0, p.active.Load())) < p.idle:
-			suspect = false
+			suspectAt = time.Time{}
 			continue // the read deadline of one window passed
-		case !suspect:
-			// The other direction reports its bytes at the end of its
-			// windows: end its window now (its source is dst), and look
-			// again at the end of this direction's next one.
-			suspect = true
+		case suspectAt.IsZero():
+			suspectAt, suspectReports = now, other
 			dst.SetReadDeadline(aLongTimeAgo)
 			continue
+		case other == suspectReports && now.Sub(suspectAt) < p.idle:
+			continue // the other direction has not reported yet
 		default:
 			err = errIdleTimeout
 		}

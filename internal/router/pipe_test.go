@@ -55,19 +55,22 @@ func (e *env) dialTLS(t *testing.T, name string) *tls.Conn {
 // way only is not.
 func TestIdleTimeout(t *testing.T) {
 	t.Parallel()
-	const idle = 500 * time.Millisecond
+	// A short timeout where nothing moves; a longer one where the test
+	// must not see a pause of the backend's writes (which a loaded
+	// machine stretches) as idleness.
+	const idle, oneWayIdle = 300 * time.Millisecond, 2 * time.Second
 	e := newEnv(t)
 	silent := e.rawBackend(func(c net.Conn) { io.Copy(io.Discard, c) })
 	talker := e.tlsRawBackend(func(c *tls.Conn) {
-		for i := range 40 {
+		for i := range 60 {
 			fmt.Fprintf(c, "line %d\n", i)
-			time.Sleep(idle / 20)
+			time.Sleep(oneWayIdle / 40)
 		}
 	})
 	e.serve(
 		Route{Name: "silent", ServerNames: []string{plainName}, Mode: ModeTerminate, Backend: silent,
 			Certificate: e.cert(plainName), IdleTimeout: idle},
-		Route{Name: "talker", ServerNames: []string{tlsName}, Mode: ModePassthrough, Backend: talker, IdleTimeout: idle},
+		Route{Name: "talker", ServerNames: []string{tlsName}, Mode: ModePassthrough, Backend: talker, IdleTimeout: oneWayIdle},
 	)
 
 	t.Run("idle", func(t *testing.T) {
@@ -80,12 +83,12 @@ func TestIdleTimeout(t *testing.T) {
 		assert.Equal(t, "INFO", l["level"])
 	})
 	t.Run("one way", func(t *testing.T) {
-		// The backend writes every idle/20 for 2 idle timeouts; the
-		// client writes nothing.
+		// The backend writes 60 lines in 1.5 idle timeouts; the client
+		// writes nothing.
 		conn := e.dialTLS(t, tlsName)
 		lines, err := io.ReadAll(conn)
 		require.NoError(t, err)
-		assert.Equal(t, 40, strings.Count(string(lines), "\n"))
+		assert.Equal(t, 60, strings.Count(string(lines), "\n"))
 		conn.Close()
 		l := e.log()
 		assert.Equal(t, "talker", l["route"])
