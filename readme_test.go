@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/echkit/ech/internal/router"
+	"github.com/echkit/ech/router"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -20,7 +20,7 @@ import (
 // clone, and why. Every other command of a sh block is run.
 var readmeSkipped = map[string]string{
 	"go test ./...": "the test command itself, which runs this test",
-	"sudo ./ech-router -config /etc/ech-router/router.json":                                                                               "needs a deployment: its certificates, keys and ports",
+	"./ech-router -check -config cmd/ech-router/chatmail.json":                                                                            "exits 1 listing the example's certificates, missing on a test machine; cmd/ech-router's TestCheck runs it and checks that list",
 	"go run ./cmd/ech-client -connect cover.example:443 -name chat.example -alpn imap -ech https://cover.example/.well-known/origin-svcb": "needs a deployed router at cover.example",
 	"go test -run '^$' -bench 'NewConn|ServerHandshake|Handshake|HPKEOpen' -count 6 . | tee bench.txt":                                    "takes minutes; .ci/run runs every benchmark once instead",
 	"go run golang.org/x/perf/cmd/benchstat@latest bench.txt":                                                                             "needs the output of the benchmark run above",
@@ -84,9 +84,9 @@ func TestREADME(t *testing.T) {
 
 	t.Run("chatmail.json", func(t *testing.T) {
 		require.Len(t, jsonBlocks, 1)
-		file, err := os.ReadFile("example/router/chatmail.json")
+		file, err := os.ReadFile("cmd/ech-router/chatmail.json")
 		require.NoError(t, err)
-		assert.Equal(t, string(file), jsonBlocks[0], "the README shows example/router/chatmail.json as it is")
+		assert.Equal(t, string(file), jsonBlocks[0], "the README shows cmd/ech-router/chatmail.json as it is")
 		_, err = router.ParseConfig("README.md", []byte(jsonBlocks[0]))
 		assert.NoError(t, err)
 	})

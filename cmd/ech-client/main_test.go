@@ -18,8 +18,8 @@ import (
 
 	"github.com/echkit/ech"
 	"github.com/echkit/ech/internal/cli"
-	"github.com/echkit/ech/internal/router"
 	"github.com/echkit/ech/internal/testpki"
+	"github.com/echkit/ech/router"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/net/dns/dnsmessage"

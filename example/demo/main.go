@@ -1,6 +1,6 @@
 // Command demo shows split-mode ECH end to end, in one process on loopback
 // with nothing to prepare: it generates an ECH key, starts the router of
-// internal/router with two routes (one passed through to an ECH-aware
+// package router with two routes (one passed through to an ECH-aware
 // crypto/tls backend, one terminated by the router and forwarded as
 // plaintext, with a PROXY v2 header, to a small TCP service), runs clients
 // against it and prints what each one showed on the wire and reached.
@@ -33,8 +33,8 @@ import (
 	"time"
 
 	"github.com/echkit/ech"
-	"github.com/echkit/ech/internal/router"
 	"github.com/echkit/ech/internal/testpki"
+	"github.com/echkit/ech/router"
 )
 
 // The names of the demo. Only publicName is ever visible on the wire when

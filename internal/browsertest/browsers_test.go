@@ -15,7 +15,7 @@ import (
 	"time"
 
 	"github.com/echkit/ech"
-	"github.com/echkit/ech/internal/router"
+	"github.com/echkit/ech/router"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )

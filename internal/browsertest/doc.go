@@ -1,6 +1,6 @@
 // Package browsertest holds an end-to-end test in which real browsers,
 // Chromium and Firefox ESR, reach hidden names through the split-mode
-// router (internal/router): they learn ECH configs from HTTPS records over
+// router (package router): they learn ECH configs from HTTPS records over
 // DNS-over-HTTPS, send ECH (or GREASE ECH), follow HelloRetryRequests and
 // retry configs, and the test asserts what the backends and the router saw.
 //

@@ -24,7 +24,7 @@ import (
 
 	"github.com/echkit/ech"
 	"github.com/echkit/ech/echtest"
-	"github.com/echkit/ech/internal/router"
+	"github.com/echkit/ech/router"
 	"github.com/stretchr/testify/require"
 )
 
@@ -310,7 +310,7 @@ func newEnv(t *testing.T, artifacts string, routes []router.RouteConfig, hrrName
 	go e.plain.srv.Serve(ln)
 	t.Cleanup(func() { e.plain.srv.Close() })
 
-	// The router, from a configuration file as example/router runs it.
+	// The router, from a configuration file as cmd/ech-router runs it.
 	writeCert(t, dir, "public", e.ca.Certificate(publicName))
 	var terminateNames []string
 	for i := range routes {

@@ -52,7 +52,7 @@ func main() {
 	idle := flag.Int("idle", 500, "idle connections held open for the memory measure")
 	pings := flag.Int("pings", 2000, "one-byte round trips in the latency measure")
 	bulk := flag.Int("bulk", 64<<20, "bytes echoed through one connection in the throughput measure")
-	routerPkg := flag.String("router", "", "the router's package (default: ./cmd/ech-router, else ./example/router)")
+	routerPkg := flag.String("router", "./cmd/ech-router", "the router's package")
 	flag.Parse()
 	log.SetFlags(0)
 
@@ -235,12 +235,6 @@ backend be
 	b, _ := json.Marshal(rcfg)
 	if err := os.WriteFile(filepath.Join(dir, "router.json"), b, 0o600); err != nil {
 		return nil, err
-	}
-	if routerPkg == "" {
-		routerPkg = "./cmd/ech-router"
-		if _, err := os.Stat(filepath.Join("cmd", "ech-router", "main.go")); err != nil {
-			routerPkg = "./example/router"
-		}
 	}
 	bin := filepath.Join(dir, "ech-router")
 	if out, err := exec.Command("go", "build", "-o", bin, routerPkg).CombinedOutput(); err != nil {

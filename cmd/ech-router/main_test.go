@@ -12,12 +12,14 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/echkit/ech"
+	"github.com/echkit/ech/internal/cli"
 	"github.com/echkit/ech/internal/testpki"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -73,14 +75,50 @@ func TestCheck(t *testing.T) {
 	out, err = exec.Command(bin, "-check", "chatmail.json").CombinedOutput()
 	require.ErrorAs(t, err, &ee)
 	assert.Equal(t, 2, ee.ExitCode())
-	assert.Contains(t, string(out), `router: unexpected argument "chatmail.json": the configuration file is given by -config`)
+	assert.Contains(t, string(out), `ech-router: unexpected argument "chatmail.json": the configuration file is given by -config`)
 
 	bad := filepath.Join(t.TempDir(), "bad.json")
 	require.NoError(t, os.WriteFile(bad, []byte("{\n  \"keys\": {\"dir\": \"k\"},\n  \"listen\": [\":443\"]\n}\n"), 0o600))
 	out, err = exec.Command(bin, "-config", bad).CombinedOutput()
 	require.ErrorAs(t, err, &ee)
 	assert.Equal(t, 1, ee.ExitCode())
-	assert.Equal(t, "bad.json:3: listen: unknown setting\n", string(out), "the error names the line")
+	assert.Equal(t, "ech-router: bad.json:3: listen: unknown setting\n", string(out), "the error names the line")
+}
+
+func TestVersion(t *testing.T) {
+	t.Parallel()
+	var stdout, stderr strings.Builder
+	require.Equal(t, 0, cli.Run("ech-router", []string{"-version"}, &stdout, &stderr, run), stderr.String())
+	assert.Regexp(t, `^ech-router github.com/echkit/ech \S+ .*go1\.`, stdout.String())
+	assert.Equal(t, 2, cli.Run("ech-router", []string{"-log", "xml"}, &stdout, &stderr, run))
+	assert.Contains(t, stderr.String(), `-log "xml": want text or json`)
+}
+
+// TestSystemdUnit checks ech-router.service with systemd-analyze verify, as
+// systemd would read it, with the binary it names replaced by this one.
+func TestSystemdUnit(t *testing.T) {
+	t.Parallel()
+	sa, err := exec.LookPath("systemd-analyze")
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("systemd-analyze is missing (Debian package systemd): .ci/run installs it")
+		}
+		t.Skip("systemd-analyze not found: apt-get install systemd")
+	}
+	unit, err := os.ReadFile("ech-router.service")
+	require.NoError(t, err)
+	for _, want := range []string{"DynamicUser=yes", "AmbientCapabilities=CAP_NET_BIND_SERVICE", "ProtectSystem=strict",
+		"ReadOnlyPaths=/etc/ech-router", "ExecReload=/bin/kill -HUP $MAINPID", "NoNewPrivileges=yes"} {
+		assert.Contains(t, string(unit), want)
+	}
+	bin := build(t)
+	dir := t.TempDir()
+	local := strings.ReplaceAll(string(unit), "/usr/local/bin/ech-router", bin)
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "ech-router.service"), []byte(local), 0o644))
+	cmd := exec.Command(sa, "verify", filepath.Join(dir, "ech-router.service"))
+	out, err := cmd.CombinedOutput()
+	require.NoError(t, err, "systemd-analyze verify:\n%s", out)
+	assert.Empty(t, strings.TrimSpace(string(out)), "no warnings")
 }
 
 func writeCert(t *testing.T, dir, name string, c tls.Certificate) {

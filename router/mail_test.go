@@ -35,7 +35,7 @@ import (
 
 // The mail integration test runs the router in front of Debian's Dovecot and
 // Postfix (packages dovecot-imapd, dovecot-lmtpd, postfix; bssl-tool from
-// android-boringssl for the GREASE client), as example/router/chatmail.json
+// android-boringssl for the GREASE client), as cmd/ech-router/chatmail.json
 // does: the router terminates TLS and sends a PROXY v2 header, Dovecot and
 // Postfix speak plaintext behind it. Postfix authenticates submissions
 // through Dovecot's SASL service and delivers to Dovecot over LMTP.
@@ -559,7 +559,7 @@ func (r *mailRouter) stop(t *testing.T) {
 }
 
 // startMailRouter writes keys, certificates and a configuration shaped like
-// example/router/chatmail.json, and runs the router on loopback.
+// cmd/ech-router/chatmail.json, and runs the router on loopback.
 func startMailRouter(t *testing.T, m *mailEnv, ca *echtest.CA, ks *ech.KeySet, logs *recordHandler) *mailRouter {
 	t.Helper()
 	dir := filepath.Join(m.Dir, "router")

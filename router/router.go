@@ -22,7 +22,7 @@
 // /.well-known/origin-svcb and /ech-config-list.
 //
 // [Router] is the engine, driven by Go values; [Config] and [Server] are the
-// configuration file and the program around it (example/router).
+// configuration file and the program around it (cmd/ech-router).
 package router
 
 import (

@@ -115,7 +115,7 @@ func TestLoadConfigMissingFile(t *testing.T) {
 
 func TestChatmailExample(t *testing.T) {
 	t.Parallel()
-	c, err := LoadConfig("../../example/router/chatmail.json")
+	c, err := LoadConfig("../cmd/ech-router/chatmail.json")
 	require.NoError(t, err)
 	var addrs []string
 	for _, l := range c.Listeners {

@@ -19,7 +19,7 @@ import (
 )
 
 // Server is a [Router] set up from a [Config]: its keys loaded and watched,
-// its certificates loaded, its listeners open. It is what example/router
+// its certificates loaded, its listeners open. It is what cmd/ech-router
 // runs.
 type Server struct {
 	// Router is the engine; its fields may be read but should not be
