@@ -46,8 +46,12 @@ type Config struct {
 	ShutdownTimeout string `json:"shutdown_timeout,omitempty"`
 	// LogInnerNames, when false, keeps the names clients sent encrypted
 	// out of the log (see [Router.HideInnerNames]); default true.
-	LogInnerNames *bool            `json:"log_inner_names,omitempty"`
-	Listeners     []ListenerConfig `json:"listeners"`
+	LogInnerNames *bool `json:"log_inner_names,omitempty"`
+	// Metrics is the host:port of the HTTP server of /metrics (Prometheus
+	// text format), /healthz and /readyz; none when empty. Keep it on a
+	// private address: the metrics name the routes.
+	Metrics   string           `json:"metrics,omitempty"`
+	Listeners []ListenerConfig `json:"listeners"`
 
 	// Dir is the directory relative paths are taken from.
 	Dir string `json:"-"`
@@ -192,6 +196,11 @@ func (c *Config) check(at func(path string, err error) error) error {
 	}
 	if c.reload, err = dur("keys.reload", c.Keys.Reload, 5*time.Minute); err != nil {
 		return err
+	}
+	if c.Metrics != "" {
+		if err := checkHostPort(c.Metrics); err != nil {
+			return at("metrics", err)
+		}
 	}
 	missing := errors.New("missing")
 	switch {

@@ -1,10 +1,18 @@
 package router
 
 import (
+	"context"
+	"crypto/tls"
 	"crypto/x509"
+	"fmt"
 	"io"
+	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strconv"
 	"testing"
 	"time"
 
@@ -28,12 +36,14 @@ func scrape(t *testing.T, h http.Handler) map[string]*dto.MetricFamily {
 	return families
 }
 
-// metricValue returns the value of the series of name with labels, or
-// fails t.
+// metricValue returns the sum of the series of name whose labels include
+// labels (for a histogram, of their observation counts), or fails t when
+// there is none.
 func metricValue(t *testing.T, families map[string]*dto.MetricFamily, name string, labels map[string]string) float64 {
 	t.Helper()
 	f, ok := families[name]
 	require.True(t, ok, "no metric %s", name)
+	sum, found := 0.0, false
 	for _, m := range f.GetMetric() {
 		match := true
 		for _, lp := range m.GetLabel() {
@@ -44,17 +54,18 @@ func metricValue(t *testing.T, families map[string]*dto.MetricFamily, name strin
 		if !match {
 			continue
 		}
+		found = true
 		switch {
 		case m.Counter != nil:
-			return m.GetCounter().GetValue()
+			sum += m.GetCounter().GetValue()
 		case m.Gauge != nil:
-			return m.GetGauge().GetValue()
+			sum += m.GetGauge().GetValue()
 		case m.Histogram != nil:
-			return float64(m.GetHistogram().GetSampleCount())
+			sum += float64(m.GetHistogram().GetSampleCount())
 		}
 	}
-	t.Fatalf("no series of %s with %v", name, labels)
-	return 0
+	require.True(t, found, "no series of %s with %v", name, labels)
+	return sum
 }
 
 func TestMetrics(t *testing.T) {
@@ -128,4 +139,121 @@ func TestECHLabel(t *testing.T) {
 	assert.True(t, equalFoldASCII("Cover.Example", "cover.example"))
 	assert.False(t, equalFoldASCII("cover.example", "cover.exampl"))
 	assert.False(t, equalFoldASCII("a", "b"))
+}
+
+// TestServerMetrics runs a Server with a metrics address, sends it known
+// traffic and checks what Prometheus would scrape.
+func TestServerMetrics(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	dir := t.TempDir()
+	require.NoError(t, os.Mkdir(filepath.Join(dir, "keys"), 0o700))
+	writeKey(t, filepath.Join(dir, "keys"), "1.ech", e.ks.Keys()[0])
+	writeCert(t, dir, "cover", e.cert(publicName))
+	config := fmt.Sprintf(`{
+  "keys": {"dir": "keys", "reload": "0s"},
+  "public": {"name": %q, "cert": "cover.crt", "key": "cover.key"},
+  "metrics": "127.0.0.1:0",
+  "listeners": [
+    {"address": "127.0.0.1:0", "routes": [
+      {"name": "tls", "server_names": [%q], "mode": "passthrough", "backend": %q},
+      {"name": "down", "server_names": ["down.example"], "mode": "passthrough", "backend": %q}
+    ]}
+  ]
+}`, publicName, tlsName, e.tlsBackend(tlsName), closedAddr(t))
+	path := filepath.Join(dir, "router.json")
+	require.NoError(t, os.WriteFile(path, []byte(config), 0o600))
+	cfg, err := LoadConfig(path)
+	require.NoError(t, err)
+	srv, err := New(cfg, slog.New(slog.DiscardHandler))
+	require.NoError(t, err)
+	require.NoError(t, srv.Listen())
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- srv.Run(ctx, nil) }()
+	defer func() { cancel(); <-done }()
+	addr := srv.Addrs()[0].String()
+	listener := srv.Addrs()[0].String()
+	base := "http://" + srv.MetricsAddr().String()
+
+	require.Eventually(t, func() bool {
+		resp, err := http.Get(base + "/readyz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	}, 10*time.Second, 20*time.Millisecond, "ready once listening with keys")
+
+	// Known traffic: two accepted, one stale, one GREASE, one without ECH,
+	// one to a backend that is down.
+	for range 2 {
+		_, _, state, err := exchange(addr, e.clientConfig(tlsName, e.list))
+		require.NoError(t, err)
+		require.True(t, state.ECHAccepted)
+	}
+	stale, err := ech.NewKeySet(newKey(t, e.ks.ConfigIDs()...))
+	require.NoError(t, err)
+	staleList, err := stale.ConfigList()
+	require.NoError(t, err)
+	_, _, _, err = exchange(addr, e.clientConfig(tlsName, staleList))
+	var rej *tls.ECHRejectionError
+	require.ErrorAs(t, err, &rej)
+	serverCertificate(t, addr, greaseHello(t, tlsName))
+	_, _, _, err = exchange(addr, e.clientConfig(tlsName, nil))
+	require.NoError(t, err)
+	_, _, _, err = exchange(addr, e.clientConfig("down.example", e.list))
+	require.Error(t, err)
+
+	var f map[string]*dto.MetricFamily
+	require.Eventually(t, func() bool {
+		resp, err := http.Get(base + "/metrics")
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		p := expfmt.NewTextParser(model.UTF8Validation)
+		if f, err = p.TextToMetricFamilies(resp.Body); err != nil {
+			return false
+		}
+		c := f["ech_router_connections_total"]
+		total := 0.0
+		for _, m := range c.GetMetric() {
+			total += m.GetCounter().GetValue()
+		}
+		return total == 6 // every connection logged and counted
+	}, 10*time.Second, 20*time.Millisecond)
+	conns := func(route, outcome string) float64 {
+		return metricValue(t, f, "ech_router_connections_total", map[string]string{"listener": listener, "route": route, "ech": outcome})
+	}
+	assert.Equal(t, 2.0, conns("tls", "accepted"))
+	assert.Equal(t, 1.0, conns("public", "stale"), "a stale client names the public name")
+	assert.Equal(t, 1.0, conns("tls", "grease"), "a GREASE client names its server in the clear")
+	assert.Equal(t, 1.0, conns("tls", "not_offered"))
+	assert.Equal(t, 1.0, conns("down", "accepted"))
+	assert.Equal(t, 1.0, metricValue(t, f, "ech_router_backend_dial_failures_total", map[string]string{"route": "down"}))
+	assert.Equal(t, 6.0, metricValue(t, f, "ech_router_hello_seconds", map[string]string{"listener": listener}), "one observation per connection")
+	assert.Positive(t, metricValue(t, f, "ech_router_bytes_total", map[string]string{"route": "tls", "direction": "out"}))
+	assert.Equal(t, 1.0, metricValue(t, f, "ech_router_keys", nil))
+	id := strconv.Itoa(int(e.ks.ConfigIDs()[0]))
+	assert.Equal(t, 1.0, metricValue(t, f, "ech_router_key_info", map[string]string{"config_id": id}))
+	assert.Positive(t, metricValue(t, f, "ech_router_certificate_expiry_seconds", map[string]string{"name": publicName}))
+
+	srv.Reload()
+	resp, err := http.Get(base + "/metrics")
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	p := expfmt.NewTextParser(model.UTF8Validation)
+	f, err = p.TextToMetricFamilies(resp.Body)
+	require.NoError(t, err)
+	assert.Equal(t, 1.0, metricValue(t, f, "ech_router_reloads_total", map[string]string{"result": "ok"}))
+}
+
+// closedAddr returns a loopback address where nothing listens.
+func closedAddr(t *testing.T) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	addr := ln.Addr().String()
+	ln.Close()
+	return addr
 }

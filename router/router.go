@@ -207,6 +207,8 @@ type Router struct {
 	// HideInnerNames keeps the names a client sent encrypted out of the
 	// log: the inner server_name of a hello whose ECH was accepted.
 	HideInnerNames bool
+	// Metrics, if not nil, records each connection (see [NewMetrics]).
+	Metrics *Metrics
 
 	mu        sync.Mutex
 	closed    bool
@@ -246,6 +248,7 @@ func (r *Router) ServeListener(ln net.Listener, l Listener) error {
 		return ErrClosed
 	}
 	defer r.untrack(ln)
+	addr := ln.Addr().String()
 	var (
 		tempDelay time.Duration // the backoff after a temporary accept error
 		failures  int           // accept errors in this burst
@@ -280,6 +283,7 @@ func (r *Router) ServeListener(ln net.Listener, l Listener) error {
 		tempDelay = 0
 		if l.MaxConnections > 0 && inFlight.Load() >= int64(l.MaxConnections) {
 			refused++
+			r.Metrics.Refused(addr, "max_connections")
 			r.logger().Warn("connection refused: max_connections reached",
 				slog.String("address", ln.Addr().String()), slog.String("client", conn.RemoteAddr().String()),
 				slog.Int("max_connections", l.MaxConnections), slog.Int64("refused", refused))
@@ -291,10 +295,12 @@ func (r *Router) ServeListener(ln net.Listener, l Listener) error {
 			return ErrClosed
 		}
 		inFlight.Add(1)
+		r.Metrics.Active(addr, 1)
 		go func() {
 			defer inFlight.Add(-1)
+			defer r.Metrics.Active(addr, -1)
 			defer r.untrackConn(conn)
-			r.handle(conn, routes)
+			r.handle(conn, addr, routes)
 		}()
 	}
 }
@@ -424,6 +430,9 @@ func orDefault(d, def time.Duration) time.Duration {
 // connLog is what the log line of one connection says.
 type connLog struct {
 	start      time.Time
+	hello      time.Duration // from accepting to the hello read
+	listener   string
+	echLabel   string // the ECH outcome as the metrics label it
 	client     string
 	status     ech.Status
 	configID   int  // -1 when the client sent no ECH
@@ -478,11 +487,17 @@ func (r *Router) log(l *connLog) {
 		}
 	}
 	r.logger().LogAttrs(context.Background(), level, "connection", attrs...)
+	if r.Metrics != nil {
+		if errors.Is(l.err, errBackend) {
+			r.Metrics.DialFailure(l.route)
+		}
+		r.Metrics.Connection(l.listener, l.route, l.echLabel, l.hello, l.in, l.out)
+	}
 }
 
 // handle reads the ClientHello of conn and routes the connection.
-func (r *Router) handle(conn net.Conn, routes []Route) {
-	l := &connLog{start: time.Now(), client: conn.RemoteAddr().String(), configID: -1}
+func (r *Router) handle(conn net.Conn, listener string, routes []Route) {
+	l := &connLog{start: time.Now(), listener: listener, client: conn.RemoteAddr().String(), configID: -1, echLabel: echRefused}
 	defer func() { r.log(l) }()
 
 	// NewConn reads the TCP connection itself, so that ech.Conn's
@@ -490,10 +505,12 @@ func (r *Router) handle(conn net.Conn, routes []Route) {
 	ctx, cancel := context.WithTimeout(context.Background(), orDefault(r.HandshakeTimeout, DefaultHandshakeTimeout))
 	c, err := ech.NewConn(ctx, conn, ech.WithKeySet(r.Keys))
 	cancel()
+	l.hello = time.Since(l.start)
 	if err != nil {
 		l.err, l.refused = err, true
 		return
 	}
+	l.echLabel = echLabel(c, r.PublicName)
 	l.status, l.outerName, l.alpn = c.Status(), c.OuterServerName(), c.ALPNProtos()
 	if id, ok := c.ConfigID(); ok {
 		l.configID = int(id)

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"slices"
 	"strings"
@@ -34,8 +35,9 @@ type Server struct {
 	logger    *slog.Logger
 	listeners []Listener
 
-	mu  sync.Mutex
-	lns []net.Listener
+	mu        sync.Mutex
+	lns       []net.Listener
+	metricsLn net.Listener
 }
 
 // New loads the keys and certificates that cfg names and returns a Server
@@ -76,6 +78,10 @@ func New(cfg *Config, logger *slog.Logger) (*Server, error) {
 		Logger:               logger,
 		HideInnerNames:       cfg.LogInnerNames != nil && !*cfg.LogInnerNames,
 	}
+	if cfg.Metrics != "" {
+		s.Router.Metrics = NewMetrics()
+		s.Router.Metrics.Keys(ks)
+	}
 	for _, l := range cfg.Listeners {
 		var routes []Route
 		for _, rc := range l.Routes {
@@ -107,6 +113,7 @@ func New(cfg *Config, logger *slog.Logger) (*Server, error) {
 			return nil, err
 		}
 		f.cert.Store(c)
+		s.recordCert(f, c)
 	}
 	if s.Router.RegenInterval == 0 {
 		s.Router.RegenInterval = DefaultRegenInterval
@@ -163,19 +170,72 @@ func (s *Server) sortedCerts() []*certFile {
 // Reload loads the keys and the certificates again. A file that fails to
 // load is logged as an error and the one loaded before stays in use.
 func (s *Server) Reload() {
+	ok := true
 	if _, err := s.Keys.Reload(); err != nil {
+		ok = false
 		s.logger.Error("keys not reloaded", slog.String("dir", s.Keys.Dir), slog.String("error", err.Error()))
 	}
 	for _, f := range s.sortedCerts() {
 		c, err := f.load(s.logger, time.Now())
 		if err != nil {
+			ok = false
 			s.logger.Error("certificate not reloaded", slog.String("file", f.certPath), slog.String("error", err.Error()))
 			continue
 		}
 		if old := f.cert.Swap(c); !slices.EqualFunc(old.Certificate, c.Certificate, bytes.Equal) {
 			s.logger.Info("certificate loaded", slog.String("file", f.certPath), slog.Time("not_after", c.Leaf.NotAfter))
 		}
+		s.recordCert(f, c)
 	}
+	s.Router.Metrics.Reload(ok)
+	s.Router.Metrics.Keys(s.Router.Keys)
+}
+
+// recordCert gives the metrics the expiry of c under each name of f.
+func (s *Server) recordCert(f *certFile, c *tls.Certificate) {
+	for _, n := range f.names {
+		s.Router.Metrics.Certificate(n, c.Leaf)
+	}
+}
+
+// serveMetrics serves the metrics on the configured address until ctx is
+// done. The server is bounded like the public name's.
+func (s *Server) serveMetrics(ctx context.Context, ln net.Listener) {
+	m := s.Router.Metrics
+	m.SetReady(func() bool {
+		s.mu.Lock()
+		up := len(s.lns) == len(s.config.Listeners)
+		s.mu.Unlock()
+		return up && s.Router.Keys.Len() > 0
+	})
+	srv := &http.Server{
+		Handler:           m.Handler(),
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       10 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       time.Minute,
+		MaxHeaderBytes:    8 << 10,
+		ErrorLog:          slog.NewLogLogger(s.logger.Handler(), slog.LevelDebug),
+	}
+	go func() {
+		<-ctx.Done()
+		srv.Close()
+	}()
+	s.logger.Info("metrics", slog.String("address", ln.Addr().String()))
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		s.logger.Error("metrics server stopped", slog.String("error", err.Error()))
+	}
+}
+
+// MetricsAddr returns the address the metrics server listens on, once
+// [Server.Listen] has opened it, or nil.
+func (s *Server) MetricsAddr() net.Addr {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.metricsLn == nil {
+		return nil
+	}
+	return s.metricsLn.Addr()
 }
 
 // watch reloads every interval (if positive) and whenever trigger
@@ -243,6 +303,17 @@ func (s *Server) Listen() error {
 		}
 		s.lns = append(s.lns, ln)
 	}
+	if s.config.Metrics != "" {
+		ln, err := net.Listen("tcp", s.config.Metrics)
+		if err != nil {
+			for _, o := range s.lns {
+				o.Close()
+			}
+			s.lns = nil
+			return fmt.Errorf("router: metrics: %w", err)
+		}
+		s.metricsLn = ln
+	}
 	return nil
 }
 
@@ -274,6 +345,12 @@ func (s *Server) Run(ctx context.Context, reload <-chan struct{}) error {
 	watchCtx, stopWatch := context.WithCancel(ctx)
 	defer stopWatch()
 	go s.watch(watchCtx, s.config.reload, reload)
+	s.mu.Lock()
+	metricsLn := s.metricsLn
+	s.mu.Unlock()
+	if metricsLn != nil {
+		go s.serveMetrics(watchCtx, metricsLn)
+	}
 
 	errc := make(chan error, len(lns))
 	for i, ln := range lns {
