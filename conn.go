@@ -342,7 +342,9 @@ func readHandshakeMessage(r io.Reader, dst []byte, hdr *[recordHeaderLen]byte, m
 		case got == handshakeHeaderLen+msgLen:
 			return out, vers, records, nil
 		case got > handshakeHeaderLen+msgLen:
-			return nil, 0, records, fmt.Errorf("%w: data after the ClientHello in its record", ErrDecodeError)
+			// RFC 8446, Section 5.1: a message before a key change ends at
+			// a record boundary.
+			return nil, 0, records, fmt.Errorf("%w: data after the ClientHello in its record", ErrUnexpectedMessage)
 		}
 	}
 }
@@ -586,7 +588,9 @@ func (c *Conn) readWatching() error {
 	case len(w.msg) < handshakeHeaderLen+msgLen:
 		return nil // more records to come
 	case len(w.msg) > handshakeHeaderLen+msgLen:
-		return c.fail(fmt.Errorf("%w: data after the second ClientHello in its record", ErrDecodeError))
+		// RFC 8446, Section 5.1: a message before a key change ends at a
+		// record boundary.
+		return c.fail(fmt.Errorf("%w: data after the second ClientHello in its record", ErrUnexpectedMessage))
 	}
 	if w.msg[0] != typeClientHello {
 		// Not ours to judge: pass it on and stop watching.

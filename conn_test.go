@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -213,9 +214,13 @@ func TestMalformedHellos(t *testing.T) {
 			m[1], m[2], m[3] = 0, 0, 56
 			return records(m, 1<<14)
 		}, nil, alertDecodeError, ech.ErrDecodeError},
+		// RFC 8446, Section 5.1: a ClientHello ends at a record boundary.
 		{"data after ClientHello in its record", func(testing.TB) []byte {
 			return records(append(baseOuter().message(), 0), 1<<14)
-		}, nil, alertDecodeError, ech.ErrDecodeError},
+		}, nil, alertUnexpectedMessage, ech.ErrUnexpectedMessage},
+		{"handshake message after ClientHello in its record", func(testing.TB) []byte {
+			return records(append(baseOuter().message(), 0x14, 0, 0, 0x20), 1<<14)
+		}, nil, alertUnexpectedMessage, ech.ErrUnexpectedMessage},
 		{"hello over the size limit", func(testing.TB) []byte { return records(baseOuter().message(), 1<<14) },
 			[]ech.Option{ech.WithMaxHelloSize(100)}, alertDecodeError, ech.ErrHelloTooLarge},
 		{"duplicate outer extension", func(testing.TB) []byte {
@@ -379,34 +384,45 @@ func TestSecondHelloRules(t *testing.T) {
 		second func(s *sealer) []byte // the second ClientHello message
 		alert  byte
 		err    error
+		// inOneRecord: the case is about the record the hello ends in, so
+		// it is not run with the hello cut into records of one byte.
+		inOneRecord bool
 	}{
-		{"accepted", func(s *sealer) []byte { return s.seal(baseOuter(), baseInner(), nil, 7) }, 0, nil},
-		{"no ECH", func(s *sealer) []byte { return baseOuter().message() }, alertMissingExtension, ech.ErrMissingExtension},
-		{"config_id changed", func(s *sealer) []byte { return s.seal(baseOuter(), baseInner(), nil, 8) }, alertIllegalParameter, ech.ErrIllegalParameter},
-		{"enc not empty", func(s *sealer) []byte { return s.seal(baseOuter(), baseInner(), s.enc, 7) }, alertIllegalParameter, ech.ErrIllegalParameter},
+		{"accepted", func(s *sealer) []byte { return s.seal(baseOuter(), baseInner(), nil, 7) }, 0, nil, false},
+		{"no ECH", func(s *sealer) []byte { return baseOuter().message() }, alertMissingExtension, ech.ErrMissingExtension, false},
+		{"config_id changed", func(s *sealer) []byte { return s.seal(baseOuter(), baseInner(), nil, 8) }, alertIllegalParameter, ech.ErrIllegalParameter, false},
+		{"enc not empty", func(s *sealer) []byte { return s.seal(baseOuter(), baseInner(), s.enc, 7) }, alertIllegalParameter, ech.ErrIllegalParameter, false},
 		{"cipher suite changed", func(s *sealer) []byte {
 			h := baseOuter()
 			h.set(tECH, echOuterExt(1, 2, 7, nil, make([]byte, 64)))
 			return h.message()
-		}, alertIllegalParameter, ech.ErrIllegalParameter},
+		}, alertIllegalParameter, ech.ErrIllegalParameter, false},
 		{"ECH of type inner", func(s *sealer) []byte {
 			h := baseOuter()
 			h.set(tECH, []byte{1})
 			return h.message()
-		}, alertIllegalParameter, ech.ErrIllegalParameter},
+		}, alertIllegalParameter, ech.ErrIllegalParameter, false},
 		{"does not decrypt", func(s *sealer) []byte {
 			h := baseOuter()
 			h.set(tECH, echOuterExt(1, 1, 7, nil, make([]byte, 64)))
 			return h.message()
-		}, alertDecryptError, ech.ErrDecryptError},
+		}, alertDecryptError, ech.ErrDecryptError, false},
 		{"bad outer extension reference", func(s *sealer) []byte {
 			inner := baseInner()
 			inner.set(tOuterExts, outerExtsExt(tSigAlgs, tGroups))
 			return s.seal(baseOuter(), inner, nil, 7)
-		}, alertIllegalParameter, ech.ErrIllegalParameter},
+		}, alertIllegalParameter, ech.ErrIllegalParameter, false},
+		// RFC 8446, Section 5.1: the second ClientHello also ends at a
+		// record boundary.
+		{"handshake message after it in its record", func(s *sealer) []byte {
+			return append(s.seal(baseOuter(), baseInner(), nil, 7), 0x14, 0, 0, 0x20)
+		}, alertUnexpectedMessage, ech.ErrUnexpectedMessage, true},
 	}
 	for _, tc := range tests {
 		for _, frag := range []int{1 << 14, 1} {
+			if tc.inOneRecord && frag == 1 {
+				continue
+			}
 			t.Run(fmt.Sprintf("%s/records of %d", tc.name, frag), func(t *testing.T) {
 				t.Parallel()
 				client, server := tcpPair(t)
@@ -946,4 +962,103 @@ func proxy(c *ech.Conn, addr string) {
 	defer b.Close()
 	go func() { io.Copy(b, c); b.(*net.TCPConn).CloseWrite() }()
 	io.Copy(c, b)
+}
+
+// countingReader signals done once n bytes have been read from the conn.
+type countingReader struct {
+	net.Conn
+	n    int
+	done chan struct{}
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	m, err := c.Conn.Read(p)
+	if c.n -= m; c.n <= 0 && m > 0 {
+		close(c.done)
+	}
+	return m, err
+}
+
+// TestPendingHelloMemory measures the heap NewConn holds per connection
+// while it waits for the rest of a ClientHello: a client that sent only a
+// record header (announcing 2^14 bytes) must cost under 4 KiB, one that sent
+// all of a hello but its last byte under 1.5 times the hello's size. It
+// holds many pending NewConn calls over loopback and reads the heap of the
+// process, less what the same number of goroutines blocked in a plain read
+// of the conn hold. It is not parallel, so no other test allocates
+// meanwhile.
+func TestPendingHelloMemory(t *testing.T) {
+	ks := echtest.NewKeySet(t, publicName)
+	list, err := ks.ConfigList()
+	require.NoError(t, err)
+	small, large := helloOfSize(t, list, 0), helloOfSize(t, list, 60<<10)
+	header := []byte{22, 3, 1, 0x40, 0}
+	newConn := func(t *testing.T, c net.Conn) {
+		_, err := ech.NewConn(t.Context(), c, ech.WithKeySet(ks))
+		assert.Error(t, err)
+	}
+	// The harness alone: a goroutine blocked reading the conn under a
+	// deadline, as NewConn does.
+	plainRead := func(t *testing.T, c net.Conn) {
+		c.SetDeadline(time.Now().Add(time.Hour))
+		var b [recordHeaderLen]byte
+		io.ReadFull(c, b[:])
+		c.Read(b[:])
+	}
+	base := pendingHeap(t, header, plainRead)
+	tests := []struct {
+		name  string
+		sent  []byte
+		limit float64
+	}{
+		{"record header only", header, 4 << 10},
+		{"Go's hello but its last byte", small[:len(small)-1], 1.5 * float64(len(small))},
+		{"60 KiB hello but its last byte", large[:len(large)-1], 1.5 * float64(len(large))},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			perConn := pendingHeap(t, tc.sent, newConn) - base
+			t.Logf("sent %d bytes: NewConn holds %.0f B of heap (limit %.0f; the harness %.0f B)",
+				len(tc.sent), perConn, tc.limit, base)
+			assert.Less(t, perConn, tc.limit)
+		})
+	}
+}
+
+const recordHeaderLen = 5
+
+// pendingHeap returns the heap held per connection by pending calls of fn
+// on conns whose client sent the bytes sent.
+func pendingHeap(t *testing.T, sent []byte, fn func(*testing.T, net.Conn)) float64 {
+	const n = 64
+	conns := make([]*countingReader, n)
+	for i := range conns {
+		client, server := tcpPair(t)
+		go client.Write(sent)
+		conns[i] = &countingReader{Conn: server, n: len(sent), done: make(chan struct{})}
+	}
+	// Two collections empty the sync.Pools, so that every buffer held
+	// is counted.
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	var wg sync.WaitGroup
+	for _, c := range conns {
+		wg.Go(func() { fn(t, c) })
+	}
+	for _, c := range conns {
+		select {
+		case <-c.done:
+		case <-time.After(testTimeout):
+			t.Fatal("the client's bytes were not read")
+		}
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	for _, c := range conns {
+		c.Close()
+	}
+	wg.Wait()
+	return float64(int64(after.HeapAlloc)-int64(before.HeapAlloc)) / n
 }
