@@ -279,6 +279,12 @@ func TestMalformedHellos(t *testing.T) {
 		{"outer extension references encrypted_client_hello", func(t testing.TB) []byte {
 			return sealedEnc(t, nil, func(h *hello) { h.set(tOuterExts, outerExtsExt(tGroups, tECH)) })
 		}, nil, alertIllegalParameter, ech.ErrIllegalParameter},
+		// RFC 9849, Section 5.1: ech_outer_extensions appears in neither
+		// hello, so an outer one cannot be copied into the inner.
+		{"outer extension references ech_outer_extensions", func(t testing.TB) []byte {
+			return sealedEnc(t, func(h *hello) { h.set(tOuterExts, outerExtsExt(tGroups)) },
+				func(h *hello) { h.set(tOuterExts, outerExtsExt(tGroups, tSigAlgs, tVersions, tKeyShare, tOuterExts)) })
+		}, nil, alertIllegalParameter, ech.ErrIllegalParameter},
 		{"ech_outer_extensions twice", func(t testing.TB) []byte {
 			return sealedEnc(t, nil, func(h *hello) { h.exts = append(h.exts, ext{tOuterExts, outerExtsExt(tKeyShare)}) })
 		}, nil, alertIllegalParameter, ech.ErrIllegalParameter},

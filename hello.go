@@ -406,8 +406,13 @@ func expandOuterExtensions(out []byte, outer []extension, data []byte) ([]byte, 
 	for !refs.Empty() {
 		var t uint16
 		refs.ReadUint16(&t)
-		if t == extensionECH {
+		switch t {
+		case extensionECH:
 			return nil, fmt.Errorf("%w: ech_outer_extensions references encrypted_client_hello", ErrIllegalParameter)
+		case extensionECHOuterExtensions:
+			// RFC 9849, Section 5.1: ech_outer_extensions is in neither
+			// hello, so it cannot be copied from one into the other.
+			return nil, fmt.Errorf("%w: ech_outer_extensions references ech_outer_extensions", ErrIllegalParameter)
 		}
 		for i < len(outer) && outer[i].typ != t {
 			i++
