@@ -222,11 +222,15 @@ var aLongTimeAgo = time.Unix(1, 0)
 // returns an error wrapping the matching sentinel, such as
 // [ErrIllegalParameter]. A hello whose ECH does not decrypt (GREASE, an
 // unknown config_id, a stale key) is not an error: see [StatusRejected].
-// NewConn does not close conn.
+// NewConn does not close conn. Without a key option it returns
+// [ErrNoKeys] at once; an empty [KeySet] is allowed.
 func NewConn(ctx context.Context, conn net.Conn, opts ...Option) (*Conn, error) {
 	o := defaultOptions()
 	for _, opt := range opts {
 		opt(&o)
+	}
+	if o.keySet == nil && len(o.keys) == 0 {
+		return nil, fmt.Errorf("%w: NewConn needs WithKeySet or WithKeys", ErrNoKeys)
 	}
 	deadline, ok := ctx.Deadline()
 	if !ok && o.timeout > 0 {

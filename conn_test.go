@@ -693,6 +693,37 @@ func TestNewConnBounded(t *testing.T) {
 	})
 }
 
+// TestNoKeys checks that NewConn without keys fails at the call, before it
+// reads anything, rather than refusing every hello's ECH in silence.
+func TestNoKeys(t *testing.T) {
+	t.Parallel()
+	for name, opts := range map[string][]ech.Option{
+		"no key option":   nil,
+		"WithKeys()":      {ech.WithKeys()},
+		"nil WithKeySet":  {ech.WithKeySet(nil)},
+		"only the logger": {ech.WithLogger(slog.New(slog.DiscardHandler))},
+	} {
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			client, server := tcpPair(t)
+			c, err := ech.NewConn(t.Context(), server, opts...)
+			require.ErrorIs(t, err, ech.ErrNoKeys)
+			assert.Nil(t, c)
+			assert.True(t, strings.HasPrefix(err.Error(), "ech: "), "error %q starts with ech:", err)
+			server.Close()
+			assert.Empty(t, readAll(t, client), "no alert: the client was not at fault")
+		})
+	}
+	// An empty KeySet is a key option: keys may be added later.
+	client, server := tcpPair(t)
+	go client.Write(records(baseOuter().message(), 1<<14))
+	ks, err := ech.NewKeySet()
+	require.NoError(t, err)
+	c, err := ech.NewConn(t.Context(), server, ech.WithKeySet(ks))
+	require.NoError(t, err)
+	assert.Equal(t, ech.StatusNotOffered, c.Status())
+}
+
 // TestNoAllocsAfterHandshake checks that once the handshake messages are
 // through (the server's ServerHello written, for an accepted hello), Read
 // and Write are direct calls on the wrapped conn.
@@ -899,7 +930,7 @@ func TestNoDeadlineLeftBehind(t *testing.T) {
 	client, server := tcpPair(t)
 	go client.Write(records(baseOuter().message(), 1<<14))
 	ctx, cancel := context.WithCancel(t.Context())
-	c, err := ech.NewConn(ctx, &cancelOnClear{Conn: server, cancel: cancel}, ech.WithKeys())
+	c, err := ech.NewConn(ctx, &cancelOnClear{Conn: server, cancel: cancel}, ech.WithKeySet(echtest.NewKeySet(t, publicName)))
 	require.NoError(t, err)
 	readMessage(t, c)
 	go client.Write([]byte("x"))

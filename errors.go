@@ -57,6 +57,7 @@ var (
 	// ErrMalformedPEM reports an ECH PEM file (RFC 9934) that does not hold
 	// exactly one ECHCONFIG block and at most one PRIVATE KEY block.
 	ErrMalformedPEM = errors.New("ech: malformed ECH PEM file")
-	// ErrNoKeys reports an empty key set where keys are required.
+	// ErrNoKeys reports an empty key set where keys are required, and a
+	// call of [NewConn] with neither [WithKeySet] nor [WithKeys].
 	ErrNoKeys = errors.New("ech: no keys")
 )
