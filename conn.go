@@ -416,17 +416,10 @@ func (c *Conn) readHello(ctx context.Context, o *options) error {
 	}
 	c.presented, c.configID = true, ech.configID
 
-	cands := sc.cands[:0]
-	if o.keySet != nil {
-		cands = o.keySet.table().candidates(cands, ech.configID, ech.suite)
-	}
-	if len(o.keys) > 0 && len(cands) < MaxKeysPerHello {
-		parsed, err := parseKeys(o.keys)
-		if err != nil {
-			putBuf(bp)
-			return err
-		}
-		cands = newKeyTable(parsed).candidates(cands, ech.configID, ech.suite)
+	cands, err := o.candidates(sc.cands[:0], ech.configID, ech.suite)
+	if err != nil {
+		putBuf(bp)
+		return err
 	}
 	if len(cands) > 0 {
 		sc.aad = outerAAD(sc.aad, msg[handshakeHeaderLen:], outer, len(ech.payload))

@@ -791,6 +791,41 @@ func TestKeysTriedPerHello(t *testing.T) {
 	}
 }
 
+// TestWithKeysParsesOnlyCandidates checks that WithKeys parses only the
+// keys a hello may decrypt with (config_id and suite match): a broken key
+// that is no candidate costs nothing and is not reported; one that is a
+// candidate is.
+func TestWithKeysParsesOnlyCandidates(t *testing.T) {
+	t.Parallel()
+	good, err := ech.GenerateKey(publicName, &ech.KeyOptions{ConfigID: 7})
+	require.NoError(t, err)
+	// broken returns a key whose private key is another's.
+	broken := func(opts *ech.KeyOptions) ech.Key {
+		k, err := ech.GenerateKey(publicName, opts)
+		require.NoError(t, err)
+		k.PrivateKey = good.PrivateKey
+		return k
+	}
+	otherID := broken(&ech.KeyOptions{ConfigID: 8})
+	otherSuite := broken(&ech.KeyOptions{ConfigID: 7, CipherSuites: []ech.CipherSuite{{KDF: ech.KDFHKDFSHA384, AEAD: ech.AEADChaCha20Poly1305}}})
+	keys := ech.WithKeys(otherID, otherSuite, good)
+
+	client, server := tcpPair(t)
+	s := newSealer(t, good)
+	go client.Write(records(s.seal(baseOuter(), baseInner(), s.enc, 7), 1<<14))
+	c, err := ech.NewConn(t.Context(), server, keys)
+	require.NoError(t, err)
+	assert.Equal(t, ech.StatusAccepted, c.Status())
+
+	// A hello naming config_id 8 makes the broken key a candidate.
+	client, server = tcpPair(t)
+	go client.Write(records(s.seal(baseOuter(), baseInner(), s.enc, 8), 1<<14))
+	_, err = ech.NewConn(t.Context(), server, keys)
+	require.ErrorIs(t, err, ech.ErrInvalidKey)
+	server.Close()
+	assert.Equal(t, alertRecord(80), readAll(t, client), "internal_error")
+}
+
 func TestLogger(t *testing.T) {
 	t.Parallel()
 	var buf strings.Builder
