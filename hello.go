@@ -10,9 +10,6 @@ import (
 
 // TLS codepoints used by this package.
 const (
-	recordTypeAlert     uint8 = 21
-	recordTypeHandshake uint8 = 22
-
 	typeClientHello uint8 = 1
 	typeServerHello uint8 = 2
 
@@ -26,10 +23,6 @@ const (
 	echTypeInner uint8 = 1
 
 	versionTLS13 uint16 = 0x0304
-
-	recordHeaderLen    = 5
-	handshakeHeaderLen = 4
-	maxPlaintext       = 1 << 14 // RFC 8446, Section 5.1
 )
 
 // extension is one ClientHello extension. data aliases the hello.
@@ -424,16 +417,4 @@ func expandOuterExtensions(out []byte, outer []extension, data []byte) ([]byte, 
 		i++
 	}
 	return out, nil
-}
-
-// appendRecords appends msg to dst as handshake records of at most
-// maxPlaintext bytes each, with record version vers.
-func appendRecords(dst []byte, vers uint16, msg []byte) []byte {
-	for len(msg) > 0 {
-		n := min(len(msg), maxPlaintext)
-		dst = append(dst, recordTypeHandshake, byte(vers>>8), byte(vers), byte(n>>8), byte(n))
-		dst = append(dst, msg[:n]...)
-		msg = msg[n:]
-	}
-	return dst
 }
