@@ -1158,16 +1158,17 @@ func (c *countingReader) Read(p []byte) (int, error) {
 // TestPendingHelloMemory measures the heap NewConn holds per connection
 // while it waits for the rest of a ClientHello: a client that sent only a
 // record header (announcing 2^14 bytes) must cost under 4 KiB, one that sent
-// all of a hello but its last byte under 1.5 times the hello's size. It
-// holds many pending NewConn calls over loopback and reads the heap of the
-// process, less what the same number of goroutines blocked in a plain read
-// of the conn hold. It is not parallel, so no other test allocates
-// meanwhile.
+// all of a hello but its last byte under 1.5 times the hello's size, or
+// 4 KiB for a small hello, where the Conn and the context's callback weigh
+// more than the hello. It holds many pending NewConn calls over loopback
+// and reads the heap of the process, less what the same number of
+// goroutines blocked in a plain read of the conn hold. It is not parallel,
+// so no other test allocates meanwhile.
 func TestPendingHelloMemory(t *testing.T) {
 	ks := echtest.NewKeySet(t, publicName)
 	list, err := ks.ConfigList()
 	require.NoError(t, err)
-	small, large := helloOfSize(t, list, 0), helloOfSize(t, list, 60<<10)
+	small, medium, large := helloOfSize(t, list, 0), helloOfSize(t, list, 16<<10), helloOfSize(t, list, 60<<10)
 	header := []byte{22, 3, 1, 0x40, 0}
 	newConn := func(t *testing.T, c net.Conn) {
 		_, err := ech.NewConn(t.Context(), c, ech.WithKeySet(ks))
@@ -1181,6 +1182,7 @@ func TestPendingHelloMemory(t *testing.T) {
 		io.ReadFull(c, b[:])
 		c.Read(b[:])
 	}
+	pendingHeap(t, header, plainRead) // the goroutines, made once, then reused
 	base := pendingHeap(t, header, plainRead)
 	tests := []struct {
 		name  string
@@ -1188,7 +1190,8 @@ func TestPendingHelloMemory(t *testing.T) {
 		limit float64
 	}{
 		{"record header only", header, 4 << 10},
-		{"Go's hello but its last byte", small[:len(small)-1], 1.5 * float64(len(small))},
+		{"Go's hello but its last byte", small[:len(small)-1], max(4<<10, 1.5*float64(len(small)))},
+		{"16 KiB hello but its last byte", medium[:len(medium)-1], 1.5 * float64(len(medium))},
 		{"60 KiB hello but its last byte", large[:len(large)-1], 1.5 * float64(len(large))},
 	}
 	for _, tc := range tests {
