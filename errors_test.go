@@ -7,6 +7,8 @@ import (
 	"go/parser"
 	"go/token"
 	"io"
+	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/echkit/ech"
@@ -36,10 +38,15 @@ var sentinels = map[string]error{
 // TestSentinelsListed checks that sentinels lists every exported error
 // variable of the package, so that the fuzzers' oracle knows them all.
 func TestSentinelsListed(t *testing.T) {
-	pkgs, err := parser.ParseDir(token.NewFileSet(), ".", nil, parser.SkipObjectResolution)
+	files, err := filepath.Glob("*.go")
 	require.NoError(t, err)
 	var found []string
-	for _, f := range pkgs["ech"].Files {
+	for _, name := range files {
+		if strings.HasSuffix(name, "_test.go") {
+			continue
+		}
+		f, err := parser.ParseFile(token.NewFileSet(), name, nil, parser.SkipObjectResolution)
+		require.NoError(t, err)
 		for _, d := range f.Decls {
 			g, ok := d.(*ast.GenDecl)
 			if !ok || g.Tok != token.VAR {
