@@ -305,13 +305,23 @@ func (m *Manager) Tick(ctx context.Context) error {
 	if !slices.ContainsFunc(files, func(f keyFile) bool { return f.managed }) {
 		return errors.Join(append(errs, fmt.Errorf("%w in %s", ErrNoKeys, m.Dir))...)
 	}
-	adv := m.choose(ctx, files, now)
-	m.use(files, adv, now)
-	if m.KeySet != nil {
-		if err := m.KeySet.Replace(m.keys...); err != nil {
+	// Load the keys first, the advertised one unchanged, so that this
+	// server decrypts a new key when its peers check it, this one included.
+	prev := slices.IndexFunc(files, func(f keyFile) bool { return bytes.Equal(f.key.Config, m.advertised) })
+	if prev < 0 {
+		prev = 0 // the oldest managed key
+	}
+	m.use(files, prev, now)
+	if err := m.load(); err != nil {
+		errs = append(errs, err)
+	}
+	if adv := m.choose(ctx, files, now); adv != prev {
+		m.use(files, adv, now)
+		if err := m.load(); err != nil {
 			errs = append(errs, err)
 		}
 	}
+	adv := slices.IndexFunc(files, func(f keyFile) bool { return bytes.Equal(f.key.Config, m.advertised) })
 	if m.Publisher != nil {
 		if err := m.publish(ctx, files, adv, now); err != nil {
 			errs = append(errs, err)
@@ -320,7 +330,15 @@ func (m *Manager) Tick(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// scan reads the keys of dir, oldest first.
+// load puts the keys in KeySet, if any.
+func (m *Manager) load() error {
+	if m.KeySet == nil {
+		return nil
+	}
+	return m.KeySet.Replace(m.keys...)
+}
+
+// scan reads the keys of dir, oldest managed first.
 func scan(dir string) ([]keyFile, error) {
 	entries, err := os.ReadDir(dir)
 	if err != nil {
