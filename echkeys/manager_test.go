@@ -147,7 +147,9 @@ func advertisedFile(t *testing.T, files []string, keys []ech.Key) string {
 	return ""
 }
 
-func hexByte(b int) string { return string("0123456789abcdef"[b>>4]) + string("0123456789abcdef"[b&15]) }
+func hexByte(b int) string {
+	return string("0123456789abcdef"[b>>4]) + string("0123456789abcdef"[b&15])
+}
 
 func TestManagerDefaults(t *testing.T) {
 	m := &Manager{Dir: t.TempDir(), PublicName: "public.test", Logger: quiet}
