@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -103,5 +102,3 @@ func handshake(addr string, cfg *tls.Config) (bool, error) {
 	defer c.Close()
 	return c.(*tls.Conn).ConnectionState().ECHAccepted, nil
 }
-
-func quoteList(l ech.ConfigList) string { return strings.TrimSpace(l.String()) }
