@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -351,12 +352,22 @@ func scan(dir string) ([]keyFile, error) {
 			continue
 		}
 		path := filepath.Join(dir, n)
-		if fi, err := os.Stat(path); err != nil {
+		fi, err := os.Stat(path)
+		if errors.Is(err, fs.ErrNotExist) {
+			// Deleted by another Manager since ReadDir, or a link left
+			// dangling by a volume's swap.
+			continue
+		}
+		if err != nil {
 			return nil, fmt.Errorf("echkeys: %w", err)
-		} else if !fi.Mode().IsRegular() {
+		}
+		if !fi.Mode().IsRegular() {
 			continue // as LoadKeyDir: a directory, socket, FIFO...
 		}
 		data, err := readBounded(path, ech.MaxKeyFileSize)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
 		if err != nil {
 			return nil, fmt.Errorf("echkeys: %w", err)
 		}

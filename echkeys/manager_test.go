@@ -1,6 +1,8 @@
 package echkeys
 
 import (
+	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"os"
@@ -308,4 +310,77 @@ func TestThreeManagers(t *testing.T) {
 		}
 	}))
 	assert.NoFileExists(t, filepath.Join(dir, lockName))
+}
+
+// deadProvider is a zone that cannot be reached.
+type deadProvider struct{ calls int }
+
+func (p *deadProvider) Lookup(context.Context, string) (Current, error) {
+	p.calls++
+	return Current{}, errors.New("connection refused")
+}
+
+func (p *deadProvider) Replace(context.Context, Record) error { return errors.New("connection refused") }
+
+// TestManagerPublishFailure checks that a zone that cannot be reached does
+// not stop the rotation, and that a key is not deleted while its config may
+// still be in DNS.
+func TestManagerPublishFailure(t *testing.T) {
+	dir := t.TempDir()
+	clk := newClock()
+	dead := &deadProvider{}
+	m := &Manager{
+		Dir: dir, PublicName: "public.test", Rotate: 24 * time.Hour, Propagation: -1, TTL: time.Minute,
+		Retire: 48 * time.Hour, Logger: quiet, Now: clk.Now,
+		Publisher: &Publisher{Provider: dead, Names: []Name{{Name: "www.test"}}, Logger: quiet},
+	}
+	for d := 0; d <= 4; d++ {
+		err := m.Tick(t.Context())
+		require.ErrorIs(t, err, ErrPublish, "day %d", d)
+		assert.Len(t, managedFiles(t, dir), d+1, "day %d: keys still rotate", d)
+		clk.Advance(24 * time.Hour)
+	}
+	assert.Equal(t, 5, dead.calls)
+}
+
+// TestManagerSecretVolume reads a directory laid out as Kubernetes mounts
+// a Secret: files are links through the ..data link, which is swapped to
+// update them all at once.
+func TestManagerSecretVolume(t *testing.T) {
+	dir := t.TempDir()
+	clk := newClock()
+	write := func(gen string, created ...time.Time) {
+		require.NoError(t, os.Mkdir(filepath.Join(dir, gen), 0o755))
+		for _, c := range created {
+			k, err := ech.GenerateKey("public.test", nil)
+			require.NoError(t, err)
+			data, err := ech.MarshalPEM(k)
+			require.NoError(t, err)
+			n := fileName(c, uint8(configID(k.Config)))
+			require.NoError(t, os.WriteFile(filepath.Join(dir, gen, n), data, 0o600))
+			os.Symlink(filepath.Join("..data", n), filepath.Join(dir, n))
+		}
+		tmp := filepath.Join(dir, "..data_tmp")
+		require.NoError(t, os.Symlink(gen, tmp))
+		require.NoError(t, os.Rename(tmp, filepath.Join(dir, "..data")))
+	}
+	t0 := clk.Now()
+	write("..gen1", t0.Add(-time.Hour))
+	m := &Manager{Dir: dir, PublicName: "public.test", ReadOnly: true, Propagation: 30 * time.Minute, Logger: quiet, Now: clk.Now}
+	require.NoError(t, m.Tick(t.Context()))
+	require.Len(t, m.Keys(), 1)
+	// The writer adds a key; the volume swaps.
+	// (gen2 has a fresh key for t0-1h: the link to the one of gen1 dangles.)
+	write("..gen2", t0.Add(-time.Hour), t0)
+	require.NoError(t, m.Tick(t.Context()))
+	keys := m.Keys()
+	require.Len(t, keys, 2)
+	assert.False(t, keys[1].SendAsRetry, "the new key waits for Propagation")
+	clk.Advance(30 * time.Minute)
+	require.NoError(t, m.Tick(t.Context()))
+	assert.NotEqual(t, keys[0].Config, m.Keys()[0].Config, "then it is advertised")
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		assert.NotEqual(t, lockName, e.Name(), "a read-only manager writes nothing")
+	}
 }

@@ -90,7 +90,6 @@ type Publisher struct {
 	// absent maps a config to the time since which every name has been
 	// seen without it; a config seen in DNS is not in it.
 	absent map[string]time.Time
-	seen   map[string]bool // configs ever seen in DNS or published
 }
 
 func (p *Publisher) logger() *slog.Logger {
@@ -169,11 +168,15 @@ func (p *Publisher) publish(ctx context.Context, list ech.ConfigList, created ma
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.absent == nil {
-		p.absent, p.seen = make(map[string]time.Time), make(map[string]bool)
+		p.absent = make(map[string]time.Time)
 	}
 	for c := range inDNS {
-		p.seen[c] = true
 		delete(p.absent, c)
+	}
+	for c := range p.absent {
+		if _, ok := created[c]; !ok {
+			delete(p.absent, c) // a deleted key
+		}
 	}
 	if complete {
 		for c := range created {
