@@ -320,7 +320,9 @@ func (p *deadProvider) Lookup(context.Context, string) (Current, error) {
 	return Current{}, errors.New("connection refused")
 }
 
-func (p *deadProvider) Replace(context.Context, Record) error { return errors.New("connection refused") }
+func (p *deadProvider) Replace(context.Context, Record) error {
+	return errors.New("connection refused")
+}
 
 // TestManagerPublishFailure checks that a zone that cannot be reached does
 // not stop the rotation, and that a key is not deleted while its config may
