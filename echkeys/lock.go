@@ -86,8 +86,10 @@ func acquireLock(dir, id string, now time.Time, timeout time.Duration) (*lock, e
 		if !ok {
 			// A holder that crashed between creating and writing the file,
 			// or one being written now: judge it by the file's time.
+			// NOTE: the file's time is the file system's, so it is
+			// compared with the real clock, not the injected one.
 			fi, err := os.Stat(path)
-			if err != nil || now.Sub(fi.ModTime()) < timeout {
+			if err != nil || time.Since(fi.ModTime()) < timeout {
 				return nil, errLocked
 			}
 		}
@@ -121,7 +123,14 @@ func breakLock(path string, old []byte) error {
 	return errLocked
 }
 
-// held reports whether l is still the lock in its directory.
+// held reports whether l is still the lock in its directory. A holder
+// checks it right before each write, so that one whose lock was broken
+// (it stalled for longer than the timeout) does not write.
+//
+// NOTE: a holder that stalls between this check and its rename could still
+// write after its lock was broken; the timeout (minutes) makes that window
+// (microseconds) irrelevant in practice, and the key it would add is a
+// whole, valid key, not a corrupt one.
 func (l *lock) held() bool {
 	b, err := readBounded(l.path, maxLockSize)
 	if err != nil {

@@ -167,12 +167,14 @@ type Manager struct {
 	// Now returns the current time; nil means time.Now. Tests set it.
 	Now func() time.Time
 
-	mu         sync.Mutex
-	started    bool
+	tickMu    sync.Mutex // serializes Ticks; guards the fields below it
+	started   bool
+	since     map[string]time.Time // config -> when this Manager first advertised it
+	confirmed map[string]bool      // config -> every peer decrypts it
+
+	mu         sync.Mutex // guards keys and advertised, written by Tick only
 	keys       []ech.Key
-	advertised []byte               // config of the advertised key
-	since      map[string]time.Time // config -> when this Manager first advertised it
-	confirmed  map[string]bool      // config -> every peer decrypts it
+	advertised []byte // config of the advertised key
 }
 
 // setup checks the fields and fills in the defaults.
@@ -280,8 +282,8 @@ func configList(config []byte) (ech.ConfigList, error) {
 // publish is logged and returned, and the keys it could read are still in
 // use: call Tick again, as [Manager.Run] does with backoff.
 func (m *Manager) Tick(ctx context.Context) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.tickMu.Lock()
+	defer m.tickMu.Unlock()
 	if err := m.setup(); err != nil {
 		return err
 	}
@@ -625,12 +627,13 @@ func (m *Manager) use(files []keyFile, adv int, now time.Time) {
 		k.SendAsRetry = false
 		keys = append(keys, k)
 	}
-	m.keys = keys
 	if !bytes.Equal(m.advertised, a.Config) {
 		m.logger().Info("echkeys: key advertised", slog.String("dir", m.Dir), slog.String("file", files[adv].name),
 			slog.Int("config_id", configID(a.Config)), slog.Int("keys", len(keys)))
-		m.advertised = a.Config
 	}
+	m.mu.Lock()
+	m.keys, m.advertised = keys, a.Config
+	m.mu.Unlock()
 	if _, ok := m.since[string(a.Config)]; !ok {
 		m.since[string(a.Config)] = now
 	}
