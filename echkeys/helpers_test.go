@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -23,17 +24,18 @@ import (
 // GET /ech-config-list with the base64 list of the KeySet, and any other
 // request with the server name.
 type testRouter struct {
-	Addr string
-	Keys *ech.KeySet
-	ln   net.Listener
-	wg   sync.WaitGroup
+	Addr       string
+	Keys       *ech.KeySet
+	PublicName string
+	ln         net.Listener
+	wg         sync.WaitGroup
 }
 
-func startRouter(t *testing.T, ks *ech.KeySet, ca *echtest.CA) *testRouter {
+func startRouter(t *testing.T, ks *ech.KeySet, ca *echtest.CA, publicName string) *testRouter {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
-	r := &testRouter{Addr: ln.Addr().String(), Keys: ks, ln: ln}
+	r := &testRouter{Addr: ln.Addr().String(), Keys: ks, PublicName: publicName, ln: ln}
 	base := &tls.Config{GetCertificate: ca.GetCertificate, MinVersion: tls.VersionTLS13}
 	public := ks.PublicNameConfig(base)
 	r.wg.Go(func() {
@@ -63,8 +65,11 @@ func (r *testRouter) serve(conn net.Conn, base, public *tls.Config) {
 	if err != nil {
 		return
 	}
+	// As the router does: the public name's server completes a hello whose
+	// ECH did not decrypt, and one whose inner name is the public name
+	// (a peer check); crypto/tls signals acceptance for the latter.
 	cfg := public
-	if c.ECHAccepted() {
+	if c.ECHAccepted() && !strings.EqualFold(c.ServerName(), r.PublicName) {
 		cfg = base
 	}
 	tc := tls.Server(c, cfg)

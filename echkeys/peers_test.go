@@ -27,7 +27,7 @@ func newFleet(t *testing.T, dir string, pub func(i int) *Publisher) *fleet {
 	for range 3 {
 		ks, err := ech.NewKeySet()
 		require.NoError(t, err)
-		r := startRouter(t, ks, f.ca)
+		r := startRouter(t, ks, f.ca, "public.test")
 		f.routers = append(f.routers, r)
 		urls = append(urls, r.URL())
 	}

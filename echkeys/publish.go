@@ -73,6 +73,11 @@ type Name struct {
 // what it published; it refuses to write over an alias; it never replaces
 // a config with an older one of the same directory (several routers may
 // publish); and it logs every change. A Publisher is used by one Manager.
+//
+// NOTE: the record replaces every HTTPS record at the name; parameters
+// other than alpn and ech (port, address hints) are not kept. Give every
+// Manager of a fleet the same Publisher settings: each one publishes, the
+// updates agree, and the one that deletes keys has seen the zone.
 type Publisher struct {
 	// Provider reads and writes the zone.
 	Provider Provider
