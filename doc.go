@@ -38,6 +38,11 @@
 //		}()
 //	}
 //
+// [NewListener] does the reading for a whole listener: its Accept returns
+// connections whose hellos were read concurrently, so that a slow client
+// holds up no other, with a cap on the connections pending. Refused
+// connections are closed and reported to [Listener.OnError].
+//
 // A hello whose ECH does not decrypt (GREASE, a stale or unknown key) is not
 // an error: the Conn replays the ClientHelloOuter and [Conn.ServerName] is
 // the name the client sent in the clear. Route it by that name exactly like

@@ -14,8 +14,10 @@
 // nothing of ECH (Dovecot, Postfix). Either may send a PROXY protocol v2
 // header first, so the backend sees the client's address.
 //
-// The router serves the public name itself: a client whose ECH did not
-// decrypt (a stale config, GREASE) completes its handshake there and gets
+// A hello whose ECH did not decrypt is routed by its outer name, as a hello
+// without ECH: a GREASE client names the real server in the clear. The
+// router serves the public name itself: a client with a stale config names
+// the public name in the clear, completes its handshake there and gets
 // retry configs, and the current ECHConfigList is published over HTTPS at
 // /.well-known/origin-svcb and /ech-config-list.
 //
@@ -34,6 +36,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/echkit/ech"
@@ -85,6 +88,22 @@ type Route struct {
 	// ProxyProtocol makes the router send a PROXY protocol v2 header to
 	// the backend before any other byte.
 	ProxyProtocol bool
+	// IdleTimeout closes a forwarded connection on which nothing moved
+	// either way for this long. Zero means the Router's.
+	IdleTimeout time.Duration
+	// FinTimeout closes a forwarded connection this long after one side
+	// closed its half, if the other has not. Zero means the Router's.
+	FinTimeout time.Duration
+}
+
+// Listener is what [Router.ServeListener] serves on one net.Listener.
+type Listener struct {
+	// Routes are tried in order, the first matching route winning.
+	Routes []Route
+	// MaxConnections caps the connections of the listener in progress at
+	// once; beyond it a new connection is closed at once, and logged.
+	// Zero means no cap.
+	MaxConnections int
 }
 
 // matches reports whether r serves a hello for name offering alpn.
@@ -147,8 +166,10 @@ type Router struct {
 	// connections only.
 	Keys *ech.KeySet
 	// PublicName is the public_name of the keys' configs. The router
-	// serves it: rejected and GREASE ECH hellos, hellos for this name and
-	// hellos without server_name complete their handshake here.
+	// serves it: hellos for this name (with ECH that did not decrypt, a
+	// stale config, they get retry configs) and hellos without
+	// server_name complete their handshake here. A hello whose ECH did not
+	// decrypt for another name is routed by that name.
 	PublicName string
 	// PublicCertificate is the certificate for PublicName. It must be one
 	// that clients trust: they accept retry configs only from a server
@@ -165,8 +186,19 @@ type Router struct {
 	// DialTimeout bounds connecting to a backend. Zero means
 	// DefaultDialTimeout.
 	DialTimeout time.Duration
+	// IdleTimeout and FinTimeout are the defaults of the routes' (see
+	// [Route]). Zero means DefaultIdleTimeout and DefaultFinTimeout.
+	IdleTimeout, FinTimeout time.Duration
+	// PublicTimeout bounds reading each request, headers and body, and
+	// writing its response on the public name's HTTPS server; an idle
+	// connection is closed after 6 times as long. Zero means
+	// DefaultPublicTimeout.
+	PublicTimeout time.Duration
 	// Logger receives the connection log; nil means slog.Default().
 	Logger *slog.Logger
+	// HideInnerNames keeps the names a client sent encrypted out of the
+	// log: the inner server_name of a hello whose ECH was accepted.
+	HideInnerNames bool
 
 	mu        sync.Mutex
 	closed    bool
@@ -179,7 +211,14 @@ type Router struct {
 // Serve accepts connections on ln and routes each with routes, the first
 // matching route winning. It returns [ErrClosed] after [Router.Shutdown] or
 // [Router.Close], else the error that stopped ln. ln is closed on return.
+// Temporary accept errors (out of file descriptors) are retried.
 func (r *Router) Serve(ln net.Listener, routes []Route) error {
+	return r.ServeListener(ln, Listener{Routes: routes})
+}
+
+// ServeListener is [Router.Serve] with the settings of l.
+func (r *Router) ServeListener(ln net.Listener, l Listener) error {
+	routes := l.Routes
 	if r.Keys == nil || r.PublicCertificate == nil || r.PublicName == "" {
 		ln.Close()
 		return errors.New("router: Keys, PublicName and PublicCertificate are required")
@@ -199,32 +238,70 @@ func (r *Router) Serve(ln net.Listener, routes []Route) error {
 		return ErrClosed
 	}
 	defer r.untrack(ln)
-	var tempDelay time.Duration
+	var (
+		tempDelay time.Duration // the backoff after a temporary accept error
+		failures  int           // accept errors in this burst
+		inFlight  atomic.Int64  // connections of ln in progress
+		refused   int64         // connections refused over MaxConnections
+	)
 	for {
 		conn, err := ln.Accept()
 		if err != nil {
 			if r.isClosed() {
 				return ErrClosed
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				// As net/http does on EMFILE and the like.
-				tempDelay = min(max(2*tempDelay, 5*time.Millisecond), time.Second)
-				time.Sleep(tempDelay)
-				continue
+			if !temporaryAcceptError(err) {
+				return err
 			}
-			return err
+			// As net/http's Server does: back off from 5ms, doubling up
+			// to 1s, and go on accepting. One log line per burst.
+			if failures == 0 {
+				r.logger().Warn("accept failed, retrying", slog.String("address", ln.Addr().String()),
+					slog.String("error", err.Error()))
+			}
+			failures++
+			tempDelay = min(max(2*tempDelay, 5*time.Millisecond), time.Second)
+			time.Sleep(tempDelay)
+			continue
+		}
+		if failures > 0 {
+			r.logger().Info("accepting again", slog.String("address", ln.Addr().String()),
+				slog.Int("failed_accepts", failures))
+			failures = 0
 		}
 		tempDelay = 0
+		if l.MaxConnections > 0 && inFlight.Load() >= int64(l.MaxConnections) {
+			refused++
+			r.logger().Warn("connection refused: max_connections reached",
+				slog.String("address", ln.Addr().String()), slog.String("client", conn.RemoteAddr().String()),
+				slog.Int("max_connections", l.MaxConnections), slog.Int64("refused", refused))
+			conn.Close()
+			continue
+		}
 		if !r.trackConn(conn) {
 			conn.Close()
 			return ErrClosed
 		}
+		inFlight.Add(1)
 		go func() {
+			defer inFlight.Add(-1)
 			defer r.untrackConn(conn)
 			r.handle(conn, routes)
 		}()
 	}
+}
+
+// temporaryAcceptError reports whether an accept error is one to retry:
+// running out of file descriptors or buffers, a connection aborted before
+// it was accepted, or a timeout.
+func temporaryAcceptError(err error) bool {
+	for _, errno := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.ECONNABORTED} {
+		if errors.Is(err, errno) {
+			return true
+		}
+	}
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
 }
 
 func (r *Router) track(ln net.Listener) bool {
@@ -238,7 +315,7 @@ func (r *Router) track(ln net.Listener) bool {
 	}
 	r.listeners[ln] = struct{}{}
 	if r.web == nil {
-		r.web = newWebServer(r.Handler(), ln.Addr(), r.logger())
+		r.web = newWebServer(r.Handler(), ln.Addr(), orDefault(r.PublicTimeout, DefaultPublicTimeout), r.logger())
 	}
 	return true
 }
@@ -341,56 +418,72 @@ type connLog struct {
 	start      time.Time
 	client     string
 	status     ech.Status
-	configID   int // -1 when the client sent no ECH
+	configID   int  // -1 when the client sent no ECH
+	refused    bool // NewConn refused the hello
 	outerName  string
 	innerName  string
 	alpn       []string
 	negotiated string
 	route      string
 	mode       string
+	in, out    int64 // bytes forwarded from and to the client
 	err        error
 }
 
-func (r *Router) log(l *connLog, cc *countingConn) {
+func (r *Router) log(l *connLog) {
+	status := l.status.String()
+	if l.refused {
+		// NOTE: ech.NewConn returns no Conn with its error, so whether
+		// the refused hello carried ECH is unknown.
+		status = "unknown"
+	}
 	attrs := []slog.Attr{
 		slog.String("client", l.client),
-		slog.String("ech", l.status.String()),
+		slog.String("ech", status),
 	}
 	if l.configID >= 0 {
 		attrs = append(attrs, slog.Int("config_id", l.configID))
 	}
 	attrs = append(attrs,
 		slog.String("outer_sni", l.outerName),
-		slog.String("inner_sni", l.innerName),
-		slog.String("alpn", strings.Join(l.alpn, ",")),
 	)
+	if !r.HideInnerNames {
+		attrs = append(attrs, slog.String("inner_sni", l.innerName))
+	}
+	attrs = append(attrs, slog.String("alpn", strings.Join(l.alpn, ",")))
 	if l.negotiated != "" {
 		attrs = append(attrs, slog.String("alpn_negotiated", l.negotiated))
 	}
 	attrs = append(attrs,
 		slog.String("route", l.route),
 		slog.String("mode", l.mode),
-		slog.Int64("bytes_in", cc.read.Load()),
-		slog.Int64("bytes_out", cc.written.Load()),
+		slog.Int64("bytes_in", l.in),
+		slog.Int64("bytes_out", l.out),
 		slog.Duration("duration", time.Since(l.start)),
 	)
+	level := slog.LevelInfo
 	if l.err != nil {
 		attrs = append(attrs, slog.String("error", l.err.Error()))
+		if errors.Is(l.err, errBackend) {
+			// The backend failed the client: the operator should know.
+			level = slog.LevelWarn
+		}
 	}
-	r.logger().LogAttrs(context.Background(), slog.LevelInfo, "connection", attrs...)
+	r.logger().LogAttrs(context.Background(), level, "connection", attrs...)
 }
 
 // handle reads the ClientHello of conn and routes the connection.
 func (r *Router) handle(conn net.Conn, routes []Route) {
 	l := &connLog{start: time.Now(), client: conn.RemoteAddr().String(), configID: -1}
-	cc := &countingConn{Conn: conn}
-	defer func() { r.log(l, cc) }()
+	defer func() { r.log(l) }()
 
+	// NewConn reads the TCP connection itself, so that ech.Conn's
+	// WriteTo and ReadFrom hand it to io.Copy and the kernel's splice.
 	ctx, cancel := context.WithTimeout(context.Background(), orDefault(r.HandshakeTimeout, DefaultHandshakeTimeout))
-	c, err := ech.NewConn(ctx, cc, ech.WithKeySet(r.Keys))
+	c, err := ech.NewConn(ctx, conn, ech.WithKeySet(r.Keys))
 	cancel()
 	if err != nil {
-		l.err = err
+		l.err, l.refused = err, true
 		return
 	}
 	l.status, l.outerName, l.alpn = c.Status(), c.OuterServerName(), c.ALPNProtos()
@@ -401,12 +494,18 @@ func (r *Router) handle(conn net.Conn, routes []Route) {
 		l.innerName = c.ServerName()
 	}
 
-	if c.Status() == ech.StatusRejected || c.ServerName() == "" || strings.EqualFold(c.ServerName(), r.PublicName) {
-		// RFC 9849, Section 6.1.6: the public name's server sends retry
-		// configs to a client whose ECH did not decrypt. No route may take
-		// the public name, not even "*".
+	// RFC 9849, Section 7.1: a hello whose ECH did not decrypt (GREASE, an
+	// unknown config_id, a stale key) is routed by its outer name exactly
+	// like a hello without ECH. A GREASE client has no config and names
+	// the real server in the clear; only a hello for the public name (a
+	// client with a stale config) or for no name is served by the public
+	// name's server, which sends retry configs (Section 6.1.6). No route
+	// may take the public name, not even "*".
+	if c.ServerName() == "" || strings.EqualFold(c.ServerName(), r.PublicName) {
 		l.route, l.mode = "public", "terminate"
-		l.negotiated, l.err = r.servePublic(c)
+		cc := &countingConn{Conn: c}
+		l.negotiated, l.err = r.servePublic(c, cc)
+		l.in, l.out = cc.read.Load(), cc.written.Load()
 		return
 	}
 	for i := range routes {
@@ -416,9 +515,9 @@ func (r *Router) handle(conn net.Conn, routes []Route) {
 		}
 		l.route, l.mode = rt.Name, rt.Mode.String()
 		if rt.Mode == ModePassthrough {
-			l.err = r.passthrough(c, rt)
+			l.in, l.out, l.err = r.passthrough(c, rt)
 		} else {
-			l.negotiated, l.err = r.terminate(c, rt)
+			l.negotiated, l.in, l.out, l.err = r.terminate(c, rt)
 		}
 		return
 	}
@@ -441,14 +540,14 @@ func sendAlert(w io.Writer, desc uint8) {
 
 // dial connects to a route's backend and sends the PROXY header if the
 // route asks for one.
-func (r *Router) dial(c *ech.Conn, rt *Route, alpn string) (net.Conn, error) {
+func (r *Router) dial(c *ech.Conn, rt *Route, alpn string, tlsVersion uint16) (net.Conn, error) {
 	d := net.Dialer{Timeout: orDefault(r.DialTimeout, DefaultDialTimeout)}
 	backend, err := d.Dial("tcp", rt.Backend)
 	if err != nil {
-		return nil, fmt.Errorf("router: backend: %w", err)
+		return nil, fmt.Errorf("%w: %w", errBackend, err)
 	}
 	if rt.ProxyProtocol {
-		hdr, err := appendProxyHeader(nil, c.RemoteAddr(), c.LocalAddr(), c.ServerName(), alpn)
+		hdr, err := appendProxyHeader(nil, c.RemoteAddr(), c.LocalAddr(), c.ServerName(), alpn, tlsVersion)
 		if err == nil {
 			_, err = backend.Write(hdr)
 		}
@@ -460,68 +559,45 @@ func (r *Router) dial(c *ech.Conn, rt *Route, alpn string) (net.Conn, error) {
 	return backend, nil
 }
 
-func (r *Router) passthrough(c *ech.Conn, rt *Route) error {
-	backend, err := r.dial(c, rt, "")
+func (r *Router) passthrough(c *ech.Conn, rt *Route) (in, out int64, err error) {
+	backend, err := r.dial(c, rt, "", 0)
 	if err != nil {
-		return err
+		return 0, 0, err
 	}
-	return pipe(c, backend)
+	return r.pipe(c, c.NetConn(), backend, rt)
 }
 
-func (r *Router) terminate(c *ech.Conn, rt *Route) (string, error) {
+func (r *Router) terminate(c *ech.Conn, rt *Route) (proto string, in, out int64, err error) {
 	tc := tls.Server(c, &tls.Config{
 		Certificates: []tls.Certificate{*rt.Certificate},
 		NextProtos:   rt.ALPN,
 		MinVersion:   tls.VersionTLS12,
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), orDefault(r.HandshakeTimeout, DefaultHandshakeTimeout))
-	err := tc.HandshakeContext(ctx)
+	err = tc.HandshakeContext(ctx)
 	cancel()
 	if err != nil {
-		return "", err
+		return "", 0, 0, err
 	}
-	proto := tc.ConnectionState().NegotiatedProtocol
-	backend, err := r.dial(c, rt, proto)
+	proto = tc.ConnectionState().NegotiatedProtocol
+	backend, err := r.dial(c, rt, proto, tc.ConnectionState().Version)
 	if err != nil {
 		tc.Close()
-		return proto, err
+		return proto, 0, 0, err
 	}
-	return proto, pipe(tc, backend)
+	in, out, err = r.pipe(tc, c.NetConn(), backend, rt)
+	return proto, in, out, err
 }
 
-// pipe copies between client and backend until both directions are done,
-// forwarding a half-close each way, and closes both. An error in one
-// direction ends both.
-func pipe(client, backend net.Conn) error {
-	errc := make(chan error, 2)
-	cp := func(dst, src net.Conn) {
-		_, err := io.Copy(dst, src)
-		if err == nil {
-			if cw, ok := dst.(interface{ CloseWrite() error }); ok {
-				cw.CloseWrite()
-			}
-		} else {
-			// Unblock the other direction.
-			client.Close()
-			backend.Close()
-		}
-		errc <- err
+// pipe forwards between client, whose TCP connection is clientTCP, and
+// backend with rt's timeouts.
+func (r *Router) pipe(client, clientTCP, backend net.Conn, rt *Route) (in, out int64, err error) {
+	p := &pipe{
+		client: client, backend: backend, clientTCP: clientTCP,
+		idle: orDefault(rt.IdleTimeout, orDefault(r.IdleTimeout, DefaultIdleTimeout)),
+		fin:  orDefault(rt.FinTimeout, orDefault(r.FinTimeout, DefaultFinTimeout)),
 	}
-	go cp(backend, client)
-	go cp(client, backend)
-	err := <-errc
-	err2 := <-errc
-	client.Close()
-	backend.Close()
-	if err == nil {
-		err = err2
-	}
-	if errors.Is(err, net.ErrClosed) {
-		// The side that failed first has already been reported, or the
-		// router closed the connection on shutdown.
-		return nil
-	}
-	return err
+	return p.run()
 }
 
 // countingConn counts the bytes read from and written to the client.

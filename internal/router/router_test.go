@@ -12,9 +12,13 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -34,19 +38,65 @@ const (
 // logLine is one "connection" line of the router's log.
 type logLine map[string]string
 
-// captureHandler sends the router's connection lines to a channel.
-type captureHandler struct{ c chan logLine }
+// captureHandler sends the router's connection lines to a channel and
+// keeps every record in all.
+type captureHandler struct {
+	c   chan logLine
+	all *records
+}
+
+// records is every log record of a router, as "LEVEL message k=v ..."
+// lines.
+type records struct {
+	mu    sync.Mutex
+	lines []string
+}
+
+// matching returns the lines that contain every one of subs.
+func (rs *records) matching(subs ...string) []string {
+	rs.mu.Lock()
+	defer rs.mu.Unlock()
+	var out []string
+next:
+	for _, l := range rs.lines {
+		for _, s := range subs {
+			if !strings.Contains(l, s) {
+				continue next
+			}
+		}
+		out = append(out, l)
+	}
+	return out
+}
+
+// text returns every line.
+func (rs *records) text() string {
+	rs.mu.Lock()
+	defer rs.mu.Unlock()
+	return strings.Join(rs.lines, "\n")
+}
 
 func (h captureHandler) Enabled(context.Context, slog.Level) bool { return true }
 func (h captureHandler) WithAttrs([]slog.Attr) slog.Handler       { return h }
 func (h captureHandler) WithGroup(string) slog.Handler            { return h }
 
 func (h captureHandler) Handle(_ context.Context, r slog.Record) error {
+	m := logLine{}
+	line := r.Level.String() + " " + r.Message
+	r.Attrs(func(a slog.Attr) bool {
+		m[a.Key] = a.Value.String()
+		line += " " + a.Key + "=" + a.Value.String()
+		return true
+	})
+	if h.all != nil {
+		h.all.mu.Lock()
+		h.all.lines = append(h.all.lines, line)
+		h.all.mu.Unlock()
+	}
 	if r.Message != "connection" {
 		return nil
 	}
-	m := logLine{}
-	r.Attrs(func(a slog.Attr) bool { m[a.Key] = a.Value.String(); return true })
+	m["level"] = r.Level.String()
 	select {
 	case h.c <- m:
 	default: // a test that does not read the log
@@ -63,6 +113,7 @@ type env struct {
 	r    *Router
 	addr string
 	logs chan logLine
+	all  *records
 }
 
 func newKey(t testing.TB, avoid ...uint8) ech.Key {
@@ -82,8 +133,8 @@ func newEnv(t testing.TB) *env {
 	require.NoError(t, err)
 	pub, err := ca.Leaf(publicName)
 	require.NoError(t, err)
-	e := &env{t: t, ca: ca, ks: ks, list: list, logs: make(chan logLine, 1000)}
-	e.r = &Router{Keys: ks, PublicName: publicName, PublicCertificate: &pub, Logger: slog.New(captureHandler{e.logs})}
+	e := &env{t: t, ca: ca, ks: ks, list: list, logs: make(chan logLine, 1000), all: new(records)}
+	e.r = &Router{Keys: ks, PublicName: publicName, PublicCertificate: &pub, Logger: slog.New(captureHandler{e.logs, e.all})}
 	t.Cleanup(func() { e.r.Close() })
 	return e
 }
@@ -377,7 +428,7 @@ func TestProxyHeaderIPv6AndLocal(t *testing.T) {
 	t.Parallel()
 	src := &net.TCPAddr{IP: net.ParseIP("2001:db8::1"), Port: 40000}
 	dst := &net.TCPAddr{IP: net.ParseIP("192.0.2.1"), Port: 443}
-	hdr, err := appendProxyHeader(nil, src, dst, "", "")
+	hdr, err := appendProxyHeader(nil, src, dst, "", "", 0)
 	require.NoError(t, err)
 	s, d, tlvs, err := readProxyHeader(strings.NewReader(string(hdr)))
 	require.NoError(t, err)
@@ -389,7 +440,7 @@ func TestProxyHeaderIPv6AndLocal(t *testing.T) {
 	p1, p2 := net.Pipe()
 	defer p1.Close()
 	defer p2.Close()
-	hdr, err = appendProxyHeader(nil, p1.LocalAddr(), p1.RemoteAddr(), "x.example", "")
+	hdr, err = appendProxyHeader(nil, p1.LocalAddr(), p1.RemoteAddr(), "x.example", "", 0)
 	require.NoError(t, err)
 	assert.Equal(t, proxyV2VersionLocal, hdr[12])
 	assert.Equal(t, proxyFamUnspec, hdr[13])
@@ -661,7 +712,7 @@ func TestKeyReloadUnderLoad(t *testing.T) {
 	dir := t.TempDir()
 	a, b := e.ks.Keys()[0], newKey(t, e.ks.ConfigIDs()...)
 	writeKey(t, dir, "a.ech", a)
-	kd := &KeyDir{Dir: dir, Set: e.ks, Logger: slog.New(captureHandler{make(chan logLine)})}
+	kd := &KeyDir{Dir: dir, Set: e.ks, Logger: slog.New(captureHandler{c: make(chan logLine)})}
 	changed, err := kd.Reload()
 	require.NoError(t, err)
 	assert.True(t, changed)
@@ -742,4 +793,170 @@ func TestKeyReloadUnderLoad(t *testing.T) {
 	_, err = kd.Reload()
 	assert.ErrorIs(t, err, ech.ErrNoKeys)
 	assert.Equal(t, 2, e.ks.Len())
+}
+
+// flakyListener fails its first n accepts with err, then accepts from the
+// listener it wraps.
+type flakyListener struct {
+	net.Listener
+	n   atomic.Int32
+	err error
+}
+
+func (l *flakyListener) Accept() (net.Conn, error) {
+	if l.n.Add(-1) >= 0 {
+		return nil, l.err
+	}
+	return l.Listener.Accept()
+}
+
+// TestAcceptRetriesTemporaryErrors checks that Serve backs off on
+// temporary accept errors (running out of file descriptors), logs once per
+// burst, and then serves; and that it stops on other errors.
+func TestAcceptRetriesTemporaryErrors(t *testing.T) {
+	t.Parallel()
+	for _, errno := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ECONNABORTED} {
+		t.Run(errno.Error(), func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t)
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			require.NoError(t, err)
+			fl := &flakyListener{Listener: ln, err: &net.OpError{Op: "accept", Net: "tcp", Err: os.NewSyscallError("accept4", errno)}}
+			fl.n.Store(6)
+			done := make(chan error, 1)
+			go func() {
+				done <- e.r.Serve(fl, []Route{{Name: "tls", ServerNames: []string{tlsName}, Mode: ModePassthrough, Backend: e.tlsBackend(tlsName)}})
+			}()
+			greeting, _, state, err := exchange(ln.Addr().String(), e.clientConfig(tlsName, e.list))
+			require.NoError(t, err)
+			assert.True(t, state.ECHAccepted)
+			assert.Equal(t, "tls "+tlsName, greeting)
+			assert.Len(t, e.all.matching("WARN accept failed", errno.Error()), 1, "one line per burst:\n%s", e.all.text())
+			assert.Len(t, e.all.matching("INFO accepting again", "failed_accepts=6"), 1, e.all.text())
+			e.r.Close()
+			assert.ErrorIs(t, <-done, ErrClosed)
+		})
+	}
+	t.Run("permanent", func(t *testing.T) {
+		t.Parallel()
+		e := newEnv(t)
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		require.NoError(t, err)
+		fl := &flakyListener{Listener: ln, err: &net.OpError{Op: "accept", Net: "tcp", Err: os.NewSyscallError("accept4", syscall.EINVAL)}}
+		fl.n.Store(1)
+		assert.ErrorIs(t, e.r.Serve(fl, nil), syscall.EINVAL)
+	})
+}
+
+// TestAcceptEMFILEProcess runs a router in a child process of the test
+// binary whose RLIMIT_NOFILE is low, fills its descriptor table with idle
+// connections, and checks that the router is still serving after they
+// are gone.
+func TestAcceptEMFILEProcess(t *testing.T) {
+	if os.Getenv("ROUTER_EMFILE_CHILD") == "1" {
+		emfileChild(t)
+		return
+	}
+	t.Parallel()
+	e := newEnv(t)
+	dir := t.TempDir()
+	// The child uses the parent's key and certificate, passed as files.
+	k := newKey(t)
+	require.NoError(t, e.ks.Replace(k))
+	list, err := e.ks.ConfigList()
+	require.NoError(t, err)
+	writeKey(t, dir, "k.ech", k)
+	writeCert(t, dir, "pub", e.cert(publicName))
+
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^TestAcceptEMFILEProcess$")
+	cmd.Env = append(os.Environ(), "ROUTER_EMFILE_CHILD=1", "ROUTER_EMFILE_DIR="+dir)
+	stdin, err := cmd.StdinPipe()
+	require.NoError(t, err)
+	stdout, err := cmd.StdoutPipe()
+	require.NoError(t, err)
+	var stderr lockedBuffer
+	cmd.Stderr = &stderr
+	cmd.WaitDelay = 5 * time.Second
+	require.NoError(t, cmd.Start())
+	defer func() { stdin.Close(); cmd.Wait() }()
+	br := bufio.NewReader(stdout)
+	var addr string
+	for addr == "" {
+		line, err := br.ReadString('\n')
+		require.NoError(t, err, "child: %s", &stderr)
+		if a, ok := strings.CutPrefix(strings.TrimSpace(line), "ADDR "); ok {
+			addr = a
+		}
+	}
+	go io.Copy(io.Discard, br)
+
+	// 3x the child's limit of idle connections: the router runs out of
+	// descriptors while they wait for a ClientHello.
+	var conns []net.Conn
+	for range 3 * emfileLimit {
+		c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+		require.NoError(t, err)
+		conns = append(conns, c)
+	}
+	require.Eventually(t, func() bool { return strings.Contains(stderr.String(), "accept failed") },
+		20*time.Second, 10*time.Millisecond, "child: %s", &stderr)
+	for _, c := range conns {
+		c.Close()
+	}
+	cfg := &tls.Config{ServerName: publicName, RootCAs: e.ca.Pool, EncryptedClientHelloConfigList: list}
+	var conn *tls.Conn
+	require.Eventually(t, func() bool {
+		conn, err = tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addr, cfg)
+		return err == nil
+	}, 20*time.Second, 50*time.Millisecond, "the router serves again; child: %s", &stderr)
+	conn.Close()
+	// One line per burst, each burst ended by a line once accepting works.
+	assert.Equal(t, strings.Count(stderr.String(), "accept failed"), strings.Count(stderr.String(), "accepting again"), "child: %s", &stderr)
+	stdin.Close()
+	require.NoError(t, cmd.Wait(), "child: %s", &stderr)
+}
+
+// emfileLimit is the RLIMIT_NOFILE of TestAcceptEMFILEProcess's child.
+const emfileLimit = 64
+
+// emfileChild is TestAcceptEMFILEProcess's child: it lowers its
+// RLIMIT_NOFILE, prints the router's address and serves until stdin ends.
+func emfileChild(t *testing.T) {
+	dir := os.Getenv("ROUTER_EMFILE_DIR")
+	keys, err := ech.LoadKeyDir(dir)
+	require.NoError(t, err)
+	ks, err := ech.NewKeySet(keys...)
+	require.NoError(t, err)
+	pub, err := tls.LoadX509KeyPair(filepath.Join(dir, "pub.crt"), filepath.Join(dir, "pub.key"))
+	require.NoError(t, err)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	r := &Router{Keys: ks, PublicName: publicName, PublicCertificate: &pub, HandshakeTimeout: 2 * time.Second,
+		Logger: slog.New(slog.NewTextHandler(os.Stderr, nil))}
+	require.NoError(t, syscall.Setrlimit(syscall.RLIMIT_NOFILE, &syscall.Rlimit{Cur: emfileLimit, Max: emfileLimit}))
+	done := make(chan error, 1)
+	go func() { done <- r.Serve(ln, nil) }()
+	fmt.Printf("ADDR %s\n", ln.Addr())
+	go func() { io.Copy(io.Discard, os.Stdin); r.Close() }()
+	require.ErrorIs(t, <-done, ErrClosed)
+}
+
+// lockedBuffer is a strings.Builder safe for concurrent use.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
 }

@@ -72,7 +72,7 @@ func TestServer(t *testing.T) {
 	cfg, err := LoadConfig(path)
 	require.NoError(t, err)
 	logs := make(chan logLine, 100)
-	srv, err := New(cfg, slog.New(captureHandler{logs}))
+	srv, err := New(cfg, slog.New(captureHandler{c: logs}))
 	require.NoError(t, err)
 	require.NoError(t, srv.Listen())
 	addrs := srv.Addrs()
@@ -142,7 +142,7 @@ func TestNewErrors(t *testing.T) {
 		cfg, err := ParseConfig("router.json", []byte(config))
 		require.NoError(t, err)
 		cfg.Dir = dir
-		_, err = New(cfg, slog.New(captureHandler{make(chan logLine)}))
+		_, err = New(cfg, slog.New(captureHandler{c: make(chan logLine)}))
 		return err
 	}
 	base := `{"keys": {"dir": "keys"}, "public": {"name": "cover.example", "cert": %q, "key": %q},

@@ -87,22 +87,24 @@ func (r *Router) Handler() http.Handler {
 	return mux
 }
 
-// servePublic completes the handshake for the public name, with retry
-// configs for a client whose ECH did not decrypt, and serves [Router.Handler]
-// on the connection. It returns when the connection is closed.
-func (r *Router) servePublic(c *ech.Conn) (string, error) {
-	cfg := &tls.Config{
-		Certificates:                []tls.Certificate{*r.PublicCertificate},
-		MinVersion:                  tls.VersionTLS12,
-		GetEncryptedClientHelloKeys: r.Keys.GetEncryptedClientHelloKeys,
+// servePublic completes the handshake for the public name on conn, which
+// reads c, with retry configs for a client whose ECH did not decrypt, and
+// serves [Router.Handler] on the connection. It returns when the connection
+// is closed.
+func (r *Router) servePublic(c *ech.Conn, conn net.Conn) (string, error) {
+	base := &tls.Config{
+		Certificates: []tls.Certificate{*r.PublicCertificate},
+		MinVersion:   tls.VersionTLS12,
 	}
 	if slices.Contains(c.ALPNProtos(), "http/1.1") {
 		// Offered only when the client wants it: a client whose ECH was
 		// rejected while it asked for "imap" must still complete the
 		// handshake to get the retry configs.
-		cfg.NextProtos = []string{"http/1.1"}
+		base.NextProtos = []string{"http/1.1"}
 	}
-	tc := tls.Server(c, cfg)
+	// NewConn has decided: this server only sends retry configs and never
+	// decrypts (crypto/tls given the keys would try every one of them).
+	tc := tls.Server(conn, r.Keys.PublicNameConfig(base))
 	tc.SetDeadline(time.Now().Add(orDefault(r.HandshakeTimeout, DefaultHandshakeTimeout)))
 	if err := tc.Handshake(); err != nil {
 		return "", err
@@ -128,12 +130,25 @@ type webServer struct {
 	ln  *connListener
 }
 
-func newWebServer(h http.Handler, addr net.Addr, logger *slog.Logger) *webServer {
+// Limits of the public name's HTTPS server.
+const (
+	// DefaultPublicTimeout is the default of [Router.PublicTimeout].
+	DefaultPublicTimeout = 10 * time.Second
+	// publicMaxHeaderBytes caps the request headers, publicMaxBodyBytes
+	// the body of a request: the handlers read none.
+	publicMaxHeaderBytes = 16 << 10
+	publicMaxBodyBytes   = 16 << 10
+)
+
+func newWebServer(h http.Handler, addr net.Addr, timeout time.Duration, logger *slog.Logger) *webServer {
 	w := &webServer{
 		srv: &http.Server{
-			Handler:           h,
-			ReadHeaderTimeout: 10 * time.Second,
-			IdleTimeout:       time.Minute,
+			Handler:           http.MaxBytesHandler(h, publicMaxBodyBytes),
+			ReadHeaderTimeout: timeout,
+			ReadTimeout:       timeout,
+			WriteTimeout:      timeout,
+			IdleTimeout:       6 * timeout,
+			MaxHeaderBytes:    publicMaxHeaderBytes,
 			ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
 		},
 		ln: &connListener{conns: make(chan net.Conn), closed: make(chan struct{}), addr: addr},

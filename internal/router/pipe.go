@@ -1,0 +1,210 @@
+package router
+
+import (
+	"errors"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// Defaults of the timeouts of forwarded connections.
+const (
+	// DefaultIdleTimeout closes a forwarded connection on which nothing
+	// moved either way for this long: long enough for IMAP IDLE, as
+	// HAProxy's "timeout tunnel" is often set.
+	DefaultIdleTimeout = time.Hour
+	// DefaultFinTimeout closes a forwarded connection this long after one
+	// side has closed its half while the other has not (HAProxy's "timeout
+	// client-fin" and "timeout server-fin").
+	DefaultFinTimeout = 30 * time.Second
+)
+
+var (
+	// errBackend marks the errors of a connection that its backend failed:
+	// a dial error, a reset. They are logged at warn level.
+	errBackend = errors.New("router: backend")
+	// errIdleTimeout ends a connection idle for its idle timeout.
+	errIdleTimeout = errors.New("router: idle timeout")
+	// errFinTimeout ends a connection whose second side did not close
+	// within the fin timeout of the first.
+	errFinTimeout = errors.New("router: fin timeout")
+)
+
+// pipe forwards between a client and a backend connection, as below.
+type pipe struct {
+	client, backend net.Conn
+	// clientTCP is the client's TCP connection under client (the same, or
+	// under a TLS layer): a backend reset is passed on to it as a reset.
+	clientTCP net.Conn
+	idle, fin time.Duration
+
+	active    atomic.Int64 // when bytes last moved, UnixNano
+	finAt     atomic.Int64 // when the fin timeout ends, UnixNano; 0 before
+	closeOnce sync.Once
+}
+
+// run copies between client and backend until both directions are done,
+// forwarding a half-close each way, and closes both. It returns the bytes
+// forwarded each way. io.Copy between the connections lets a passthrough
+// route use the kernel's splice once [ech.Conn] has replayed the hello.
+//
+// A direction that copies nothing for idle while the other copies nothing
+// either ends the connection; so does the second side's not closing within
+// fin of the first. An error in one direction ends both: a backend that
+// fails (a reset) is passed on to the client as a reset, not as a clean
+// end, and the error wraps errBackend; a client that fails is passed on to
+// the backend as a reset.
+func (p *pipe) run() (in, out int64, err error) {
+	p.active.Store(time.Now().UnixNano())
+	type result struct {
+		err         error
+		fromBackend bool
+	}
+	done := make(chan result, 2)
+	go func() {
+		err := p.copy(p.backend, p.client, &in)
+		done <- result{err, errors.Is(err, syscall.EPIPE)}
+	}()
+	go func() {
+		err := p.copy(p.client, p.backend, &out)
+		done <- result{err, !errors.Is(err, syscall.EPIPE)}
+	}()
+	first := <-done
+	second := <-done
+	p.close(nil)
+	r := first
+	if r.err == nil || errors.Is(r.err, net.ErrClosed) {
+		r = second
+	}
+	switch {
+	case r.err == nil, errors.Is(r.err, net.ErrClosed):
+		return in, out, nil
+	case errors.Is(r.err, errIdleTimeout), errors.Is(r.err, errFinTimeout):
+		return in, out, r.err
+	case r.fromBackend:
+		return in, out, errors.Join(errBackend, r.err)
+	}
+	return in, out, r.err
+}
+
+// copy copies src to dst until EOF, then half-closes dst. On an error it
+// closes both connections, resetting the peer of the side that did not
+// fail.
+func (p *pipe) copy(dst, src net.Conn, n *int64) error {
+	window := max(p.idle/4, time.Millisecond)
+	suspect := false // the connection looked idle at the last window's end
+	for {
+		start := time.Now()
+		rd, wd := start.Add(window), start.Add(p.idle)
+		if f := p.finAt.Load(); f != 0 {
+			rd, wd = minTime(rd, time.Unix(0, f)), minTime(wd, time.Unix(0, f))
+		}
+		src.SetReadDeadline(rd)
+		// A write blocked for a whole idle timeout is stuck.
+		dst.SetWriteDeadline(wd)
+		if f := p.finAt.Load(); f != 0 && time.Unix(0, f).Before(rd) {
+			// The other direction ended while the deadlines were set.
+			src.SetReadDeadline(time.Unix(0, f))
+			dst.SetWriteDeadline(time.Unix(0, f))
+		}
+		m, err := io.Copy(dst, src)
+		*n += m
+		now := time.Now()
+		if m > 0 {
+			p.active.Store(now.UnixNano())
+		}
+		if err == nil {
+			// EOF: pass the half-close on and give the other side the
+			// fin timeout.
+			if cw, ok := dst.(interface{ CloseWrite() error }); ok {
+				cw.CloseWrite()
+			}
+			p.startFin(now)
+			return nil
+		}
+		if !errors.Is(err, os.ErrDeadlineExceeded) {
+			// NOTE: the error is blamed on src, whose read usually sees
+			// a reset first, except EPIPE, which is a write's.
+			failed := src
+			if errors.Is(err, syscall.EPIPE) {
+				failed = dst
+			}
+			p.close(failed)
+			return err
+		}
+		switch {
+		case p.finAt.Load() != 0 && !now.Before(time.Unix(0, p.finAt.Load())):
+			err = errFinTimeout
+		case !now.Before(wd):
+			// The write deadline passed: a write was stuck, and the
+			// bytes it held are lost.
+			err = errIdleTimeout
+		case now.Sub(time.Unix(0, p.active.Load())) < p.idle:
+			suspect = false
+			continue // the read deadline of one window passed
+		case !suspect:
+			// The other direction reports its bytes at the end of its
+			// windows: end its window now (its source is dst), and look
+			// again at the end of this direction's next one.
+			suspect = true
+			dst.SetReadDeadline(aLongTimeAgo)
+			continue
+		default:
+			err = errIdleTimeout
+		}
+		p.close(nil)
+		return err
+	}
+}
+
+// startFin starts the fin timeout, once, and cuts the other direction's
+// deadlines to it.
+func (p *pipe) startFin(now time.Time) {
+	f := now.Add(p.fin)
+	if !p.finAt.CompareAndSwap(0, f.UnixNano()) {
+		// Both directions are done.
+		return
+	}
+	p.client.SetDeadline(f)
+	p.backend.SetDeadline(f)
+}
+
+// close closes both connections, once. If failed is one of them, the peer
+// of the other gets a reset: that side's TCP connection is closed with
+// SO_LINGER 0.
+func (p *pipe) close(failed net.Conn) {
+	p.closeOnce.Do(func() {
+		switch failed {
+		case p.client:
+			abort(p.backend)
+			p.client.Close()
+		case p.backend:
+			abort(p.clientTCP)
+			p.backend.Close()
+		}
+		p.client.Close()
+		p.backend.Close()
+	})
+}
+
+// abort closes c so that its peer gets a TCP reset.
+func abort(c net.Conn) {
+	if tc, ok := c.(*net.TCPConn); ok {
+		tc.SetLinger(0)
+	}
+	c.Close()
+}
+
+// aLongTimeAgo is a deadline in the past, to interrupt a blocked read.
+var aLongTimeAgo = time.Unix(1, 0)
+
+func minTime(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
+}
