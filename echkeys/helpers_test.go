@@ -31,7 +31,7 @@ type testRouter struct {
 	wg         sync.WaitGroup
 }
 
-func startRouter(t *testing.T, ks *ech.KeySet, ca *echtest.CA, publicName string) *testRouter {
+func startRouter(t testing.TB, ks *ech.KeySet, ca *echtest.CA, publicName string) *testRouter {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)

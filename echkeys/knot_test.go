@@ -29,7 +29,7 @@ const testTSIGSecret = "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0MTI="
 // "test." with the records given, accepting updates signed with the TSIG
 // key "upd.", and returns its address. It skips the test when knotd is not
 // installed.
-func startKnot(t *testing.T, records string) string {
+func startKnot(t testing.TB, records string) string {
 	t.Helper()
 	knotd, err := exec.LookPath("knotd")
 	if err != nil {
@@ -105,7 +105,7 @@ zone:
 
 // queryECH returns the ech parameter of the HTTPS record at name, asked
 // over UDP as a resolver would.
-func queryECH(t *testing.T, server, name string) ech.ConfigList {
+func queryECH(t testing.TB, server, name string) ech.ConfigList {
 	t.Helper()
 	q := new(dns.Msg)
 	q.SetQuestion(dns.Fqdn(name), dns.TypeHTTPS)
@@ -326,4 +326,51 @@ func TestPublishRefusals(t *testing.T) {
 	require.NoError(t, err)
 	require.ErrorIs(t, pub.publish(t.Context(), list2, nil, now), ErrPublish, "a wrong TSIG key is refused")
 	assert.Equal(t, list, queryECH(t, server, "bare.test"))
+}
+
+// BenchmarkRotateToPublished measures the time from a rotation to the
+// record holding the new config, for a fleet of three routers that each
+// reload once (make or load the key, check the peers, publish), against
+// the baseline of one RFC 2136 update and query alone.
+func BenchmarkRotateToPublished(b *testing.B) {
+	name := "_443._https.secret.test"
+	b.Run("fleet", func(b *testing.B) {
+		pubs := make([]*Publisher, 3)
+		f := newFleet(b, b.TempDir(), func(i int) *Publisher {
+			pubs[i] = &Publisher{Logger: quiet}
+			return pubs[i]
+		})
+		server := startKnot(b, name+". HTTPS 1 . alpn=h2\n")
+		for _, pub := range pubs {
+			pub.Provider = testProvider(server)
+			pub.Names = []Name{{Name: name, ALPN: []string{"h2"}}}
+		}
+		for _, m := range f.managers {
+			m.Retire = 24*time.Hour*time.Duration(b.N+3) + 48*time.Hour // keep every key: no deletion in the loop
+		}
+		f.tick(b, 0, 1, 2)
+		f.tick(b, 0, 1, 2)
+		for b.Loop() {
+			before := queryECH(b, server, name)
+			f.clk.Advance(24 * time.Hour)
+			f.tick(b, 0, 1, 2)
+			if equalList(queryECH(b, server, name), before) {
+				b.Fatal("not published after one round of reloads")
+			}
+		}
+	})
+	b.Run("baseline-update", func(b *testing.B) {
+		server := startKnot(b, name+". HTTPS 1 . alpn=h2\n")
+		p := testProvider(server)
+		for b.Loop() {
+			k, err := ech.GenerateKey("public.test", nil)
+			require.NoError(b, err)
+			list, err := configList(k.Config)
+			require.NoError(b, err)
+			require.NoError(b, p.Replace(b.Context(), Record{Name: name, TTL: time.Minute, Priority: 1, ALPN: []string{"h2"}, ConfigList: list}))
+			if !equalList(queryECH(b, server, name), list) {
+				b.Fatal("not published")
+			}
+		}
+	})
 }

@@ -20,7 +20,7 @@ type fleet struct {
 	clk      *clock
 }
 
-func newFleet(t *testing.T, dir string, pub func(i int) *Publisher) *fleet {
+func newFleet(t testing.TB, dir string, pub func(i int) *Publisher) *fleet {
 	t.Helper()
 	f := &fleet{ca: echtest.NewCA(t), clk: newClock()}
 	var urls []string
@@ -47,7 +47,7 @@ func newFleet(t *testing.T, dir string, pub func(i int) *Publisher) *fleet {
 }
 
 // tick ticks the managers given, in order, and fails on error.
-func (f *fleet) tick(t *testing.T, which ...int) {
+func (f *fleet) tick(t testing.TB, which ...int) {
 	t.Helper()
 	for _, i := range which {
 		require.NoError(t, f.managers[i].Tick(t.Context()), "manager %d", i)
