@@ -108,7 +108,8 @@ func parseFileName(name string) (time.Time, bool) {
 // The fields are read by the first Tick and must not change after it. A
 // Manager is safe for concurrent use.
 type Manager struct {
-	// Dir is the key directory. The Manager writes RFC 9934 PEM files
+	// Dir is the key directory, made with mode 0700 if missing. The
+	// Manager writes RFC 9934 PEM files
 	// named echkeys-<UTC time>-<config_id>.ech, which [ech.LoadKeyDir]
 	// reads too. Other *.ech and *.pem files are loaded as keys that
 	// decrypt, never advertised nor deleted.
@@ -288,6 +289,11 @@ func (m *Manager) Tick(ctx context.Context) error {
 		return err
 	}
 	now := m.now()
+	if !m.ReadOnly {
+		if err := os.MkdirAll(m.Dir, 0o700); err != nil {
+			return fmt.Errorf("echkeys: %w", err)
+		}
+	}
 	files, err := scan(m.Dir)
 	if err != nil {
 		return err
