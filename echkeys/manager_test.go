@@ -388,3 +388,32 @@ func TestManagerSecretVolume(t *testing.T) {
 		assert.NotEqual(t, lockName, e.Name(), "a read-only manager writes nothing")
 	}
 }
+
+// TestManagerRun checks that Run keeps ticking after failed publishes and
+// stops with its context.
+func TestManagerRun(t *testing.T) {
+	dir := t.TempDir()
+	dead := &deadProvider{}
+	m := &Manager{
+		Dir: dir, PublicName: "public.test", Propagation: -1, Logger: quiet,
+		Publisher: &Publisher{Provider: dead, Names: []Name{{Name: "www.test"}}, Logger: quiet},
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan struct{})
+	go func() {
+		m.Run(ctx, 10*time.Millisecond)
+		close(done)
+	}()
+	require.Eventually(t, func() bool {
+		m.tickMu.Lock()
+		defer m.tickMu.Unlock()
+		return dead.calls >= 3
+	}, 10*time.Second, 5*time.Millisecond, "publishing is tried again")
+	assert.Len(t, managedFiles(t, dir), 1)
+	cancel()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Run did not stop")
+	}
+}
