@@ -109,10 +109,10 @@ func parseFileName(name string) (time.Time, bool) {
 // Manager is safe for concurrent use.
 type Manager struct {
 	// Dir is the key directory, made with mode 0700 if missing. The
-	// Manager writes RFC 9934 PEM files
-	// named echkeys-<UTC time>-<config_id>.ech, which [ech.LoadKeyDir]
-	// reads too. Other *.ech and *.pem files are loaded as keys that
-	// decrypt, never advertised nor deleted.
+	// Manager writes RFC 9934 PEM files named
+	// echkeys-<UTC time>-<config_id>.ech, which [ech.LoadKeyDir] reads
+	// too. Other *.ech and *.pem files are loaded as keys that decrypt,
+	// never advertised nor deleted.
 	Dir string
 	// PublicName is the public_name of the keys made.
 	PublicName string
