@@ -316,7 +316,8 @@ func (m *Manager) Tick(ctx context.Context) error {
 	}
 	// Load the keys first, the advertised one unchanged, so that this
 	// server decrypts a new key when its peers check it, this one included.
-	prev := slices.IndexFunc(files, func(f keyFile) bool { return bytes.Equal(f.key.Config, m.advertised) })
+	before := m.advertised
+	prev := slices.IndexFunc(files, func(f keyFile) bool { return bytes.Equal(f.key.Config, before) })
 	if prev < 0 {
 		prev = 0 // the oldest managed key
 	}
@@ -331,6 +332,10 @@ func (m *Manager) Tick(ctx context.Context) error {
 		}
 	}
 	adv := slices.IndexFunc(files, func(f keyFile) bool { return bytes.Equal(f.key.Config, m.advertised) })
+	if !bytes.Equal(before, m.advertised) {
+		m.logger().Info("echkeys: key advertised", slog.String("dir", m.Dir), slog.String("file", files[adv].name),
+			slog.Int("config_id", configID(m.advertised)), slog.Int("keys", len(files)))
+	}
 	if m.Publisher != nil {
 		if err := m.publish(ctx, files, adv, now); err != nil {
 			errs = append(errs, err)
@@ -632,10 +637,6 @@ func (m *Manager) use(files []keyFile, adv int, now time.Time) {
 		k := files[i].key
 		k.SendAsRetry = false
 		keys = append(keys, k)
-	}
-	if !bytes.Equal(m.advertised, a.Config) {
-		m.logger().Info("echkeys: key advertised", slog.String("dir", m.Dir), slog.String("file", files[adv].name),
-			slog.Int("config_id", configID(a.Config)), slog.Int("keys", len(keys)))
 	}
 	m.mu.Lock()
 	m.keys, m.advertised = keys, a.Config
