@@ -105,7 +105,7 @@ func TestREADME(t *testing.T) {
 		// a file with the imports it needs.
 		require.Len(t, goBlocks, 4)
 		files := map[string]string{
-			"main.go": "package main\n\nimport (\n\t\"context\"\n\t\"crypto/tls\"\n\t\"io\"\n\t\"net\"\n\n\t\"github.com/echkit/ech\"\n)\n\n" +
+			"main.go": "package main\n\nimport (\n\t\"crypto/tls\"\n\t\"io\"\n\t\"net\"\n\n\t\"github.com/echkit/ech\"\n)\n\n" +
 				"var _ = serve // the README's example\n\nfunc main() {}\n\n" + goBlocks[0],
 			"client.go": "package main\n\nimport (\n\t\"context\"\n\t\"net/http\"\n\n\t\"github.com/echkit/ech/echclient\"\n)\n\n" +
 				"var _ = fetch\n\n" + goBlocks[1],

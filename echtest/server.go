@@ -323,22 +323,20 @@ func (s *Server) Close() {
 
 // BackendConfig returns a new server configuration for the server's names:
 // certificates from the server's CA for whatever name the client asks for,
-// and the server's ECH keys, so that a handshake whose ECH was not accepted
-// sends retry configs, while one whose ECH was accepted (the hello has an
-// inner ECH extension) confirms it. The options of [WithBackendConfig]
-// have been applied.
+// and, through [ech.KeySet.PublicNameConfig], the server's configs as retry
+// configs for a handshake whose ECH was not accepted, while one whose ECH
+// was accepted (the hello has an inner ECH extension) confirms it. It never
+// decrypts: [ech.NewConn] did. The options of [WithBackendConfig] have been
+// applied.
 //
 // A terminating server completes its handshakes with it; a
 // [PassthroughHandler] may give it to [tls.Server] or to a backend.
 func (s *Server) BackendConfig() *tls.Config {
-	cfg := &tls.Config{
-		GetCertificate:              s.ca.GetCertificate,
-		GetEncryptedClientHelloKeys: s.keys.GetEncryptedClientHelloKeys,
-	}
+	cfg := &tls.Config{GetCertificate: s.ca.GetCertificate}
 	for _, f := range s.backend {
 		f(cfg)
 	}
-	return cfg
+	return s.keys.PublicNameConfig(cfg)
 }
 
 // ClientConfig returns a new client configuration for serverName with ECH:

@@ -11,9 +11,10 @@
 // Usage:
 //
 //	router -config router.json       run
-//	router -check -config router.json check the file and exit
+//	router -check -config router.json check the file and the files it names, and exit
 //
-// SIGHUP reloads the keys; SIGTERM or SIGINT shuts down gracefully. See
+// SIGHUP reloads the keys and certificates (as the keys.reload interval
+// does); SIGTERM or SIGINT shuts down gracefully. See
 // chatmail.json for a configuration and the README for its settings.
 package main
 
@@ -31,9 +32,15 @@ import (
 
 func main() {
 	configPath := flag.String("config", "router.json", "configuration `file`")
-	check := flag.Bool("check", false, "check the configuration file and exit, opening no other file")
+	check := flag.Bool("check", false, "check the configuration file and the files it names, and exit")
 	logFormat := flag.String("log", "text", "log format: text or json")
 	flag.Parse()
+	if flag.NArg() > 0 {
+		// "router -check router.json" would otherwise check ./router.json.
+		fmt.Fprintf(os.Stderr, "router: unexpected argument %q: the configuration file is given by -config\n", flag.Arg(0))
+		flag.Usage()
+		os.Exit(2)
+	}
 
 	cfg, err := router.LoadConfig(*configPath)
 	if err != nil {
@@ -41,6 +48,15 @@ func main() {
 		os.Exit(1)
 	}
 	if *check {
+		if err := router.CheckFiles(cfg); err != nil {
+			fmt.Fprintf(os.Stderr, "%s: missing files:\n%v\n", *configPath, err)
+			os.Exit(1)
+		}
+		// Load the keys and certificates as a start would, quietly.
+		if _, err := router.New(cfg, slog.New(slog.DiscardHandler)); err != nil {
+			fmt.Fprintf(os.Stderr, "%s: %v\n", *configPath, err)
+			os.Exit(1)
+		}
 		fmt.Printf("%s: ok\n", *configPath)
 		return
 	}
@@ -68,7 +84,7 @@ func main() {
 	reload := make(chan struct{}, 1)
 	go func() {
 		for range hup {
-			logger.Info("SIGHUP: reloading keys")
+			logger.Info("SIGHUP: reloading keys and certificates")
 			select {
 			case reload <- struct{}{}:
 			default:

@@ -58,14 +58,26 @@ func TestMain(m *testing.M) {
 func TestCheck(t *testing.T) {
 	t.Parallel()
 	bin := build(t)
+	// The example's files are not on this machine: each is reported.
 	out, err := exec.Command(bin, "-check", "-config", "chatmail.json").CombinedOutput()
-	require.NoError(t, err, "%s", out)
-	assert.Equal(t, "chatmail.json: ok\n", string(out))
+	var ee *exec.ExitError
+	require.ErrorAs(t, err, &ee)
+	assert.Equal(t, 1, ee.ExitCode())
+	assert.Contains(t, string(out), "chatmail.json: missing files:\n")
+	for _, want := range []string{"keys.dir: stat /etc/ech-router/keys: no such file", "public.cert: ", "public.key: ",
+		"listeners[0].routes[0].cert: ", "listeners[2].routes[0].key: "} {
+		assert.Contains(t, string(out), want)
+	}
+
+	// A positional argument is refused, not ignored.
+	out, err = exec.Command(bin, "-check", "chatmail.json").CombinedOutput()
+	require.ErrorAs(t, err, &ee)
+	assert.Equal(t, 2, ee.ExitCode())
+	assert.Contains(t, string(out), `router: unexpected argument "chatmail.json": the configuration file is given by -config`)
 
 	bad := filepath.Join(t.TempDir(), "bad.json")
 	require.NoError(t, os.WriteFile(bad, []byte("{\n  \"keys\": {\"dir\": \"k\"},\n  \"listen\": [\":443\"]\n}\n"), 0o600))
 	out, err = exec.Command(bin, "-config", bad).CombinedOutput()
-	var ee *exec.ExitError
 	require.ErrorAs(t, err, &ee)
 	assert.Equal(t, 1, ee.ExitCode())
 	assert.Equal(t, "bad.json:3: listen: unknown setting\n", string(out), "the error names the line")
@@ -142,6 +154,9 @@ func TestSignals(t *testing.T) {
   ]}]
 }`, addr, bln.Addr().String())
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "router.json"), []byte(config), 0o600))
+	out, err := exec.Command(bin, "-check", "-config", filepath.Join(dir, "router.json")).CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	assert.Equal(t, filepath.Join(dir, "router.json")+": ok\n", string(out))
 
 	cmd := exec.Command(bin, "-config", filepath.Join(dir, "router.json"), "-log", "json")
 	stderr, err := cmd.StderrPipe()

@@ -43,8 +43,11 @@ type Config struct {
 	DialTimeout string `json:"dial_timeout,omitempty"`
 	// ShutdownTimeout is how long SIGTERM waits for connections to end
 	// before closing them; default "30s".
-	ShutdownTimeout string           `json:"shutdown_timeout,omitempty"`
-	Listeners       []ListenerConfig `json:"listeners"`
+	ShutdownTimeout string `json:"shutdown_timeout,omitempty"`
+	// LogInnerNames, when false, keeps the names clients sent encrypted
+	// out of the log (see [Router.HideInnerNames]); default true.
+	LogInnerNames *bool            `json:"log_inner_names,omitempty"`
+	Listeners     []ListenerConfig `json:"listeners"`
 
 	// Dir is the directory relative paths are taken from.
 	Dir string `json:"-"`
@@ -75,6 +78,15 @@ type PublicConfig struct {
 type ListenerConfig struct {
 	Address string        `json:"address"`
 	Routes  []RouteConfig `json:"routes"`
+	// IdleTimeout and FinTimeout are the defaults of the listener's
+	// routes: "1h" and "30s" when not set (see [Route]).
+	IdleTimeout string `json:"idle_timeout,omitempty"`
+	FinTimeout  string `json:"fin_timeout,omitempty"`
+	// MaxConnections caps the connections in progress; 0, the default,
+	// means no cap.
+	MaxConnections int `json:"max_connections,omitempty"`
+
+	idleTimeout, finTimeout time.Duration
 }
 
 // RouteConfig is a [Route] in the configuration file.
@@ -87,6 +99,11 @@ type RouteConfig struct {
 	Cert          string   `json:"cert,omitempty"`
 	Key           string   `json:"key,omitempty"`
 	ProxyProtocol bool     `json:"proxy_protocol,omitempty"`
+	// IdleTimeout and FinTimeout override the listener's.
+	IdleTimeout string `json:"idle_timeout,omitempty"`
+	FinTimeout  string `json:"fin_timeout,omitempty"`
+
+	idleTimeout, finTimeout time.Duration
 }
 
 // ConfigError is an error in a configuration file, at a line.
@@ -193,18 +210,36 @@ func (c *Config) check(at func(path string, err error) error) error {
 		return at("public.name", err)
 	}
 	var addrs []string
-	for i, l := range c.Listeners {
+	for i := range c.Listeners {
+		l := &c.Listeners[i]
 		p := fmt.Sprintf("listeners[%d]", i)
 		if err := checkHostPort(l.Address); err != nil {
 			return at(p+".address", err)
+		}
+		if l.idleTimeout, err = dur(p+".idle_timeout", l.IdleTimeout, DefaultIdleTimeout); err != nil {
+			return err
+		}
+		if l.finTimeout, err = dur(p+".fin_timeout", l.FinTimeout, DefaultFinTimeout); err != nil {
+			return err
+		}
+		if l.MaxConnections < 0 {
+			return at(p+".max_connections", errors.New("must not be negative"))
 		}
 		if slices.Contains(addrs, l.Address) {
 			return at(p+".address", fmt.Errorf("%q is already a listener", l.Address))
 		}
 		addrs = append(addrs, l.Address)
 		var names []string
-		for j, r := range l.Routes {
-			if err := c.checkRoute(fmt.Sprintf("%s.routes[%d]", p, j), r, at); err != nil {
+		for j := range l.Routes {
+			r := &l.Routes[j]
+			rp := fmt.Sprintf("%s.routes[%d]", p, j)
+			if err := c.checkRoute(rp, *r, at); err != nil {
+				return err
+			}
+			if r.idleTimeout, err = dur(rp+".idle_timeout", r.IdleTimeout, l.idleTimeout); err != nil {
+				return err
+			}
+			if r.finTimeout, err = dur(rp+".fin_timeout", r.FinTimeout, l.finTimeout); err != nil {
 				return err
 			}
 			if slices.Contains(names, r.Name) {
@@ -346,6 +381,9 @@ func scanPositions(name string, data []byte, t reflect.Type) (*positions, error)
 	}
 	var walk func(path string, t reflect.Type) error
 	walk = func(path string, t reflect.Type) error {
+		for t.Kind() == reflect.Pointer {
+			t = t.Elem()
+		}
 		tok, err := dec.Token()
 		if err != nil {
 			return fail(path, err)
@@ -409,6 +447,13 @@ func scanPositions(name string, data []byte, t reflect.Type) (*positions, error)
 			want = "true or false"
 			if _, ok := tok.(bool); ok {
 				return nil
+			}
+		case reflect.Int:
+			want = "a whole number"
+			if n, ok := tok.(json.Number); ok {
+				if _, err := strconv.ParseInt(string(n), 10, 32); err == nil {
+					return nil
+				}
 			}
 		}
 		return fail(path, fmt.Errorf("want %s, not %s", want, describe(tok)))

@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -20,9 +21,9 @@ const goodConfig = `{
        "mode": "terminate", "backend": "127.0.0.1:143", "cert": "chat.crt", "key": "chat.key",
        "proxy_protocol": true},
       {"name": "web", "server_names": ["chat.example", "*.chat.example"],
-       "mode": "passthrough", "backend": "[::1]:8443"}
+       "mode": "passthrough", "backend": "[::1]:8443", "idle_timeout": "2h"}
     ]},
-    {"address": "127.0.0.1:993", "routes": []}
+    {"address": "127.0.0.1:993", "routes": [], "max_connections": 100, "idle_timeout": "30m"}
   ]
 }
 `
@@ -37,10 +38,15 @@ func TestParseConfig(t *testing.T) {
 	require.Len(t, c.Listeners[0].Routes, 2)
 	r := c.Listeners[0].Routes[0]
 	assert.Equal(t, RouteConfig{Name: "imap", ServerNames: []string{"chat.example"}, ALPN: []string{"imap"},
-		Mode: "terminate", Backend: "127.0.0.1:143", Cert: "chat.crt", Key: "chat.key", ProxyProtocol: true}, r)
+		Mode: "terminate", Backend: "127.0.0.1:143", Cert: "chat.crt", Key: "chat.key", ProxyProtocol: true,
+		idleTimeout: DefaultIdleTimeout, finTimeout: DefaultFinTimeout}, r)
 	assert.Equal(t, "10m0s", c.reload.String())
 	assert.Equal(t, "5s", c.handshakeTimeout.String())
 	assert.Equal(t, "30s", c.shutdownTimeout.String())
+	assert.Equal(t, 100, c.Listeners[1].MaxConnections)
+	assert.Equal(t, 30*time.Minute, c.Listeners[1].idleTimeout)
+	assert.Nil(t, c.LogInnerNames)
+	assert.Equal(t, 2*time.Hour, c.Listeners[0].Routes[1].idleTimeout, "a route overrides its listener")
 
 	c.Dir = "/etc/router"
 	assert.Equal(t, "/etc/router/keys", c.path(c.Keys.Dir))
@@ -84,6 +90,11 @@ func TestParseConfigErrors(t *testing.T) {
 		{"empty ALPN", edit(`["imap"]`, `[""]`), `router.json:7: listeners[0].routes[0].alpn[0]: an ALPN protocol is 1 to 255 bytes`},
 		{"data after", goodConfig + "{}", `router.json:16: data after the closing }`},
 		{"not an object", `[]`, `router.json:1: want an object, not a list`},
+		{"bad idle timeout", edit(`"proxy_protocol": true}`, `"proxy_protocol": true, "idle_timeout": "long"}`), `router.json:9: listeners[0].routes[0].idle_timeout: "long" is not a duration`},
+		{"bad fin timeout", edit(`"max_connections": 100`, `"max_connections": 100, "fin_timeout": "-1s"`), `router.json:13: listeners[1].fin_timeout: "-1s" is not a duration`},
+		{"negative max", edit(`"max_connections": 100`, `"max_connections": -1`), `router.json:13: listeners[1].max_connections: must not be negative`},
+		{"fractional max", edit(`"max_connections": 100`, `"max_connections": 1.5`), `router.json:13: listeners[1].max_connections: want a whole number, not 1.5`},
+		{"log_inner_names string", edit(`"handshake_timeout": "5s",`, `"handshake_timeout": "5s", "log_inner_names": "no",`), `router.json:4: log_inner_names: want true or false, not "no"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := ParseConfig("router.json", []byte(tc.config))

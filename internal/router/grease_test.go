@@ -8,12 +8,14 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -324,4 +326,109 @@ func TestPublicNameNeverDecrypts(t *testing.T) {
 	assert.Equal(t, "rejected", l["ech"])
 	assert.Equal(t, "public", l["route"])
 	assert.Equal(t, "9", l["config_id"])
+}
+
+// sniExtension is the body of a server_name extension naming name
+// (RFC 6066, Section 3).
+func sniExtension(name string) []byte {
+	var b cryptobyte.Builder
+	b.AddUint16LengthPrefixed(func(b *cryptobyte.Builder) {
+		b.AddUint8(0) // host_name
+		b.AddUint16LengthPrefixed(func(b *cryptobyte.Builder) { b.AddBytes([]byte(name)) })
+	})
+	return b.BytesOrPanic()
+}
+
+// helloNaming returns a TLS 1.2 ClientHello made by crypto/tls whose
+// server_name is replaced by name, which crypto/tls would not send.
+func helloNaming(t *testing.T, name string) []byte {
+	t.Helper()
+	rec := captureHello(t, &tls.Config{ServerName: "placeholder.example", MaxVersion: tls.VersionTLS12, InsecureSkipVerify: true})
+	return editHello(t, rec, func(typ uint16, body []byte) [][2][]byte {
+		if typ == testExtensionSNI {
+			return [][2][]byte{ext(typ, sniExtension(name))}
+		}
+		return [][2][]byte{ext(typ, body)}
+	})
+}
+
+// TestServerNameMustBeLDH checks that a hello whose server_name is not a
+// DNS name is refused before routing, even by a wildcard route, and that
+// a final dot is dropped before routing.
+func TestServerNameMustBeLDH(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	var dialed atomic.Int32
+	wild := e.rawBackend(func(c net.Conn) { dialed.Add(1) })
+	e.serve(
+		Route{Name: "tls", ServerNames: []string{tlsName}, Mode: ModePassthrough, Backend: e.tlsBackend(tlsName)},
+		Route{Name: "wild", ServerNames: []string{"*.example"}, Mode: ModePassthrough, Backend: wild},
+	)
+	for _, name := range []string{"a\r\nb.example", "a b.example", "a\x00.example", "a_b.example", "a..example", ".example"} {
+		t.Run(fmt.Sprintf("%q", name), func(t *testing.T) {
+			conn, err := net.Dial("tcp", e.addr)
+			require.NoError(t, err)
+			defer conn.Close()
+			conn.SetDeadline(time.Now().Add(10 * time.Second))
+			_, err = conn.Write(helloNaming(t, name))
+			require.NoError(t, err)
+			resp, err := io.ReadAll(conn)
+			require.NoError(t, err)
+			assert.Equal(t, []byte{recordTypeAlert, 3, 3, 0, 2, alertLevelFatal, alertUnrecognizedName}, resp)
+			l := e.log()
+			assert.Contains(t, l["error"], ErrInvalidServerName.Error())
+			assert.Empty(t, l["route"])
+		})
+	}
+	t.Run("inner", func(t *testing.T) {
+		// crypto/tls sends this name encrypted in its ClientHelloInner.
+		_, _, _, err := exchange(e.addr, e.clientConfig("a\r\nb.example", e.list))
+		require.ErrorContains(t, err, "unrecognized name")
+		l := e.log()
+		assert.Equal(t, "accepted", l["ech"])
+		assert.Contains(t, l["error"], ErrInvalidServerName.Error())
+	})
+	assert.Zero(t, dialed.Load(), "no bad name reached the wildcard route's backend")
+
+	t.Run("final dot", func(t *testing.T) {
+		// Routed as the name without it; crypto/tls, behind, refuses
+		// the name with decode_error (RFC 6066, Section 3).
+		for _, tc := range []struct{ name, route string }{
+			{tlsName + ".", "tls"},
+			{publicName + ".", "public"},
+		} {
+			conn, err := net.Dial("tcp", e.addr)
+			require.NoError(t, err)
+			conn.SetDeadline(time.Now().Add(10 * time.Second))
+			_, err = conn.Write(helloNaming(t, tc.name))
+			require.NoError(t, err)
+			resp, _ := io.ReadAll(conn)
+			conn.Close()
+			require.Len(t, resp, 7)
+			assert.Equal(t, []byte{recordTypeAlert, alertLevelFatal, 50}, []byte{resp[0], resp[5], resp[6]}, "decode_error")
+			l := e.log()
+			assert.Equal(t, tc.route, l["route"])
+			assert.NotContains(t, l["error"], ErrInvalidServerName.Error())
+		}
+	})
+}
+
+func TestCheckServerName(t *testing.T) {
+	t.Parallel()
+	for name, want := range map[string]bool{
+		"chat.example": true, "a-1.B.example": true, "x": true,
+		"": false, "a\r\nb.example": false, "a_b.example": false, "a..b": false, "a.": false,
+		"-a.example": false, "a-.example": false,
+		strings.Repeat("a", 63) + ".example": true, strings.Repeat("a", 64) + ".example": false,
+		strings.Repeat("a.", 127) + "a": false, "é.example": false,
+	} {
+		err := checkServerName(name)
+		assert.Equal(t, want, err == nil, "%q: %v", name, err)
+		if err != nil {
+			assert.ErrorIs(t, err, ErrInvalidServerName)
+			if name != "" {
+				assert.NotContains(t, err.Error(), name, "the error does not quote the name")
+			}
+		}
+	}
 }

@@ -3,8 +3,12 @@ package router
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -22,6 +26,9 @@ type KeyDir struct {
 	// Logger receives a line when the keys change or fail to load; nil
 	// means slog.Default().
 	Logger *slog.Logger
+	// PublicName, if set, is the public_name every key's config must
+	// have: a directory holding another key is refused.
+	PublicName string
 
 	mu   sync.Mutex
 	last []byte // the configs loaded last, to log changes only
@@ -29,11 +36,26 @@ type KeyDir struct {
 
 // Reload reads the directory and, if it holds at least one valid key,
 // makes its keys the content of the set. On error the set is unchanged.
-// It reports whether the keys changed.
+// It reports whether the keys changed. It logs a warning for each key file
+// that anyone may read.
 func (k *KeyDir) Reload() (bool, error) {
+	k.warnWorldReadable()
 	keys, err := ech.LoadKeyDir(k.Dir)
 	if err == nil && len(keys) == 0 {
 		err = fmt.Errorf("%w in %s", ech.ErrNoKeys, k.Dir)
+	}
+	if err == nil && k.PublicName != "" {
+		for _, key := range keys {
+			c, cerr := ech.KeyConfig(key)
+			if cerr != nil {
+				err = cerr
+				break
+			}
+			if !strings.EqualFold(c.PublicName, k.PublicName) {
+				err = fmt.Errorf("%w: config_id %d has public_name %q, not %q", errWrongPublicName, c.ConfigID, c.PublicName, k.PublicName)
+				break
+			}
+		}
 	}
 	if err == nil {
 		err = k.Set.Replace(keys...)
@@ -57,6 +79,33 @@ func (k *KeyDir) Reload() (bool, error) {
 	k.last = sig.Bytes()
 	k.logger().Info("keys loaded", slog.String("dir", k.Dir), slog.Int("keys", len(keys)), slog.Any("config_ids", ids))
 	return true, nil
+}
+
+// errWrongPublicName refuses a key for another public name.
+var errWrongPublicName = errors.New("router: key for another public name")
+
+// warnWorldReadable logs a warning for each key file of the directory that
+// anyone may read.
+func (k *KeyDir) warnWorldReadable() {
+	entries, err := os.ReadDir(k.Dir)
+	if err != nil {
+		return // Reload reports it
+	}
+	for _, e := range entries {
+		if ext := filepath.Ext(e.Name()); ext != ".ech" && ext != ".pem" {
+			continue
+		}
+		warnIfWorldReadable(k.logger(), filepath.Join(k.Dir, e.Name()))
+	}
+}
+
+// warnIfWorldReadable logs a warning if anyone may read the private key
+// file at path.
+func warnIfWorldReadable(logger *slog.Logger, path string) {
+	fi, err := os.Stat(path)
+	if err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o004 != 0 {
+		logger.Warn("private key file is world-readable", slog.String("file", path), slog.String("mode", fi.Mode().Perm().String()))
+	}
 }
 
 func (k *KeyDir) logger() *slog.Logger {

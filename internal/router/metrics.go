@@ -73,10 +73,9 @@ type Metrics struct {
 	keyInfo      *prometheus.GaugeVec
 	certExpiry   *prometheus.GaugeVec
 
-	mu        sync.Mutex
-	certs     map[string]time.Time // name -> NotAfter
-	ready     func() bool
-	listeners int
+	mu    sync.Mutex
+	certs map[string]time.Time // name -> NotAfter
+	ready func() bool
 }
 
 // NewMetrics returns the router's metrics in a registry of their own, with

@@ -64,16 +64,14 @@ func (p *pipe) run() (in, out int64, err error) {
 		err         error
 		fromBackend bool
 	}
-	done := make(chan result, 2)
-	go func() {
-		err := p.copy(p.backend, p.client, &in)
-		done <- result{err, errors.Is(err, syscall.EPIPE)}
-	}()
+	done := make(chan result, 1)
 	go func() {
 		err := p.copy(p.client, p.backend, &out)
 		done <- result{err, !errors.Is(err, syscall.EPIPE)}
 	}()
-	first := <-done
+	// One direction in this goroutine: an idle connection holds two.
+	err = p.copy(p.backend, p.client, &in)
+	first := result{err, errors.Is(err, syscall.EPIPE)}
 	second := <-done
 	p.close(nil)
 	r := first

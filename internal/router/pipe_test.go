@@ -124,12 +124,16 @@ func TestBackendResetReachesClient(t *testing.T) {
 		c.(*net.TCPConn).SetLinger(0)
 		c.Close()
 	}
+	// The backend greets, waits for a byte, then resets: a reset
+	// discards what the router has not read yet.
 	plain := e.rawBackend(func(c net.Conn) {
 		fmt.Fprintln(c, "hello")
+		c.Read(make([]byte, 1))
 		reset(c)
 	})
 	tlsBackend := e.tlsRawBackend(func(c *tls.Conn) {
 		fmt.Fprintln(c, "hello")
+		c.Read(make([]byte, 1))
 		reset(c.NetConn())
 	})
 	e.serve(
@@ -143,6 +147,8 @@ func TestBackendResetReachesClient(t *testing.T) {
 			line, err := br.ReadString('\n')
 			require.NoError(t, err)
 			assert.Equal(t, "hello\n", line)
+			_, err = io.WriteString(conn, "x")
+			require.NoError(t, err)
 			_, err = io.ReadAll(br)
 			assert.ErrorIs(t, err, syscall.ECONNRESET)
 			l := e.log()
@@ -215,4 +221,22 @@ func TestPublicNameHTTPLimits(t *testing.T) {
 			assert.True(t, strings.HasPrefix(string(resp), tc.status), "%q", resp)
 		})
 	}
+}
+
+// TestBackendDownResetsClient checks that a backend that cannot be reached
+// fails the client with a reset, logged at warn level.
+func TestBackendDownResetsClient(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	dead := ln.Addr().String()
+	ln.Close()
+	e.serve(Route{Name: "plain", ServerNames: []string{plainName}, Mode: ModeTerminate, Backend: dead, Certificate: e.cert(plainName)})
+	conn := e.dialTLS(t, plainName)
+	_, err = io.ReadAll(conn)
+	assert.ErrorIs(t, err, syscall.ECONNRESET)
+	l := e.log()
+	assert.Equal(t, "WARN", l["level"])
+	assert.Contains(t, l["error"], errBackend.Error())
 }

@@ -85,6 +85,9 @@ type Route struct {
 	// Certificate is the certificate a terminate route presents for
 	// ServerNames.
 	Certificate *tls.Certificate
+	// GetCertificate, if not nil, is used instead of Certificate, as
+	// [tls.Config.GetCertificate]: for a certificate that is reloaded.
+	GetCertificate func(*tls.ClientHelloInfo) (*tls.Certificate, error)
 	// ProxyProtocol makes the router send a PROXY protocol v2 header to
 	// the backend before any other byte.
 	ProxyProtocol bool
@@ -160,7 +163,8 @@ var errNoRoute = errors.New("router: no route for this server name")
 // Router accepts TLS connections, reads each ClientHello with
 // [ech.NewConn], and routes the connection by its inner name and ALPN. Set
 // its fields, then call [Router.Serve] for each listener. It logs one line
-// per connection at info level.
+// per connection, at info level or, when the backend failed it (a dial
+// error, a reset), at warn level.
 type Router struct {
 	// Keys are the ECH keys. Replacing them (see [KeyDir]) affects new
 	// connections only.
@@ -175,6 +179,10 @@ type Router struct {
 	// that clients trust: they accept retry configs only from a server
 	// that proves it is the public name (RFC 9849, Section 6.1.6).
 	PublicCertificate *tls.Certificate
+	// GetPublicCertificate, if not nil, is used instead of
+	// PublicCertificate, as [tls.Config.GetCertificate]: for a
+	// certificate that is reloaded.
+	GetPublicCertificate func(*tls.ClientHelloInfo) (*tls.Certificate, error)
 	// RegenInterval is the regeninterval published at
 	// /.well-known/origin-svcb: how often the key set may change. Zero
 	// means DefaultRegenInterval.
@@ -219,12 +227,12 @@ func (r *Router) Serve(ln net.Listener, routes []Route) error {
 // ServeListener is [Router.Serve] with the settings of l.
 func (r *Router) ServeListener(ln net.Listener, l Listener) error {
 	routes := l.Routes
-	if r.Keys == nil || r.PublicCertificate == nil || r.PublicName == "" {
+	if r.Keys == nil || r.PublicCertificate == nil && r.GetPublicCertificate == nil || r.PublicName == "" {
 		ln.Close()
 		return errors.New("router: Keys, PublicName and PublicCertificate are required")
 	}
 	for i, rt := range routes {
-		if rt.Mode == ModeTerminate && rt.Certificate == nil {
+		if rt.Mode == ModeTerminate && rt.Certificate == nil && rt.GetCertificate == nil {
 			ln.Close()
 			return fmt.Errorf("router: route %q: terminate needs a certificate", rt.Name)
 		}
@@ -501,7 +509,18 @@ func (r *Router) handle(conn net.Conn, routes []Route) {
 	// client with a stale config) or for no name is served by the public
 	// name's server, which sends retry configs (Section 6.1.6). No route
 	// may take the public name, not even "*".
-	if c.ServerName() == "" || strings.EqualFold(c.ServerName(), r.PublicName) {
+	// The name routes and goes to the backend in the PROXY header: it
+	// must be a DNS name. A final dot is dropped (RFC 6066, Section 3,
+	// forbids it; some clients send it).
+	name := strings.TrimSuffix(c.ServerName(), ".")
+	if c.ServerName() != "" {
+		if err := checkServerName(name); err != nil {
+			sendAlert(c, alertUnrecognizedName)
+			l.err = err
+			return
+		}
+	}
+	if name == "" || strings.EqualFold(name, r.PublicName) {
 		l.route, l.mode = "public", "terminate"
 		cc := &countingConn{Conn: c}
 		l.negotiated, l.err = r.servePublic(c, cc)
@@ -510,14 +529,14 @@ func (r *Router) handle(conn net.Conn, routes []Route) {
 	}
 	for i := range routes {
 		rt := &routes[i]
-		if !rt.matches(c.ServerName(), l.alpn) {
+		if !rt.matches(name, l.alpn) {
 			continue
 		}
 		l.route, l.mode = rt.Name, rt.Mode.String()
 		if rt.Mode == ModePassthrough {
-			l.in, l.out, l.err = r.passthrough(c, rt)
+			l.in, l.out, l.err = r.passthrough(c, name, rt)
 		} else {
-			l.negotiated, l.in, l.out, l.err = r.terminate(c, rt)
+			l.negotiated, l.in, l.out, l.err = r.terminate(c, name, rt)
 		}
 		return
 	}
@@ -540,14 +559,14 @@ func sendAlert(w io.Writer, desc uint8) {
 
 // dial connects to a route's backend and sends the PROXY header if the
 // route asks for one.
-func (r *Router) dial(c *ech.Conn, rt *Route, alpn string, tlsVersion uint16) (net.Conn, error) {
+func (r *Router) dial(c *ech.Conn, name string, rt *Route, alpn string, tlsVersion uint16) (net.Conn, error) {
 	d := net.Dialer{Timeout: orDefault(r.DialTimeout, DefaultDialTimeout)}
 	backend, err := d.Dial("tcp", rt.Backend)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", errBackend, err)
 	}
 	if rt.ProxyProtocol {
-		hdr, err := appendProxyHeader(nil, c.RemoteAddr(), c.LocalAddr(), c.ServerName(), alpn, tlsVersion)
+		hdr, err := appendProxyHeader(nil, c.RemoteAddr(), c.LocalAddr(), name, alpn, tlsVersion)
 		if err == nil {
 			_, err = backend.Write(hdr)
 		}
@@ -559,20 +578,25 @@ func (r *Router) dial(c *ech.Conn, rt *Route, alpn string, tlsVersion uint16) (n
 	return backend, nil
 }
 
-func (r *Router) passthrough(c *ech.Conn, rt *Route) (in, out int64, err error) {
-	backend, err := r.dial(c, rt, "", 0)
+func (r *Router) passthrough(c *ech.Conn, name string, rt *Route) (in, out int64, err error) {
+	backend, err := r.dial(c, name, rt, "", 0)
 	if err != nil {
+		abort(c.NetConn()) // the backend failed: the client gets a reset
 		return 0, 0, err
 	}
 	return r.pipe(c, c.NetConn(), backend, rt)
 }
 
-func (r *Router) terminate(c *ech.Conn, rt *Route) (proto string, in, out int64, err error) {
-	tc := tls.Server(c, &tls.Config{
-		Certificates: []tls.Certificate{*rt.Certificate},
-		NextProtos:   rt.ALPN,
-		MinVersion:   tls.VersionTLS12,
-	})
+func (r *Router) terminate(c *ech.Conn, name string, rt *Route) (proto string, in, out int64, err error) {
+	cfg := &tls.Config{
+		NextProtos:     rt.ALPN,
+		MinVersion:     tls.VersionTLS12,
+		GetCertificate: rt.GetCertificate,
+	}
+	if cfg.GetCertificate == nil {
+		cfg.Certificates = []tls.Certificate{*rt.Certificate}
+	}
+	tc := tls.Server(c, cfg)
 	ctx, cancel := context.WithTimeout(context.Background(), orDefault(r.HandshakeTimeout, DefaultHandshakeTimeout))
 	err = tc.HandshakeContext(ctx)
 	cancel()
@@ -580,9 +604,9 @@ func (r *Router) terminate(c *ech.Conn, rt *Route) (proto string, in, out int64,
 		return "", 0, 0, err
 	}
 	proto = tc.ConnectionState().NegotiatedProtocol
-	backend, err := r.dial(c, rt, proto, tc.ConnectionState().Version)
+	backend, err := r.dial(c, name, rt, proto, tc.ConnectionState().Version)
 	if err != nil {
-		tc.Close()
+		abort(c.NetConn()) // the backend failed: the client gets a reset
 		return proto, 0, 0, err
 	}
 	in, out, err = r.pipe(tc, c.NetConn(), backend, rt)

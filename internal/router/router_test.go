@@ -628,6 +628,7 @@ func TestNoRoute(t *testing.T) {
 	conn.Close()
 	l = e.log()
 	assert.Contains(t, l["error"], ech.ErrNotTLS.Error())
+	assert.Equal(t, "unknown", l["ech"], "NewConn refused the hello before anyone knew")
 }
 
 func TestBackendDown(t *testing.T) {
@@ -959,4 +960,31 @@ func (b *lockedBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.b.String()
+}
+
+// TestHideInnerNames checks that with HideInnerNames the names clients
+// sent encrypted appear nowhere in the log, and that log_inner_names:
+// false sets it.
+func TestHideInnerNames(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.r.HideInnerNames = true
+	addr := e.serve(Route{Name: "tls", ServerNames: []string{tlsName}, Mode: ModePassthrough, Backend: e.tlsBackend(tlsName)})
+	_, _, state, err := exchange(addr, e.clientConfig(tlsName, e.list))
+	require.NoError(t, err)
+	assert.True(t, state.ECHAccepted)
+	l := e.log()
+	assert.Equal(t, "tls", l["route"])
+	_, ok := l["inner_sni"]
+	assert.False(t, ok)
+	_, _, _, err = exchange(addr, e.clientConfig("other.example", e.list))
+	require.Error(t, err)
+	e.log()
+	assert.NotContains(t, e.all.text(), tlsName)
+	assert.NotContains(t, e.all.text(), "other.example")
+
+	cfg, err := ParseConfig("router.json", []byte(strings.Replace(goodConfig, `"handshake_timeout"`, `"log_inner_names": false, "handshake_timeout"`, 1)))
+	require.NoError(t, err)
+	require.NotNil(t, cfg.LogInnerNames)
+	assert.False(t, *cfg.LogInnerNames)
 }

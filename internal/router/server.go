@@ -1,14 +1,19 @@
 package router
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
+	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/echkit/ech"
 )
@@ -23,9 +28,11 @@ type Server struct {
 	// Keys reloads Router.Keys.
 	Keys *KeyDir
 
-	config *Config
-	logger *slog.Logger
-	routes [][]Route
+	certs map[[2]string]*certFile
+
+	config    *Config
+	logger    *slog.Logger
+	listeners []Listener
 
 	mu  sync.Mutex
 	lns []net.Listener
@@ -41,43 +48,33 @@ func New(cfg *Config, logger *slog.Logger) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	kd := &KeyDir{Dir: cfg.path(cfg.Keys.Dir), Set: ks, Logger: logger}
+	kd := &KeyDir{Dir: cfg.path(cfg.Keys.Dir), Set: ks, Logger: logger, PublicName: cfg.Public.Name}
 	if _, err := kd.Reload(); err != nil {
 		return nil, err
 	}
-	certs := make(map[[2]string]*tls.Certificate)
-	loadCert := func(certFile, keyFile string) (*tls.Certificate, error) {
-		k := [2]string{cfg.path(certFile), cfg.path(keyFile)}
-		if c, ok := certs[k]; ok {
-			return c, nil
+	s := &Server{Keys: kd, config: cfg, logger: logger, certs: make(map[[2]string]*certFile)}
+	certFor := func(certPath, keyPath, name string) *certFile {
+		k := [2]string{cfg.path(certPath), cfg.path(keyPath)}
+		f := s.certs[k]
+		if f == nil {
+			f = &certFile{certPath: k[0], keyPath: k[1]}
+			s.certs[k] = f
 		}
-		c, err := tls.LoadX509KeyPair(k[0], k[1])
-		if err != nil {
-			return nil, fmt.Errorf("router: certificate %s: %w", k[0], err)
+		if !strings.Contains(name, "*") && !slices.Contains(f.names, name) {
+			f.names = append(f.names, name)
 		}
-		certs[k] = &c
-		return &c, nil
+		return f
 	}
-	pub, err := loadCert(cfg.Public.Cert, cfg.Public.Key)
-	if err != nil {
-		return nil, err
-	}
-	if err := pub.Leaf.VerifyHostname(cfg.Public.Name); err != nil {
-		return nil, fmt.Errorf("router: certificate %s is not for the public name: %w", cfg.path(cfg.Public.Cert), err)
-	}
-	s := &Server{
-		Router: &Router{
-			Keys:              ks,
-			PublicName:        cfg.Public.Name,
-			PublicCertificate: pub,
-			RegenInterval:     cfg.reload,
-			HandshakeTimeout:  cfg.handshakeTimeout,
-			DialTimeout:       cfg.dialTimeout,
-			Logger:            logger,
-		},
-		Keys:   kd,
-		config: cfg,
-		logger: logger,
+	pub := certFor(cfg.Public.Cert, cfg.Public.Key, cfg.Public.Name)
+	s.Router = &Router{
+		Keys:                 ks,
+		PublicName:           cfg.Public.Name,
+		GetPublicCertificate: pub.get,
+		RegenInterval:        cfg.reload,
+		HandshakeTimeout:     cfg.handshakeTimeout,
+		DialTimeout:          cfg.dialTimeout,
+		Logger:               logger,
+		HideInnerNames:       cfg.LogInnerNames != nil && !*cfg.LogInnerNames,
 	}
 	for _, l := range cfg.Listeners {
 		var routes []Route
@@ -89,26 +86,143 @@ func New(cfg *Config, logger *slog.Logger) (*Server, error) {
 				Mode:          ModePassthrough,
 				Backend:       rc.Backend,
 				ProxyProtocol: rc.ProxyProtocol,
+				IdleTimeout:   rc.idleTimeout,
+				FinTimeout:    rc.finTimeout,
 			}
 			if rc.Mode == "terminate" {
 				rt.Mode = ModeTerminate
-				if rt.Certificate, err = loadCert(rc.Cert, rc.Key); err != nil {
-					return nil, err
-				}
+				var f *certFile
 				for _, n := range rc.ServerNames {
-					if !strings.Contains(n, "*") && rt.Certificate.Leaf.VerifyHostname(n) != nil {
-						return nil, fmt.Errorf("router: route %q: certificate %s is not for %s", rc.Name, cfg.path(rc.Cert), n)
-					}
+					f = certFor(rc.Cert, rc.Key, n)
 				}
+				rt.GetCertificate = f.get
 			}
 			routes = append(routes, rt)
 		}
-		s.routes = append(s.routes, routes)
+		s.listeners = append(s.listeners, Listener{Routes: routes, MaxConnections: l.MaxConnections})
+	}
+	for _, f := range s.sortedCerts() {
+		c, err := f.load(logger, time.Now())
+		if err != nil {
+			return nil, err
+		}
+		f.cert.Store(c)
 	}
 	if s.Router.RegenInterval == 0 {
 		s.Router.RegenInterval = DefaultRegenInterval
 	}
 	return s, nil
+}
+
+// certFile is a certificate and its key, in PEM files reloaded with the
+// keys.
+type certFile struct {
+	certPath, keyPath string
+	names             []string // the names it must be valid for
+	cert              atomic.Pointer[tls.Certificate]
+}
+
+// certExpiryWarning is how long before its expiry a certificate is warned
+// about.
+const certExpiryWarning = 14 * 24 * time.Hour
+
+// load reads the files and checks the certificate is for f.names. It logs
+// warnings for a certificate that expires within certExpiryWarning of now
+// (or has expired) and for a key file anyone may read.
+func (f *certFile) load(logger *slog.Logger, now time.Time) (*tls.Certificate, error) {
+	c, err := tls.LoadX509KeyPair(f.certPath, f.keyPath)
+	if err != nil {
+		return nil, fmt.Errorf("router: certificate %s: %w", f.certPath, err)
+	}
+	for _, n := range f.names {
+		if err := c.Leaf.VerifyHostname(n); err != nil {
+			return nil, fmt.Errorf("router: certificate %s is not for %s: %w", f.certPath, n, err)
+		}
+	}
+	switch left := c.Leaf.NotAfter.Sub(now); {
+	case left <= 0:
+		logger.Warn("certificate has expired", slog.String("file", f.certPath), slog.Time("not_after", c.Leaf.NotAfter))
+	case left < certExpiryWarning:
+		logger.Warn("certificate expires soon", slog.String("file", f.certPath), slog.Time("not_after", c.Leaf.NotAfter))
+	}
+	warnIfWorldReadable(logger, f.keyPath)
+	return &c, nil
+}
+
+func (f *certFile) get(*tls.ClientHelloInfo) (*tls.Certificate, error) { return f.cert.Load(), nil }
+
+func (s *Server) sortedCerts() []*certFile {
+	out := make([]*certFile, 0, len(s.certs))
+	for _, f := range s.certs {
+		out = append(out, f)
+	}
+	slices.SortFunc(out, func(a, b *certFile) int { return strings.Compare(a.certPath, b.certPath) })
+	return out
+}
+
+// Reload loads the keys and the certificates again. A file that fails to
+// load is logged as an error and the one loaded before stays in use.
+func (s *Server) Reload() {
+	if _, err := s.Keys.Reload(); err != nil {
+		s.logger.Error("keys not reloaded", slog.String("dir", s.Keys.Dir), slog.String("error", err.Error()))
+	}
+	for _, f := range s.sortedCerts() {
+		c, err := f.load(s.logger, time.Now())
+		if err != nil {
+			s.logger.Error("certificate not reloaded", slog.String("file", f.certPath), slog.String("error", err.Error()))
+			continue
+		}
+		if old := f.cert.Swap(c); !slices.EqualFunc(old.Certificate, c.Certificate, bytes.Equal) {
+			s.logger.Info("certificate loaded", slog.String("file", f.certPath), slog.Time("not_after", c.Leaf.NotAfter))
+		}
+	}
+}
+
+// watch reloads every interval (if positive) and whenever trigger
+// receives, until ctx is done.
+func (s *Server) watch(ctx context.Context, interval time.Duration, trigger <-chan struct{}) {
+	var tick <-chan time.Time
+	if interval > 0 {
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		tick = t.C
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick:
+		case <-trigger:
+		}
+		s.Reload()
+	}
+}
+
+// CheckFiles reports every file cfg names that cannot be read: the key
+// directory and the certificate and key files.
+func CheckFiles(cfg *Config) error {
+	var errs []error
+	check := func(what, p string, dir bool) {
+		fi, err := os.Stat(cfg.path(p))
+		switch {
+		case err != nil:
+			errs = append(errs, fmt.Errorf("%s: %w", what, err))
+		case fi.IsDir() != dir:
+			errs = append(errs, fmt.Errorf("%s: %s is not a %s", what, cfg.path(p), map[bool]string{true: "directory", false: "file"}[dir]))
+		}
+	}
+	check("keys.dir", cfg.Keys.Dir, true)
+	check("public.cert", cfg.Public.Cert, false)
+	check("public.key", cfg.Public.Key, false)
+	for i, l := range cfg.Listeners {
+		for j, r := range l.Routes {
+			if r.Mode == "terminate" {
+				check(fmt.Sprintf("listeners[%d].routes[%d].cert", i, j), r.Cert, false)
+				check(fmt.Sprintf("listeners[%d].routes[%d].key", i, j), r.Key, false)
+			}
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // Listen opens every listener of the configuration.
@@ -145,7 +259,8 @@ func (s *Server) Addrs() []net.Addr {
 }
 
 // Run listens (if [Server.Listen] has not been called), serves, and reloads
-// the keys on the configured interval and whenever reload receives. When
+// the keys and certificates (see [Server.Reload]) on the configured
+// interval and whenever reload receives. When
 // ctx is done it shuts down gracefully: it stops accepting and waits up to
 // the configured shutdown_timeout for connections to end.
 func (s *Server) Run(ctx context.Context, reload <-chan struct{}) error {
@@ -158,12 +273,12 @@ func (s *Server) Run(ctx context.Context, reload <-chan struct{}) error {
 
 	watchCtx, stopWatch := context.WithCancel(ctx)
 	defer stopWatch()
-	go s.Keys.Watch(watchCtx, s.config.reload, reload)
+	go s.watch(watchCtx, s.config.reload, reload)
 
 	errc := make(chan error, len(lns))
 	for i, ln := range lns {
-		s.logger.Info("listening", slog.String("address", ln.Addr().String()), slog.Int("routes", len(s.routes[i])))
-		go func() { errc <- s.Router.Serve(ln, s.routes[i]) }()
+		s.logger.Info("listening", slog.String("address", ln.Addr().String()), slog.Int("routes", len(s.listeners[i].Routes)))
+		go func() { errc <- s.Router.ServeListener(ln, s.listeners[i]) }()
 	}
 	var err error
 	select {

@@ -93,8 +93,11 @@ func (r *Router) Handler() http.Handler {
 // is closed.
 func (r *Router) servePublic(c *ech.Conn, conn net.Conn) (string, error) {
 	base := &tls.Config{
-		Certificates: []tls.Certificate{*r.PublicCertificate},
-		MinVersion:   tls.VersionTLS12,
+		MinVersion:     tls.VersionTLS12,
+		GetCertificate: r.GetPublicCertificate,
+	}
+	if base.GetCertificate == nil {
+		base.Certificates = []tls.Certificate{*r.PublicCertificate}
 	}
 	if slices.Contains(c.ALPNProtos(), "http/1.1") {
 		// Offered only when the client wants it: a client whose ECH was
