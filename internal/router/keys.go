@@ -32,7 +32,11 @@ type KeyDir struct {
 	PublicName string
 	// Manager, if set, keeps the directory (keys.auto): Reload runs one
 	// [echkeys.Manager.Tick], which makes, deletes, advertises and
-	// publishes, and fills Set itself. Its KeySet must be Set.
+	// publishes, and fills Set itself. Its KeySet must be Set. The Tick
+	// has changed Set even when Reload then reports an error (a key for
+	// another public name put in the directory by hand); a failure that
+	// leaves keys in use, such as a zone that refuses the update, is logged
+	// and tried again at the next reload.
 	Manager *echkeys.Manager
 
 	mu   sync.Mutex
