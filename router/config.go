@@ -57,6 +57,8 @@ type Config struct {
 	Dir string `json:"-"`
 
 	handshakeTimeout, dialTimeout, shutdownTimeout, reload time.Duration
+	// keys.auto's durations, parsed.
+	rotate, retire, propagation, ttl, lockTimeout time.Duration
 }
 
 // KeysConfig says where the ECH keys are.
@@ -66,6 +68,67 @@ type KeysConfig struct {
 	Dir string `json:"dir"`
 	// Reload is the reload interval; default "5m", "0s" for SIGHUP only.
 	Reload string `json:"reload,omitempty"`
+	// Auto, if set, has the router keep the keys of Dir itself: make the
+	// first, rotate, retire, and advertise only the newest key every peer
+	// decrypts (package echkeys).
+	Auto *AutoKeysConfig `json:"auto,omitempty"`
+	// Publish, if set, publishes the advertised config in DNS; it needs
+	// Auto.
+	Publish *PublishConfig `json:"publish,omitempty"`
+}
+
+// AutoKeysConfig is "keys.auto": the settings of an [echkeys.Manager].
+// Durations are Go durations; empty means the echkeys default.
+type AutoKeysConfig struct {
+	// Rotate is how often a key is made; default "720h" (30 days).
+	Rotate string `json:"rotate,omitempty"`
+	// Retire is the age at which an old key is deleted; default rotate +
+	// propagation + ttl + 24h, at least 48h.
+	Retire string `json:"retire,omitempty"`
+	// Propagation is how long after its creation a key is advertised when
+	// there are no peers; default "1h", "0s" for a single router.
+	Propagation string `json:"propagation,omitempty"`
+	// TTL is the TTL of the published records; default "1h".
+	TTL string `json:"ttl,omitempty"`
+	// LockTimeout is the age at which a dead holder's lock is broken;
+	// default "5m".
+	LockTimeout string `json:"lock_timeout,omitempty"`
+	// ReadOnly reads the directory without writing it, as when another
+	// process fills a Kubernetes Secret volume.
+	ReadOnly bool `json:"read_only,omitempty"`
+	// Peers are the https URLs of the /ech-config-list of every router of
+	// the fleet, this one included.
+	Peers []string `json:"peers,omitempty"`
+	// PeerCA is a PEM file of the CA certificates that the peers' public
+	// name certificates are checked against; default the system's.
+	PeerCA string `json:"peer_ca,omitempty"`
+}
+
+// PublishConfig is "keys.publish": where and what to publish.
+type PublishConfig struct {
+	RFC2136 RFC2136Config `json:"rfc2136"`
+	// Names are the names to publish; default every server name of every
+	// route that is not a wildcard, with the ALPN of its route.
+	Names []PublishName `json:"names,omitempty"`
+}
+
+// RFC2136Config is the zone's primary and TSIG key (see [echkeys.RFC2136]).
+type RFC2136Config struct {
+	Server  string `json:"server"`
+	Zone    string `json:"zone"`
+	KeyName string `json:"key_name"`
+	// SecretFile holds the TSIG secret in base64.
+	SecretFile string `json:"secret_file"`
+	// Algorithm is the TSIG algorithm; default "hmac-sha256".
+	Algorithm string `json:"algorithm,omitempty"`
+}
+
+// PublishName is a name whose HTTPS record is kept (see [echkeys.Name]).
+type PublishName struct {
+	Name string   `json:"name"`
+	ALPN []string `json:"alpn,omitempty"`
+	// Create allows creating the record if the name has none.
+	Create bool `json:"create,omitempty"`
 }
 
 // PublicConfig is the public name the router serves itself.
@@ -202,6 +265,9 @@ func (c *Config) check(at func(path string, err error) error) error {
 			return at("metrics", err)
 		}
 	}
+	if err := c.checkAuto(dur, at); err != nil {
+		return err
+	}
 	missing := errors.New("missing")
 	switch {
 	case c.Keys.Dir == "":
@@ -255,6 +321,68 @@ func (c *Config) check(at func(path string, err error) error) error {
 				return at(fmt.Sprintf("%s.routes[%d].name", p, j), fmt.Errorf("%q names two routes of this listener", r.Name))
 			}
 			names = append(names, r.Name)
+		}
+	}
+	return nil
+}
+
+// checkAuto checks keys.auto and keys.publish.
+func (c *Config) checkAuto(dur func(path, s string, def time.Duration) (time.Duration, error), at func(string, error) error) error {
+	a := c.Keys.Auto
+	if a == nil {
+		if c.Keys.Publish != nil {
+			return at("keys.publish", errors.New("needs keys.auto"))
+		}
+		return nil
+	}
+	var err error
+	for _, d := range []struct {
+		name string
+		s    string
+		dst  *time.Duration
+	}{
+		{"rotate", a.Rotate, &c.rotate},
+		{"retire", a.Retire, &c.retire},
+		{"ttl", a.TTL, &c.ttl},
+		{"lock_timeout", a.LockTimeout, &c.lockTimeout},
+	} {
+		if *d.dst, err = dur("keys.auto."+d.name, d.s, 0); err != nil {
+			return err
+		}
+	}
+	// Propagation "0s" means none, which echkeys spells negative.
+	if c.propagation, err = dur("keys.auto.propagation", a.Propagation, 0); err != nil {
+		return err
+	}
+	if a.Propagation != "" && c.propagation == 0 {
+		c.propagation = -1
+	}
+	for i, u := range a.Peers {
+		if !strings.HasPrefix(u, "https://") {
+			return at(fmt.Sprintf("keys.auto.peers[%d]", i), fmt.Errorf("%q is not an https URL", u))
+		}
+	}
+	p := c.Keys.Publish
+	if p == nil {
+		return nil
+	}
+	missing := errors.New("missing")
+	switch {
+	case p.RFC2136.Server == "":
+		return at("keys.publish.rfc2136.server", missing)
+	case p.RFC2136.Zone == "":
+		return at("keys.publish.rfc2136.zone", missing)
+	case p.RFC2136.KeyName == "":
+		return at("keys.publish.rfc2136.key_name", missing)
+	case p.RFC2136.SecretFile == "":
+		return at("keys.publish.rfc2136.secret_file", missing)
+	}
+	if err := checkHostPort(p.RFC2136.Server); err != nil {
+		return at("keys.publish.rfc2136.server", err)
+	}
+	for i, n := range p.Names {
+		if err := checkNamePattern(n.Name); err != nil || strings.Contains(n.Name, "*") {
+			return at(fmt.Sprintf("keys.publish.names[%d].name", i), fmt.Errorf("%q is not a DNS name", n.Name))
 		}
 	}
 	return nil

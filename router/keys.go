@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/echkit/ech"
+	"github.com/echkit/ech/echkeys"
 )
 
 // KeyDir keeps a key set loaded from a directory of RFC 9934 PEM files
@@ -29,6 +30,14 @@ type KeyDir struct {
 	// PublicName, if set, is the public_name every key's config must
 	// have: a directory holding another key is refused.
 	PublicName string
+	// Manager, if set, keeps the directory (keys.auto): Reload runs one
+	// [echkeys.Manager.Tick], which makes, deletes, advertises and
+	// publishes, and fills Set itself. Its KeySet must be Set. The Tick
+	// has changed Set even when Reload then reports an error (a key for
+	// another public name put in the directory by hand); a failure that
+	// leaves keys in use, such as a zone that refuses the update, is logged
+	// and tried again at the next reload.
+	Manager *echkeys.Manager
 
 	mu   sync.Mutex
 	last []byte // the configs loaded last, to log changes only
@@ -40,7 +49,13 @@ type KeyDir struct {
 // that anyone may read.
 func (k *KeyDir) Reload() (bool, error) {
 	k.warnWorldReadable()
-	keys, err := ech.LoadKeyDir(k.Dir)
+	var keys []ech.Key
+	var err error
+	if k.Manager != nil {
+		keys, err = k.tick()
+	} else {
+		keys, err = ech.LoadKeyDir(k.Dir)
+	}
 	if err == nil && len(keys) == 0 {
 		err = fmt.Errorf("%w in %s", ech.ErrNoKeys, k.Dir)
 	}
@@ -57,7 +72,7 @@ func (k *KeyDir) Reload() (bool, error) {
 			}
 		}
 	}
-	if err == nil {
+	if err == nil && k.Manager == nil {
 		err = k.Set.Replace(keys...)
 	}
 	if err != nil {
@@ -106,6 +121,25 @@ func warnIfWorldReadable(logger *slog.Logger, path string) {
 	if err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o004 != 0 {
 		logger.Warn("private key file is world-readable", slog.String("file", path), slog.String("mode", fi.Mode().Perm().String()))
 	}
+}
+
+// maxTick bounds one Tick of the Manager: its peer checks and publishing.
+const maxTick = 2 * time.Minute
+
+// tick runs the Manager once and returns the keys it put in Set. A failure
+// that leaves keys in use (a peer that does not answer, a zone that refuses
+// the update) is logged, not returned: the keys were reloaded, and the next
+// reload tries again.
+func (k *KeyDir) tick() ([]ech.Key, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), maxTick)
+	defer cancel()
+	err := k.Manager.Tick(ctx)
+	keys := k.Manager.Keys()
+	if err != nil && len(keys) > 0 {
+		k.logger().Warn("automatic keys", slog.String("dir", k.Dir), slog.String("error", err.Error()))
+		err = nil
+	}
+	return keys, err
 }
 
 func (k *KeyDir) logger() *slog.Logger {

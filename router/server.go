@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -17,6 +18,7 @@ import (
 	"time"
 
 	"github.com/echkit/ech"
+	"github.com/echkit/ech/echkeys"
 )
 
 // Server is a [Router] set up from a [Config]: its keys loaded and watched,
@@ -51,6 +53,11 @@ func New(cfg *Config, logger *slog.Logger) (*Server, error) {
 		return nil, err
 	}
 	kd := &KeyDir{Dir: cfg.path(cfg.Keys.Dir), Set: ks, Logger: logger, PublicName: cfg.Public.Name}
+	if cfg.Keys.Auto != nil {
+		if kd.Manager, err = newManager(cfg, ks, logger); err != nil {
+			return nil, err
+		}
+	}
 	if _, err := kd.Reload(); err != nil {
 		return nil, err
 	}
@@ -373,4 +380,72 @@ func (s *Server) Run(ctx context.Context, reload <-chan struct{}) error {
 		err = nil
 	}
 	return err
+}
+
+// newManager makes the [echkeys.Manager] of keys.auto and its Publisher of
+// keys.publish.
+func newManager(cfg *Config, ks *ech.KeySet, logger *slog.Logger) (*echkeys.Manager, error) {
+	a := cfg.Keys.Auto
+	m := &echkeys.Manager{
+		Dir:         cfg.path(cfg.Keys.Dir),
+		PublicName:  cfg.Public.Name,
+		ReadOnly:    a.ReadOnly,
+		Rotate:      cfg.rotate,
+		Retire:      cfg.retire,
+		Propagation: cfg.propagation,
+		TTL:         cfg.ttl,
+		LockTimeout: cfg.lockTimeout,
+		Peers:       a.Peers,
+		KeySet:      ks,
+		Logger:      logger,
+	}
+	if a.PeerCA != "" {
+		pemData, err := os.ReadFile(cfg.path(a.PeerCA))
+		if err != nil {
+			return nil, fmt.Errorf("router: keys.auto.peer_ca: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pemData) {
+			return nil, fmt.Errorf("router: keys.auto.peer_ca: no certificate in %s", cfg.path(a.PeerCA))
+		}
+		m.PeerTLSConfig = &tls.Config{RootCAs: pool}
+	}
+	p := cfg.Keys.Publish
+	if p == nil {
+		return m, nil
+	}
+	secret, err := os.ReadFile(cfg.path(p.RFC2136.SecretFile))
+	if err != nil {
+		return nil, fmt.Errorf("router: keys.publish.rfc2136.secret_file: %w", err)
+	}
+	pub := &echkeys.Publisher{
+		Provider: &echkeys.RFC2136{
+			Server:    p.RFC2136.Server,
+			Zone:      p.RFC2136.Zone,
+			KeyName:   p.RFC2136.KeyName,
+			Secret:    strings.TrimSpace(string(secret)),
+			Algorithm: p.RFC2136.Algorithm,
+		},
+		Logger: logger,
+	}
+	for _, n := range p.Names {
+		pub.Names = append(pub.Names, echkeys.Name{Name: n.Name, ALPN: n.ALPN, Create: n.Create})
+	}
+	if len(p.Names) == 0 {
+		// Every exact server name of the routes, with its route's ALPN.
+		seen := make(map[string]bool)
+		for _, l := range cfg.Listeners {
+			for _, r := range l.Routes {
+				for _, n := range r.ServerNames {
+					if strings.Contains(n, "*") || seen[strings.ToLower(n)] {
+						continue
+					}
+					seen[strings.ToLower(n)] = true
+					pub.Names = append(pub.Names, echkeys.Name{Name: n, ALPN: r.ALPN})
+				}
+			}
+		}
+	}
+	m.Publisher = pub
+	return m, nil
 }
