@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"runtime"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -118,8 +119,7 @@ const idleConns = 500
 // descriptors per connection (on Linux).
 func BenchmarkIdleConnectionMemory(b *testing.B) {
 	hello := captureHello(&testing.T{}, &tls.Config{ServerName: tlsName})
-	held := make(chan struct{})
-	defer close(held)
+	var holding atomic.Int64 // connections the backend holds
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(b, err)
 	defer ln.Close()
@@ -132,7 +132,9 @@ func BenchmarkIdleConnectionMemory(b *testing.B) {
 			go func() {
 				defer c.Close()
 				io.ReadFull(c, make([]byte, len(hello)))
-				<-held
+				holding.Add(1)
+				defer holding.Add(-1)
+				c.Read(make([]byte, 1)) // until the client closes
 			}()
 		}
 	}()
@@ -164,8 +166,11 @@ func BenchmarkIdleConnectionMemory(b *testing.B) {
 			require.NoError(b, err)
 			conns = append(conns, c)
 		}
-		// Let every connection reach its idle state.
-		time.Sleep(time.Second)
+		// Let every connection reach the backend, then its idle state.
+		for holding.Load() < idleConns {
+			time.Sleep(10 * time.Millisecond)
+		}
+		time.Sleep(200 * time.Millisecond)
 		used, stack := inUse()
 		perConn = (float64(used) - float64(base)) / idleConns
 		stackPerConn = (float64(stack) - float64(baseStack)) / idleConns
@@ -173,7 +178,9 @@ func BenchmarkIdleConnectionMemory(b *testing.B) {
 		for _, c := range conns {
 			c.Close()
 		}
-		time.Sleep(500 * time.Millisecond)
+		for holding.Load() > 0 {
+			time.Sleep(10 * time.Millisecond)
+		}
 		return perConn, stackPerConn, fdsPerConn
 	}
 	var direct, viaRouter, directStack, viaRouterStack, directFDs, viaRouterFDs float64
