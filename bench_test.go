@@ -208,7 +208,7 @@ func handshakeServers(b *testing.B) (*echtest.CA, ech.ConfigList, []handshakeMod
 	require.NoError(b, err)
 	serverCfg := &tls.Config{Certificates: []tls.Certificate{ca.Certificate(innerName)}, MinVersion: tls.VersionTLS13}
 	sharedCfg := serverCfg.Clone()
-	sharedCfg.EncryptedClientHelloKeys = ks.TLSKeys()
+	sharedCfg.EncryptedClientHelloKeys = ks.Keys()
 	ctx := context.Background()
 	return ca, list, []handshakeMode{
 		{"NoECH", false, func(c net.Conn) error { return tls.Server(c, serverCfg).HandshakeContext(ctx) }},

@@ -27,8 +27,11 @@ const (
 	StatusAccepted
 	// StatusRejected means the client sent an outer ECH extension that
 	// did not decrypt: GREASE, an unknown config_id or a stale key. The
-	// Conn replays the ClientHelloOuter; the handshake should be completed
-	// for the public name with retry configs (see [KeySet.TLSKeys]).
+	// Conn replays the ClientHelloOuter, and [Conn.ServerName] is the name
+	// in the clear: route the connection by it, as one without ECH (RFC
+	// 9849, Section 7.1). A GREASE client names its real server there; a
+	// client with a stale config names the public name, whose server
+	// should use [KeySet.PublicNameConfig] to send it retry configs.
 	StatusRejected
 )
 
@@ -738,11 +741,13 @@ func (c *Conn) NetConn() net.Conn { return c.conn }
 func (c *Conn) Status() Status { return c.status }
 
 // ECHAccepted reports whether the client's ECH was decrypted, so that the
-// Conn replays the ClientHelloInner.
+// Conn replays the ClientHelloInner: Status() == StatusAccepted. It and
+// [Conn.ECHPresented] are the names users of c2FmZQ/ech know; Status says
+// both at once.
 func (c *Conn) ECHAccepted() bool { return c.status == StatusAccepted }
 
 // ECHPresented reports whether the client sent an outer ECH extension, real
-// or GREASE.
+// or GREASE: Status() != StatusNotOffered.
 func (c *Conn) ECHPresented() bool { return c.presented }
 
 // ConfigID returns the config_id the client named, and whether it sent an

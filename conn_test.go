@@ -73,7 +73,7 @@ func TestAcceptedEveryKEMAndSuite(t *testing.T) {
 		for _, cs := range suites {
 			t.Run(kem.String()+"/"+cs.String(), func(t *testing.T) {
 				t.Parallel()
-				k, err := ech.GenerateKey(publicName, &ech.KeyOptions{KEM: kem, CipherSuites: []ech.CipherSuite{cs}, SendAsRetry: true})
+				k, err := ech.GenerateKey(publicName, &ech.KeyOptions{KEM: kem, CipherSuites: []ech.CipherSuite{cs}})
 				require.NoError(t, err)
 				ks, err := ech.NewKeySet(k)
 				require.NoError(t, err)

@@ -20,7 +20,9 @@
 // ClientHelloInner, and returns a [Conn] whose reads replay it. Route on
 // [Conn.ServerName] and [Conn.ALPNProtos], then either run [crypto/tls.Server]
 // on the Conn (crypto/tls acts as the ECH backend by itself) or copy its bytes
-// to a backend that implements ECH.
+// to a backend that implements ECH. NewConn needs the server's keys,
+// [WithKeySet] (parsed once, rotated in place) or [WithKeys]; without
+// either it returns [ErrNoKeys] at once.
 //
 //	ks, _ := ech.NewKeySet(key)
 //	for {

@@ -17,7 +17,7 @@ import (
 // crypto/tls completes each handshake as the ECH backend. A client that
 // sends a broken hello is refused without ever reaching Accept.
 func ExampleNewListener() {
-	key, err := ech.GenerateKey("public.example", &ech.KeyOptions{SendAsRetry: true})
+	key, err := ech.GenerateKey("public.example", &ech.KeyOptions{})
 	if err != nil {
 		log.Fatal(err)
 	}

@@ -509,7 +509,7 @@ func (m *Manager) generate(files []keyFile, now time.Time, l *lock) (keyFile, er
 	if m.KeyOptions != nil {
 		o = *m.KeyOptions
 	}
-	o.ConfigID, o.SendAsRetry = 0, false
+	o.ConfigID, o.NoRetry = 0, true
 	o.AvoidConfigIDs = slices.Clone(o.AvoidConfigIDs)
 	for _, f := range files {
 		o.AvoidConfigIDs = append(o.AvoidConfigIDs, uint8(configID(f.key.Config)))

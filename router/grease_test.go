@@ -304,7 +304,7 @@ func TestPublicNameNeverDecrypts(t *testing.T) {
 	e := newEnv(t)
 	var keys []ech.Key
 	for range ech.MaxKeysPerHello + 1 {
-		k, err := ech.GenerateKey(publicName, &ech.KeyOptions{ConfigID: 9, SendAsRetry: true})
+		k, err := ech.GenerateKey(publicName, &ech.KeyOptions{ConfigID: 9})
 		require.NoError(t, err)
 		keys = append(keys, k)
 	}

@@ -118,7 +118,7 @@ type env struct {
 
 func newKey(t testing.TB, avoid ...uint8) ech.Key {
 	t.Helper()
-	k, err := ech.GenerateKey(publicName, &ech.KeyOptions{AvoidConfigIDs: avoid, SendAsRetry: true})
+	k, err := ech.GenerateKey(publicName, &ech.KeyOptions{AvoidConfigIDs: avoid})
 	require.NoError(t, err)
 	return k
 }

@@ -37,7 +37,7 @@ func setup(t *testing.T) (addr, keyFile, caFile string, ks *ech.KeySet) {
 	t.Helper()
 	ca, err := testpki.NewCA()
 	require.NoError(t, err)
-	key, err := ech.GenerateKey(publicName, &ech.KeyOptions{SendAsRetry: true})
+	key, err := ech.GenerateKey(publicName, &ech.KeyOptions{})
 	require.NoError(t, err)
 	ks, err = ech.NewKeySet(key)
 	require.NoError(t, err)

@@ -170,7 +170,7 @@ func cmdNew(args []string, stdout, stderr io.Writer) error {
 	if *configID > 255 || *maxName > 255 {
 		return cli.Usagef("-config-id and -max-name-length are at most 255")
 	}
-	opts := &ech.KeyOptions{KEM: kem, ConfigID: uint8(*configID), MaxNameLength: uint8(*maxName), SendAsRetry: true}
+	opts := &ech.KeyOptions{KEM: kem, ConfigID: uint8(*configID), MaxNameLength: uint8(*maxName)}
 	if *suites != "" {
 		var err error
 		if opts.CipherSuites, err = parseSuites(*suites); err != nil {

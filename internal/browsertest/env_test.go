@@ -278,7 +278,7 @@ func newEnv(t *testing.T, artifacts string, routes []router.RouteConfig, hrrName
 
 	// The router's key, sent as retry config to clients with a stale one.
 	var err error
-	e.key, err = ech.GenerateKey(publicName, &ech.KeyOptions{SendAsRetry: true})
+	e.key, err = ech.GenerateKey(publicName, &ech.KeyOptions{})
 	require.NoError(t, err)
 	ks, err := ech.NewKeySet(e.key)
 	require.NoError(t, err)
