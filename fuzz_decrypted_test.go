@@ -41,6 +41,7 @@ import (
 	"time"
 
 	"github.com/echkit/ech"
+	"github.com/echkit/ech/echtest"
 	"golang.org/x/crypto/cryptobyte"
 )
 
@@ -521,7 +522,8 @@ func fzNewFixture() (*fzFixture, error) {
 		if !ok || len(outer.rest) != 0 {
 			return nil, fmt.Errorf("crypto/tls hello %d does not parse", i)
 		}
-		encoded, err := fx.open(body, outer)
+		var r *hpke.Recipient
+		encoded, err := fx.open(&r, body, outer)
 		if err != nil {
 			return nil, fmt.Errorf("crypto/tls hello %d: %w", i, err)
 		}
@@ -532,8 +534,9 @@ func fzNewFixture() (*fzFixture, error) {
 }
 
 // open decrypts the EncodedClientHelloInner of a ClientHelloOuter with
-// crypto/hpke.
-func (fx *fzFixture) open(body []byte, outer *fzHello) ([]byte, error) {
+// crypto/hpke. With *r nil it sets up the context from the hello's enc; else
+// it uses *r, for the second hello after a HelloRetryRequest.
+func (fx *fzFixture) open(r **hpke.Recipient, body []byte, outer *fzHello) ([]byte, error) {
 	data, ok := outer.ext(fzExtECH)
 	if !ok {
 		return nil, errors.New("no ECH extension")
@@ -549,11 +552,13 @@ func (fx *fzFixture) open(body []byte, outer *fzHello) ([]byte, error) {
 	i := bytes.Index(body, payload) // the payload is random: it occurs once
 	aad := slices.Clone(body)
 	clear(aad[i : i+len(payload)])
-	r, err := hpke.NewRecipient(enc, fx.priv, hpke.HKDFSHA256(), hpke.AES128GCM(), fx.info)
-	if err != nil {
-		return nil, err
+	if *r == nil {
+		var err error
+		if *r, err = hpke.NewRecipient(enc, fx.priv, hpke.HKDFSHA256(), hpke.AES128GCM(), fx.info); err != nil {
+			return nil, err
+		}
 	}
-	return r.Open(aad, payload)
+	return (*r).Open(aad, payload)
 }
 
 // fzCaptureHello runs a crypto/tls client against a net.Pipe and returns
@@ -944,7 +949,7 @@ func fzSetExt(h *fzHello, typ uint16, data []byte) {
 // fzSeeds returns the seeds: the EncodedClientHelloInners of crypto/tls
 // clients, each with the outer-hello knobs, and broken variants breaking
 // one rule of RFC 9849, Section 5.1 or 7.1 at a time.
-func fzSeeds(fx *fzFixture, second bool) []fzSeed {
+func fzSeeds(t *testing.T, fx *fzFixture, second bool) []fzSeed {
 	var seeds []fzSeed
 	knobs := []uint16{fzKnobNoSessionID, fzKnobECHFirst, fzKnobOuterExtsExt, fzKnobPadding, fzKnobFragment, fzKnobRecordVers301}
 	if second {
@@ -1007,6 +1012,13 @@ func fzSeeds(fx *fzFixture, second bool) []fzSeed {
 			h.exts = append(h.exts, fzExt{uint16(list[0])<<8 | uint16(list[1]), []byte{0, 0}})
 		}), 0, 0)
 	}
+	if second {
+		real2 := fzRealSecondHello(t, fx)
+		seeds = append(seeds,
+			fzSeed{"tls1-hrr-real", real2, 1, 0, 0},
+			fzSeed{"tls1-hrr-real-ccs", real2, 1, 0, fzKnobCCS},
+			fzSeed{"tls1-hrr-real-fragment", real2, 1, 0, fzKnobFragment})
+	}
 	return seeds
 }
 
@@ -1018,7 +1030,7 @@ func TestFzDecryptedSeeds(t *testing.T) {
 	fx := fzSetup(t)
 	for _, target := range []string{"FuzzDecryptedInner", "FuzzDecryptedSecondHello"} {
 		dir := filepath.Join("testdata", "fuzz", target)
-		for _, s := range fzSeeds(fx, target == "FuzzDecryptedSecondHello") {
+		for _, s := range fzSeeds(t, fx, target == "FuzzDecryptedSecondHello") {
 			file := filepath.Join(dir, s.name)
 			if !*fzUpdateSeeds {
 				_, err := os.Stat(file)
@@ -1037,4 +1049,87 @@ func TestFzDecryptedSeeds(t *testing.T) {
 			}
 		}
 	}
+}
+
+// fzTap records what is read from a net.Conn.
+type fzTap struct {
+	net.Conn
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (c *fzTap) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	c.mu.Lock()
+	c.buf.Write(p[:n])
+	c.mu.Unlock()
+	return n, err
+}
+
+// fzRealSecondHello runs a crypto/tls client through NewConn to a
+// crypto/tls backend that prefers P-256 while the client sends an X25519
+// key share, so the backend answers with a HelloRetryRequest. It returns
+// the EncodedClientHelloInner of the client's second hello, decrypted with
+// crypto/hpke. The client is that of template 1 with P-256 added.
+func fzRealSecondHello(t *testing.T, fx *fzFixture) []byte {
+	list, err := fx.ks.ConfigList()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc := fzClientConfigs(list)[1]
+	cc.CurvePreferences = []tls.CurveID{tls.X25519, tls.CurveP256}
+	ca := echtest.NewCA(t)
+	cc.RootCAs = ca.Pool()
+	backendCfg := &tls.Config{
+		GetCertificate:   ca.GetCertificate,
+		CurvePreferences: []tls.CurveID{tls.CurveP256},
+		MinVersion:       tls.VersionTLS13,
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), fzTimeout)
+	defer cancel()
+
+	cli, front := net.Pipe()
+	tap := &fzTap{Conn: front}
+	back, backend := net.Pipe()
+	defer func() { cli.Close(); front.Close(); back.Close(); backend.Close() }()
+	go tls.Client(cli, cc).HandshakeContext(ctx)
+	go tls.Server(backend, backendCfg).HandshakeContext(ctx)
+
+	c, err := ech.NewConn(ctx, tap, ech.WithKeySet(fx.ks))
+	if err != nil || !c.ECHAccepted() {
+		t.Fatalf("NewConn: %v, accepted %v", err, err == nil && c.ECHAccepted())
+	}
+	c.SetDeadline(time.Now().Add(fzTimeout))
+	back.SetDeadline(time.Now().Add(fzTimeout))
+	go io.Copy(c, back) // the backend's HelloRetryRequest goes through c.Write
+	for range 2 {
+		msg, vers, err := fzReadMessage(c)
+		if err != nil {
+			t.Fatalf("reading the replayed hellos: %v", err)
+		}
+		if _, err := back.Write(fzRecords(22, vers, msg, 1<<14)); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// What the client sent: its first hello, then its second.
+	tap.mu.Lock()
+	sent := bytes.NewReader(slices.Clone(tap.buf.Bytes()))
+	tap.mu.Unlock()
+	var r *hpke.Recipient
+	var encoded []byte
+	for i := range 2 {
+		msg, _, err := fzReadMessage(sent)
+		if err != nil {
+			t.Fatal(err)
+		}
+		outer, ok := fzParseHello(msg[4:])
+		if !ok {
+			t.Fatalf("client hello %d does not parse", i)
+		}
+		if encoded, err = fx.open(&r, msg[4:], outer); err != nil {
+			t.Fatalf("client hello %d: %v", i, err)
+		}
+	}
+	return encoded
 }
