@@ -120,13 +120,10 @@ func parseConfigContents(s cryptobyte.String) (*Config, error) {
 			return nil, fmt.Errorf("%w: truncated extension", ErrMalformedConfig)
 		}
 		e.Data = data
-		// RFC 9849, Section 4.2: extensions follow the TLS rule, at most one of each type.
-		for _, prev := range c.Extensions {
-			if prev.Type == e.Type {
-				return nil, fmt.Errorf("%w: duplicate extension 0x%04x", ErrMalformedConfig, e.Type)
-			}
-		}
 		c.Extensions = append(c.Extensions, e)
+	}
+	if t, ok := duplicateExtension(c.Extensions); ok {
+		return nil, fmt.Errorf("%w: duplicate extension 0x%04x", ErrMalformedConfig, t)
 	}
 	return c, nil
 }
@@ -178,14 +175,27 @@ func (c *Config) checkWire() error {
 	case len(c.PublicName) == 0 || len(c.PublicName) > 255:
 		return fmt.Errorf("%w: public_name length %d", ErrMalformedConfig, len(c.PublicName))
 	}
-	for i, e := range c.Extensions {
-		for _, prev := range c.Extensions[:i] {
-			if prev.Type == e.Type {
-				return fmt.Errorf("%w: duplicate extension 0x%04x", ErrMalformedConfig, e.Type)
-			}
-		}
+	if t, ok := duplicateExtension(c.Extensions); ok {
+		return fmt.Errorf("%w: duplicate extension 0x%04x", ErrMalformedConfig, t)
 	}
 	return nil
+}
+
+// duplicateExtension returns the first extension type that exts holds twice,
+// in time linear in len(exts): a config from DNS may hold thousands of
+// extensions. RFC 9849, Section 4.2: extensions follow the TLS rule, at
+// most one of each type.
+func duplicateExtension(exts []ConfigExtension) (uint16, bool) {
+	if len(exts) < 2 {
+		return 0, false
+	}
+	var seen extensionSet
+	for _, e := range exts {
+		if seen.add(e.Type) {
+			return e.Type, true
+		}
+	}
+	return 0, false
 }
 
 // MandatoryExtensions returns the types of the extensions in c whose high bit

@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -708,4 +709,55 @@ func FuzzParseConfig(f *testing.F) {
 		require.NoError(t, err)
 		require.Equal(t, in, []byte(list[2:]))
 	})
+}
+
+// manyExtensions returns the extensions vector of n empty extensions of
+// distinct types, then the type of the first one again when dup is set.
+func manyExtensions(n int, dup bool) []byte {
+	var b []byte
+	for i := range n {
+		b = append(b, byte(i>>8), byte(i), 0, 0)
+	}
+	if dup {
+		b = append(b, 0, 0, 0, 0)
+	}
+	return b
+}
+
+func TestParseConfigManyExtensions(t *testing.T) {
+	c := goodRawConfig()
+	c.exts = manyExtensions(2000, false)
+	parsed, err := ParseConfig(c.bytes())
+	require.NoError(t, err)
+	assert.Len(t, parsed.Extensions, 2000)
+	out, err := parsed.Marshal()
+	require.NoError(t, err)
+	assert.Equal(t, c.bytes(), out, "exact round trip")
+
+	c.exts = manyExtensions(2000, true)
+	_, err = ParseConfig(c.bytes())
+	require.ErrorIs(t, err, ErrMalformedConfig)
+	assert.ErrorContains(t, err, "duplicate extension 0x0000")
+
+	parsed.Extensions = append(parsed.Extensions, ConfigExtension{Type: 1999})
+	_, err = parsed.Marshal()
+	assert.ErrorIs(t, err, ErrMalformedConfig, "Marshal checks duplicates too")
+}
+
+// BenchmarkParseConfigExtensions shows that the cost of a config grows
+// linearly with its extensions (the duplicate check once grew as n^2).
+func BenchmarkParseConfigExtensions(b *testing.B) {
+	for _, n := range []int{16, 2000, 16000} {
+		c := goodRawConfig()
+		c.exts = manyExtensions(n, false)
+		raw := c.bytes()
+		b.Run(fmt.Sprintf("n=%d", n), func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := ParseConfig(raw); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
 }

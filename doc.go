@@ -39,10 +39,16 @@
 //	}
 //
 // A hello whose ECH does not decrypt (GREASE, a stale or unknown key) is not
-// an error: the Conn replays the ClientHelloOuter, [Conn.ServerName] is the
-// public name, and the server should complete that handshake with
-// [KeySet.GetEncryptedClientHelloKeys] set in its [crypto/tls.Config], so
-// that the client receives retry configs and reconnects with ECH.
+// an error: the Conn replays the ClientHelloOuter and [Conn.ServerName] is
+// the name the client sent in the clear. Route it by that name exactly like
+// a hello without ECH (RFC 9849, Section 7.1): a client that has no config
+// for a site (every browser, before it has learned one) sends GREASE ECH
+// with the site's real name in the clear, and must reach that site. Only a
+// hello that names the public name, from a client whose config is stale, is
+// completed by the server of the public name, whose [crypto/tls.Config]
+// comes from [KeySet.PublicNameConfig]: it sends the current configs as
+// retry configs, so that the client reconnects with ECH, and never decrypts
+// again.
 //
 // # Key management
 //

@@ -17,7 +17,7 @@ import (
 // and crypto/tls completes the handshake as the ECH backend.
 func Example() {
 	// Keys: one X25519 key for the public name, published as a config list.
-	key, err := ech.GenerateKey("public.example", &ech.KeyOptions{SendAsRetry: true})
+	key, err := ech.GenerateKey("public.example", nil)
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -48,10 +48,8 @@ func Example() {
 			return // the client was sent an alert
 		}
 		fmt.Printf("server: ECH %v, outer name %s, routing to %s\n", c.Status(), c.OuterServerName(), c.ServerName())
-		tc := tls.Server(c, &tls.Config{
-			Certificates:                []tls.Certificate{cert},
-			GetEncryptedClientHelloKeys: ks.GetEncryptedClientHelloKeys,
-		})
+		// The backend needs no keys: NewConn decrypted, crypto/tls confirms.
+		tc := tls.Server(c, &tls.Config{Certificates: []tls.Certificate{cert}})
 		fmt.Fprintf(tc, "hello from %s\n", c.ServerName())
 		tc.Close()
 	}()
@@ -73,10 +71,11 @@ func Example() {
 
 // This example shows what a server sees of a client that has a stale
 // config: ECH is rejected, the handshake completes for the public name with
-// retry configs, and the client's retry with them is accepted.
-func ExampleKeySet_GetEncryptedClientHelloKeys() {
+// retry configs, and the client's retry with them is accepted. Keys made with
+// GenerateKey's defaults are sent as retry configs.
+func ExampleKeySet_PublicNameConfig() {
 	old, _ := ech.GenerateKey("public.example", nil)
-	current, _ := ech.GenerateKey("public.example", &ech.KeyOptions{SendAsRetry: true})
+	current, _ := ech.GenerateKey("public.example", nil)
 	ks, _ := ech.NewKeySet(current)
 	ca, _ := testpki.NewCA()
 	cert, _ := ca.Leaf("public.example", "secret.example")
@@ -98,10 +97,14 @@ func ExampleKeySet_GetEncryptedClientHelloKeys() {
 				continue
 			}
 			fmt.Printf("server: ECH %v, name %s\n", c.Status(), c.ServerName())
-			tc := tls.Server(c, &tls.Config{
-				Certificates:                []tls.Certificate{cert},
-				GetEncryptedClientHelloKeys: ks.GetEncryptedClientHelloKeys, // sends retry configs
-			})
+			var cfg *tls.Config
+			if c.Status() == ech.StatusAccepted {
+				cfg = &tls.Config{Certificates: []tls.Certificate{cert}} // the backend of secret.example
+			} else {
+				// The public name: sends retry configs, never decrypts.
+				cfg = ks.PublicNameConfig(&tls.Config{Certificates: []tls.Certificate{cert}})
+			}
+			tc := tls.Server(c, cfg)
 			tc.Handshake()
 			tc.Close()
 		}

@@ -233,6 +233,9 @@ type KeySet struct {
 type keyTable struct {
 	keys []*parsedKey
 	byID [256][]*parsedKey
+	// retry holds the configs sent as retry configs, without private keys,
+	// for [KeySet.PublicNameConfig].
+	retry []tls.EncryptedClientHelloKey
 }
 
 // NewKeySet parses keys into a KeySet. Every key must pass [KeyConfig]. An
@@ -247,8 +250,15 @@ func NewKeySet(keys ...Key) (*KeySet, error) {
 
 func newKeyTable(parsed []*parsedKey) *keyTable {
 	t := &keyTable{keys: parsed}
+	marked := false
 	for _, pk := range parsed {
 		t.byID[pk.config.ConfigID] = append(t.byID[pk.config.ConfigID], pk)
+		marked = marked || pk.key.SendAsRetry
+	}
+	for _, pk := range parsed {
+		if pk.key.SendAsRetry || !marked {
+			t.retry = append(t.retry, tls.EncryptedClientHelloKey{Config: pk.key.Config, SendAsRetry: true})
+		}
 	}
 	return t
 }
@@ -402,10 +412,61 @@ func (ks *KeySet) ConfigList() (ConfigList, error) {
 }
 
 // TLSKeys returns the keys of ks for [tls.Config.EncryptedClientHelloKeys]:
-// for a crypto/tls server that does ECH itself (shared mode), or for the
-// server that completes rejected and GREASE handshakes for the public name,
-// so that clients receive retry configs.
+// for a crypto/tls server that does ECH itself (shared mode).
 func (ks *KeySet) TLSKeys() []tls.EncryptedClientHelloKey { return ks.Keys() }
+
+// PublicNameConfig returns a copy of base for the TLS server that completes
+// the handshakes [NewConn] did not decrypt and that name the public name: a
+// client whose config is stale, or one with no config at all. To a client
+// that offered ECH it sends the configs of [KeySet.ConfigList] as retry
+// configs (RFC 9849, Section 7.1) and it never decrypts: a crypto/tls server
+// given the keys themselves would try every key on every ECH hello, whatever
+// its config_id, after NewConn has already decided, costing one HPKE
+// operation per key and accepting hellos NewConn rejected. The private keys
+// never reach crypto/tls. The returned config follows later changes of ks.
+//
+// base may be nil. Its EncryptedClientHelloKeys and
+// GetEncryptedClientHelloKeys are ignored; its GetConfigForClient, if any, is
+// called first and the config it returns gets the retry configs.
+func (ks *KeySet) PublicNameConfig(base *tls.Config) *tls.Config {
+	cfg := base.Clone()
+	if cfg == nil {
+		cfg = new(tls.Config)
+	}
+	cfg.EncryptedClientHelloKeys = nil
+	cfg.GetEncryptedClientHelloKeys = nil
+	next := cfg.GetConfigForClient
+	plain := cfg.Clone() // what a hello gets before the retry configs are added
+	plain.GetConfigForClient = nil
+	cfg.GetConfigForClient = func(chi *tls.ClientHelloInfo) (*tls.Config, error) {
+		c := plain
+		if next != nil {
+			got, err := next(chi)
+			if err != nil {
+				return nil, err
+			}
+			if got != nil {
+				c = got
+			}
+		}
+		retry := ks.table().retry
+		if len(retry) == 0 || !slices.Contains(chi.Extensions, extensionECH) {
+			if c == plain && next == nil {
+				return nil, nil
+			}
+			return c, nil
+		}
+		// crypto/tls reads the keys twice: before the handshake, to decrypt,
+		// when this function has not run yet and the config has none; and
+		// for the EncryptedExtensions, to send the retry configs.
+		c = c.Clone()
+		c.GetConfigForClient = nil
+		c.GetEncryptedClientHelloKeys = nil
+		c.EncryptedClientHelloKeys = retry
+		return c, nil
+	}
+	return cfg
+}
 
 // GetEncryptedClientHelloKeys returns the current keys of ks. It has the
 // signature of [tls.Config.GetEncryptedClientHelloKeys], so a tls.Config
@@ -551,10 +612,18 @@ func MarshalPEM(k Key) ([]byte, error) {
 	return append(out, pem.EncodeToMemory(&pem.Block{Type: pemTypeECHConfig, Bytes: list})...), nil
 }
 
+// MaxKeyFileSize is the largest file [LoadKeyDir] reads. An RFC 9934 file
+// holds one private key and one ECHConfigList of at most 64 KiB, which
+// base64 and PEM lines make about 90 KiB.
+const MaxKeyFileSize = 256 << 10
+
 // LoadKeyDir reads every ECH PEM file in dir whose name ends in ".ech" or
 // ".pem" (the names OpenSSL-based servers load), in name order, and returns
-// their keys. Files without a private key are skipped. An unreadable or
-// malformed file is an error naming the file.
+// their keys. Files without a private key are skipped, and so are entries
+// that are not regular files (directories, sockets, devices, FIFOs; a
+// symbolic link counts as what it points to, as in a Kubernetes Secret
+// volume). An unreadable or malformed file, or one larger than
+// [MaxKeyFileSize], is an error naming the file.
 func LoadKeyDir(dir string) ([]Key, error) {
 	entries, err := os.ReadDir(dir)
 	if err != nil {
@@ -562,16 +631,19 @@ func LoadKeyDir(dir string) ([]Key, error) {
 	}
 	var names []string
 	for _, e := range entries {
-		if n := e.Name(); !e.IsDir() && (strings.HasSuffix(n, ".ech") || strings.HasSuffix(n, ".pem")) {
+		if n := e.Name(); strings.HasSuffix(n, ".ech") || strings.HasSuffix(n, ".pem") {
 			names = append(names, n)
 		}
 	}
 	sort.Strings(names)
 	var keys []Key
 	for _, n := range names {
-		data, err := os.ReadFile(filepath.Join(dir, n))
+		data, err := readKeyFile(filepath.Join(dir, n))
+		if errors.Is(err, errNotRegular) {
+			continue
+		}
 		if err != nil {
-			return nil, fmt.Errorf("ech: %w", err)
+			return nil, fmt.Errorf("ech: %w (file %s)", err, n)
 		}
 		f, err := ParsePEM(data)
 		if err != nil {
@@ -582,6 +654,42 @@ func LoadKeyDir(dir string) ([]Key, error) {
 		}
 	}
 	return keys, nil
+}
+
+var errNotRegular = errors.New("ech: not a regular file")
+
+// readKeyFile reads a regular file of at most MaxKeyFileSize bytes. It
+// looks at the file before it opens it, so as not to block on a FIFO, and
+// again after, so that what it checked is what it reads.
+func readKeyFile(name string) ([]byte, error) {
+	if fi, err := os.Stat(name); err != nil {
+		return nil, err
+	} else if !fi.Mode().IsRegular() {
+		return nil, errNotRegular
+	}
+	f, err := os.Open(name)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, errNotRegular
+	}
+	if fi.Size() > MaxKeyFileSize {
+		return nil, fmt.Errorf("%d bytes, more than %d", fi.Size(), MaxKeyFileSize)
+	}
+	data, err := io.ReadAll(io.LimitReader(f, MaxKeyFileSize+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(data) > MaxKeyFileSize {
+		return nil, fmt.Errorf("more than %d bytes", MaxKeyFileSize)
+	}
+	return data, nil
 }
 
 // OIDs of the PKCS#8 private key algorithms.

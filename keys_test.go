@@ -13,6 +13,7 @@ import (
 	"encoding/hex"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"io"
 	mathrand "math/rand/v2"
 	"net"
@@ -21,6 +22,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -881,14 +883,40 @@ func TestLoadKeyDir(t *testing.T) {
 	write("notes.txt", []byte("not a PEM file"))                   // not .pem or .ech: not read
 	write("d.pem.bak", []byte("garbage"))
 	require.NoError(t, os.Mkdir(filepath.Join(dir, "e.pem"), 0o700)) // a directory: not read
+	// A FIFO would block a reader forever; a socket cannot be read at all.
+	require.NoError(t, syscall.Mkfifo(filepath.Join(dir, "f.ech"), 0o600))
+	ln, err := net.Listen("unix", filepath.Join(dir, "g.ech"))
+	require.NoError(t, err)
+	defer ln.Close()
+	// A Kubernetes Secret volume: the file is a link to a link.
+	require.NoError(t, os.Mkdir(filepath.Join(dir, "..data"), 0o700))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "..data", "k.ech"), pb, 0o600))
+	require.NoError(t, os.Symlink("..data/k.ech", filepath.Join(dir, "k.ech")))
+	require.NoError(t, os.Symlink("nowhere.ech", filepath.Join(dir, "l.ech"))) // dangling
 
 	keys, err := LoadKeyDir(dir)
+	require.ErrorIs(t, err, os.ErrNotExist, "a dangling link is an error")
+	assert.Contains(t, err.Error(), "l.ech")
+	require.NoError(t, os.Remove(filepath.Join(dir, "l.ech")))
+
+	keys, err = LoadKeyDir(dir)
 	require.NoError(t, err)
 	a.SendAsRetry, b.SendAsRetry = true, true
-	assert.Equal(t, []Key{b, a}, keys, "in name order")
+	assert.Equal(t, []Key{b, a, b}, keys, "in name order, the link followed")
+	require.NoError(t, os.Remove(filepath.Join(dir, "k.ech")))
+	keys, err = LoadKeyDir(dir)
+	require.NoError(t, err)
 	ks, err := NewKeySet(keys...)
 	require.NoError(t, err)
 	assert.Equal(t, []uint8{2, 1}, ks.ConfigIDs())
+
+	// Sizes are capped before the file is read whole.
+	write("y.ech", append(pa, bytes.Repeat([]byte("\n"), MaxKeyFileSize)...))
+	_, err = LoadKeyDir(dir)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "y.ech")
+	assert.Contains(t, err.Error(), "more than")
+	require.NoError(t, os.Remove(filepath.Join(dir, "y.ech")))
 
 	write("z.pem", []byte("garbage"))
 	_, err = LoadKeyDir(dir)
@@ -980,4 +1008,173 @@ func FuzzParsePEM(f *testing.F) {
 		require.NoError(t, err)
 		require.Equal(t, k, got)
 	})
+}
+
+func TestKeySetPublicNameConfig(t *testing.T) {
+	current := mustGenerateKey(t, &KeyOptions{ConfigID: 1})
+	current.SendAsRetry = true
+	retired := mustGenerateKey(t, &KeyOptions{ConfigID: 2})
+	ks, err := NewKeySet(current, retired)
+	require.NoError(t, err)
+	list, err := ks.ConfigList()
+	require.NoError(t, err)
+	require.Equal(t, rawConfigList(current.Config), []byte(list))
+	stale := rawConfigList(mustGenerateKey(t, &KeyOptions{ConfigID: 3}).Config)
+
+	server := ks.PublicNameConfig(tlsServerConfig())
+	assert.Nil(t, server.EncryptedClientHelloKeys)
+	assert.Nil(t, server.GetEncryptedClientHelloKeys)
+
+	tests := []struct {
+		name string
+		list []byte
+	}{
+		// A config the set holds: a crypto/tls server given the keys
+		// accepts it; the public-name server must not decrypt it.
+		{"current config", list},
+		{"retired config", rawConfigList(retired.Config)},
+		{"stale config", stale},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			cs, ss, err := tlsHandshake(t, tlsClientConfig(tc.list), server)
+			var rej *tls.ECHRejectionError
+			require.ErrorAs(t, err, &rej)
+			assert.Equal(t, []byte(list), rej.RetryConfigList, "the retry configs are the set's list")
+			assert.False(t, cs.ECHAccepted)
+			assert.False(t, ss.ECHAccepted, "the public-name server never accepts ECH")
+			assert.Equal(t, "public.example", ss.ServerName, "the handshake was the outer one")
+		})
+	}
+
+	t.Run("no ECH", func(t *testing.T) {
+		client := tlsClientConfig(nil)
+		client.ServerName = "public.example"
+		cs, _, err := tlsHandshake(t, client, server)
+		require.NoError(t, err)
+		assert.False(t, cs.ECHAccepted)
+	})
+
+	t.Run("follows the set", func(t *testing.T) {
+		next := mustGenerateKey(t, &KeyOptions{ConfigID: 4})
+		require.NoError(t, ks.Rotate(time.Hour, next))
+		_, _, err := tlsHandshake(t, tlsClientConfig(list), server)
+		var rej *tls.ECHRejectionError
+		require.ErrorAs(t, err, &rej)
+		assert.Equal(t, rawConfigList(next.Config), rej.RetryConfigList)
+	})
+
+	t.Run("base GetConfigForClient", func(t *testing.T) {
+		base := tlsServerConfig()
+		called := 0
+		base.GetConfigForClient = func(chi *tls.ClientHelloInfo) (*tls.Config, error) {
+			called++
+			c := tlsServerConfig()
+			c.NextProtos = []string{"h2"}
+			return c, nil
+		}
+		client := tlsClientConfig(stale)
+		client.NextProtos = []string{"h2"}
+		cs, _, err := tlsHandshake(t, client, ks.PublicNameConfig(base))
+		var rej *tls.ECHRejectionError
+		require.ErrorAs(t, err, &rej)
+		assert.NotEmpty(t, rej.RetryConfigList)
+		assert.Equal(t, 1, called)
+		assert.Equal(t, "h2", cs.NegotiatedProtocol, "the config base returned was used")
+	})
+
+	t.Run("empty set", func(t *testing.T) {
+		empty, err := NewKeySet()
+		require.NoError(t, err)
+		_, _, err = tlsHandshake(t, tlsClientConfig(stale), empty.PublicNameConfig(tlsServerConfig()))
+		var rej *tls.ECHRejectionError
+		require.ErrorAs(t, err, &rej)
+		assert.Empty(t, rej.RetryConfigList, "nothing to retry with")
+	})
+}
+
+// BenchmarkPublicNameHandshake is the server's cost of completing a
+// rejected ECH handshake for the public name, with 1 and 8 keys in the set:
+// PublicNameConfig never decrypts, so the cost does not grow with the keys,
+// where a crypto/tls server given the keys tries each of them.
+func BenchmarkPublicNameHandshake(b *testing.B) {
+	for _, n := range []int{1, 8} {
+		keys := make([]Key, n)
+		for i := range keys {
+			keys[i] = mustGenerateKey(b, &KeyOptions{ConfigID: uint8(i + 1)})
+		}
+		ks, err := NewKeySet(keys...)
+		require.NoError(b, err)
+		// A stale config, as GREASE: no key decrypts it.
+		stale := rawConfigList(mustGenerateKey(b, &KeyOptions{ConfigID: 200}).Config)
+		hello := captureClientHello(b, tlsClientConfig(stale))
+		configs := map[string]*tls.Config{
+			"PublicNameConfig": ks.PublicNameConfig(tlsServerConfig()),
+			"crypto-tls-keys": func() *tls.Config {
+				c := tlsServerConfig()
+				c.GetEncryptedClientHelloKeys = ks.GetEncryptedClientHelloKeys
+				c.GetConfigForClient = nil
+				return c
+			}(),
+		}
+		for _, name := range []string{"PublicNameConfig", "crypto-tls-keys"} {
+			b.Run(fmt.Sprintf("%s/keys=%d", name, n), func(b *testing.B) {
+				b.ReportAllocs()
+				for b.Loop() {
+					serverFirstFlight(b, configs[name], hello)
+				}
+			})
+		}
+	}
+}
+
+// helloConn replays a client's first flight and discards what the server
+// writes; its reads end with io.EOF after the flight.
+type helloConn struct {
+	net.Conn // nil: only the methods below are called
+	in       []byte
+	off      int
+	out      []byte
+}
+
+func (c *helloConn) Read(p []byte) (int, error) {
+	if c.off == len(c.in) {
+		return 0, io.EOF
+	}
+	n := copy(p, c.in[c.off:])
+	c.off += n
+	return n, nil
+}
+
+func (c *helloConn) Write(p []byte) (int, error) {
+	if c.out != nil {
+		c.out = append(c.out, p...)
+		return 0, io.ErrClosedPipe
+	}
+	return len(p), nil
+}
+
+func (c *helloConn) Close() error                     { return nil }
+func (c *helloConn) SetDeadline(time.Time) error      { return nil }
+func (c *helloConn) SetReadDeadline(time.Time) error  { return nil }
+func (c *helloConn) SetWriteDeadline(time.Time) error { return nil }
+
+// captureClientHello returns the records of the ClientHello that a
+// crypto/tls client sends with cfg.
+func captureClientHello(t testing.TB, cfg *tls.Config) []byte {
+	t.Helper()
+	c := &helloConn{out: make([]byte, 0, 4096)}
+	require.Error(t, tls.Client(c, cfg).Handshake())
+	require.NotEmpty(t, c.out)
+	return c.out
+}
+
+// serverFirstFlight runs a crypto/tls server with cfg on hello until it
+// waits for the client's second flight.
+func serverFirstFlight(b *testing.B, cfg *tls.Config, hello []byte) {
+	c := &helloConn{in: hello}
+	err := tls.Server(c, cfg).Handshake()
+	if !errors.Is(err, io.EOF) {
+		b.Fatalf("server handshake: %v, want EOF after the first flight", err)
+	}
 }

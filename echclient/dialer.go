@@ -70,8 +70,9 @@ type Dialer struct {
 	// uses ECH.
 	Config *tls.Config
 	// NetDialer makes the TCP connections and resolves the addresses of
-	// record targets without address hints; nil means the zero
-	// [net.Dialer].
+	// record targets without address hints; nil means a [net.Dialer] with
+	// the 30-second connect timeout and keep-alive of
+	// [net/http.DefaultTransport].
 	NetDialer *net.Dialer
 	// Policy says what to do when ECH cannot be used.
 	Policy Policy
@@ -371,7 +372,8 @@ func (d *Dialer) netDialer() *net.Dialer {
 	if d.NetDialer != nil {
 		return d.NetDialer
 	}
-	return new(net.Dialer)
+	// The dialer of http.DefaultTransport.
+	return &net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}
 }
 
 // lookup returns the records of qname, the query name of host and port,

@@ -4,7 +4,6 @@ import (
 	"context"
 	"net"
 	"net/http"
-	"time"
 )
 
 // NewTransport returns an [http.Transport] whose "https" connections are
@@ -12,23 +11,22 @@ import (
 // response reports whether its connection used ECH in
 // resp.TLS.ECHAccepted.
 //
-// When d.Config has no NextProtos, the transport offers HTTP/2 and
-// HTTP/1.1. It uses no proxy: a CONNECT tunnel would not go through d. Its
-// other settings are those of [http.DefaultTransport]; the caller may change
-// them before first use.
+// It starts from a clone of [http.DefaultTransport], keeping its timeouts
+// and pool settings, which the caller may change before first use. Plain
+// "http" connections are dialed by d's net.Dialer. It uses no proxy: a
+// CONNECT tunnel would not go through d. When d.Config has no NextProtos,
+// the transport offers HTTP/2 and HTTP/1.1.
 func NewTransport(d *Dialer) *http.Transport {
-	return &http.Transport{
-		DialContext: d.netDialer().DialContext,
-		DialTLSContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			c, err := d.dial(ctx, network, addr, []string{"h2", "http/1.1"})
-			if err != nil {
-				return nil, err
-			}
-			return c, nil
-		},
-		ForceAttemptHTTP2:     true,
-		MaxIdleConns:          100,
-		IdleConnTimeout:       90 * time.Second,
-		ExpectContinueTimeout: time.Second,
+	t := http.DefaultTransport.(*http.Transport).Clone()
+	t.Proxy = nil
+	t.DialContext = d.netDialer().DialContext
+	t.DialTLSContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := d.dial(ctx, network, addr, []string{"h2", "http/1.1"})
+		if err != nil {
+			return nil, err
+		}
+		return c, nil
 	}
+	t.ForceAttemptHTTP2 = true
+	return t
 }

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"strconv"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -54,4 +55,19 @@ func TestTransport(t *testing.T) {
 			}
 		})
 	}
+}
+
+func TestNewTransportDefaults(t *testing.T) {
+	tr := NewTransport(&Dialer{})
+	def := http.DefaultTransport.(*http.Transport)
+	assert.Nil(t, tr.Proxy, "no proxy: a CONNECT tunnel would bypass ECH")
+	assert.True(t, tr.ForceAttemptHTTP2)
+	assert.Equal(t, def.TLSHandshakeTimeout, tr.TLSHandshakeTimeout)
+	assert.Equal(t, def.IdleConnTimeout, tr.IdleConnTimeout)
+	assert.Equal(t, def.MaxIdleConns, tr.MaxIdleConns)
+	assert.Equal(t, def.ExpectContinueTimeout, tr.ExpectContinueTimeout)
+	assert.NotNil(t, tr.DialContext)
+	assert.NotNil(t, tr.DialTLSContext)
+	nd := (&Dialer{}).netDialer()
+	assert.Equal(t, 30*time.Second, nd.Timeout, "connects are bounded as by http.DefaultTransport")
 }

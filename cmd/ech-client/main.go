@@ -1,4 +1,4 @@
-// Command client shows a TLS client using ECH: it connects to an address
+// Command ech-client is a TLS client using ECH: it connects to an address
 // with an inner name and an ECHConfigList, and prints the ECH outcome, the
 // name on the wire and the inner name, and the negotiated ALPN. When the
 // server rejects ECH and sends retry configs (a stale config), it says so
@@ -9,12 +9,13 @@
 // serving draft-ietf-tls-wkech JSON or the base64 list, as the router
 // publishes at /.well-known/origin-svcb and /ech-config-list (for clients
 // that cannot read DNS HTTPS records, such as a mail app). Without -ech, it
-// looks the list up in the DNS HTTPS records of the host with package
-// echclient.
+// looks the list up in the DNS HTTPS records of -name with package
+// echclient, and says which record it used. It never sends -name in the
+// clear unless -allow-plaintext says it may.
 //
-//	client -connect 127.0.0.1:443 -name secret.example -ech keys/cover.ech -ca ca.pem
-//	client -connect relay.example:993 -name chat.example -ech https://relay.example/.well-known/origin-svcb -alpn imap
-//	client -name secret.example    (the config from DNS)
+//	ech-client -connect 127.0.0.1:443 -name secret.example -ech keys/cover.ech -ca ca.pem
+//	ech-client -connect relay.example:993 -name chat.example -ech https://relay.example/.well-known/origin-svcb -alpn imap
+//	ech-client -name secret.example    (the config from DNS)
 package main
 
 import (
@@ -22,7 +23,6 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -30,30 +30,32 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"slices"
+	"strconv"
 	"strings"
 	"time"
 
 	"github.com/echkit/ech"
 	"github.com/echkit/ech/echclient"
+	"github.com/echkit/ech/internal/cli"
 )
 
 func main() {
-	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+	os.Exit(cli.Run("ech-client", os.Args[1:], os.Stdout, os.Stderr, run))
 }
 
 // options are the command's flags.
 type options struct {
 	connect, name, echArg, alpn, ca string
 	dns, doh                        string
-	requireECH                      bool
+	allowPlaintext, connectGiven    bool
 	read, timeout                   time.Duration
 }
 
-// run runs the client with args and returns the exit code: 0 when the
-// connection used ECH (or, without -ech and -require-ech, connected at
-// all), 1 otherwise, 2 for bad usage.
-func run(args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("client", flag.ContinueOnError)
+// run runs the client with args. It succeeds when the connection used ECH
+// (or, under -allow-plaintext, connected at all).
+func run(args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("ech-client", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var o options
 	fs.StringVar(&o.name, "name", "", "the inner server `name`, encrypted in the ClientHello (required)")
@@ -61,30 +63,28 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.echArg, "ech", "", "the ECHConfigList: a `file`, base64, or an https URL; empty: look it up in DNS")
 	fs.StringVar(&o.alpn, "alpn", "", "comma-separated ALPN `protocols` to offer, such as imap or h2,http/1.1")
 	fs.StringVar(&o.ca, "ca", "", "PEM `file` of the CA certificates to trust (default: the system's)")
-	fs.BoolVar(&o.requireECH, "require-ech", false, "without -ech: fail rather than connect without ECH")
+	fs.BoolVar(&o.allowPlaintext, "allow-plaintext", false, "without -ech: when DNS has no usable config, connect without ECH, sending -name in the clear")
 	fs.StringVar(&o.dns, "dns", "", "without -ech: the DNS server (`host:port`) to ask for HTTPS records (default: the system's)")
 	fs.StringVar(&o.doh, "doh", "", "without -ech: ask this DNS-over-HTTPS `URL` (RFC 8484) instead")
 	fs.DurationVar(&o.read, "read", time.Second, "how long to wait for the server's first line after the handshake (0: do not wait)")
 	fs.DurationVar(&o.timeout, "timeout", 10*time.Second, "bound on each connection and fetch")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		return 2
+	version := fs.Bool("version", false, "print the version and exit")
+	if err := cli.Parse(fs, args); err != nil {
+		return err
+	}
+	if *version {
+		fmt.Fprintln(stdout, cli.Version("ech-client"))
+		return nil
 	}
 	if o.name == "" || fs.NArg() > 0 {
-		fmt.Fprintln(stderr, "client: -name is required, and there are no arguments")
 		fs.Usage()
-		return 2
+		return cli.Usagef("-name is required, and there are no arguments")
 	}
+	o.connectGiven = o.connect != ""
 	if o.connect == "" {
 		o.connect = net.JoinHostPort(o.name, "443")
 	}
-	if err := o.run(stdout); err != nil {
-		fmt.Fprintln(stderr, "client:", err)
-		return 1
-	}
-	return 0
+	return o.run(stdout)
 }
 
 func (o *options) tlsConfig() (*tls.Config, error) {
@@ -121,6 +121,12 @@ func (o *options) run(w io.Writer) error {
 	if err != nil {
 		return err
 	}
+	return o.connectECH(ctx, w, cfg, list, from)
+}
+
+// connectECH connects to -connect with list, retrying once with the
+// server's retry configs.
+func (o *options) connectECH(ctx context.Context, w io.Writer, cfg *tls.Config, list ech.ConfigList, from string) error {
 	configs, err := list.Configs()
 	if err != nil {
 		return err
@@ -161,26 +167,64 @@ func (o *options) run(w io.Writer) error {
 	return nil
 }
 
-// runDNS connects with package echclient, which finds the ECHConfigList in
-// the DNS HTTPS records and handles retry configs itself.
+// runDNS looks the ECHConfigList up in the DNS HTTPS records of -name with
+// package echclient, says which record it came from, and connects with it.
+// Without a usable record it connects only under -allow-plaintext, saying
+// that the name goes in the clear.
 func (o *options) runDNS(ctx context.Context, w io.Writer, cfg *tls.Config) error {
-	d := &echclient.Dialer{Config: cfg, Resolver: &echclient.Resolver{Server: o.dns, DoHURL: o.doh, Timeout: o.timeout}}
-	if o.requireECH {
-		d.Policy = echclient.RequireECH
+	r := &echclient.Resolver{Server: o.dns, DoHURL: o.doh, Timeout: o.timeout}
+	via := "the system's DNS servers"
+	switch {
+	case o.doh != "":
+		via = "DNS-over-HTTPS " + o.doh
+	case o.dns != "":
+		via = "DNS server " + o.dns
 	}
-	fmt.Fprintf(w, "ECHConfigList from the DNS HTTPS records of %s (policy %v)\n", o.connect, d.Policy)
-	c, err := d.DialContext(ctx, "tcp", o.connect)
-	if err != nil {
-		return err
+	// The HTTPS record of the origin https://name (RFC 9460, Section 9.1):
+	// -connect only says where to connect.
+	const port = 443
+	recs, err := r.Lookup(ctx, o.name, port)
+	var rec *echclient.Record
+	for i := range recs {
+		if len(recs[i].ECH) > 0 {
+			rec = &recs[i]
+			break
+		}
 	}
-	conn := c.(*tls.Conn)
-	defer conn.Close()
-	outer := "(the public name of the published config)"
-	if !conn.ConnectionState().ECHAccepted {
-		outer = o.name
+	if rec == nil {
+		reason := err
+		if reason == nil {
+			reason = fmt.Errorf("its HTTPS records have no ech parameter")
+		}
+		if !o.allowPlaintext {
+			return fmt.Errorf("no ECHConfigList for %s from %s (%v): not connecting, since %s would be sent in the clear (give -ech, or -allow-plaintext)",
+				echclient.QueryName(o.name, port), via, reason, o.name)
+		}
+		fmt.Fprintf(w, "no ECHConfigList for %s from %s (%v)\n", echclient.QueryName(o.name, port), via, reason)
+		fmt.Fprintf(w, "connecting WITHOUT ECH (-allow-plaintext): %s is sent in the clear\n", o.name)
+		conn, err := o.dial(ctx, cfg)
+		if err != nil {
+			return err
+		}
+		defer conn.Close()
+		o.report(w, conn, o.name)
+		return nil
 	}
-	o.report(w, conn, outer)
-	return nil
+	if !o.connectGiven {
+		// RFC 9460, Section 7: the record's target, port and address hints.
+		host, p := rec.Target, port
+		if rec.Port != 0 {
+			p = int(rec.Port)
+		}
+		if hints := append(slices.Clone(rec.IPv4Hint), rec.IPv6Hint...); len(hints) > 0 {
+			host = hints[0].String()
+		}
+		o.connect = net.JoinHostPort(host, strconv.Itoa(p))
+	}
+	shown := *rec
+	shown.ECH = nil // printed below, decoded
+	from := fmt.Sprintf("the HTTPS record of %s (%s, TTL %v) from %s", rec.Name, shown, rec.TTL, via)
+	return o.connectECH(ctx, w, cfg, rec.ECH, from)
 }
 
 func (o *options) dial(ctx context.Context, cfg *tls.Config) (*tls.Conn, error) {
@@ -267,40 +311,5 @@ func (o *options) fetch(ctx context.Context, cfg *tls.Config, url string) (ech.C
 			return (&net.Dialer{}).DialContext(ctx, network, o.connect)
 		},
 	}}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := hc.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("%s: %s", url, resp.Status)
-	}
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-	if err != nil {
-		return nil, err
-	}
-	// draft-ietf-tls-wkech, Section 5: the first endpoint with an ech
-	// parameter.
-	var doc struct {
-		Endpoints []struct {
-			Params map[string]json.RawMessage `json:"params"`
-		} `json:"endpoints"`
-	}
-	if json.Unmarshal(body, &doc) == nil && len(doc.Endpoints) > 0 {
-		for _, e := range doc.Endpoints {
-			// "key5" is the generic form of "ech" (RFC 9848, Section 3).
-			for _, k := range []string{"ech", "key5"} {
-				var s string
-				if json.Unmarshal(e.Params[k], &s) == nil && s != "" {
-					return ech.ParseConfigListBase64(s)
-				}
-			}
-		}
-		return nil, fmt.Errorf("%s: no endpoint has an ech parameter", url)
-	}
-	return ech.ParseConfigListBase64(string(body))
+	return echclient.FetchConfigList(ctx, hc, url)
 }

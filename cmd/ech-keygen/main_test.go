@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/echkit/ech"
+	"github.com/echkit/ech/internal/cli"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -14,7 +15,7 @@ import (
 func keygen(t *testing.T, args ...string) (code int, stdout, stderr string) {
 	t.Helper()
 	var o, e strings.Builder
-	code = run(args, &o, &e)
+	code = cli.Run("ech-keygen", args, &o, &e, run)
 	return code, o.String(), e.String()
 }
 
@@ -48,9 +49,26 @@ func TestNewAndInspect(t *testing.T) {
 	assert.Contains(t, stdout, record)
 	assert.Contains(t, stdout, "mail.example. 3600 IN HTTPS 1 .")
 
-	code, _, stderr = keygen(t, "new", "-public-name", "cover.example", "-out", out)
-	assert.Equal(t, 1, code, "an existing key file is not overwritten")
-	assert.Contains(t, stderr, "file exists")
+	// Run again, as a README followed twice: the key is kept, not replaced.
+	code, stdout, stderr = keygen(t, "new", "-public-name", "cover.example", "-out", out, "-dns", "secret.example", "-ttl", "1h")
+	require.Equal(t, 0, code, stderr)
+	assert.Contains(t, stdout, "kept "+out)
+	assert.Contains(t, stdout, f.ConfigList.HTTPSRecord("secret.example", 3600e9))
+	again, err := os.ReadFile(out)
+	require.NoError(t, err)
+	assert.Equal(t, data, again, "an existing key file is not overwritten")
+
+	code, _, stderr = keygen(t, "new", "-public-name", "other.example", "-out", out)
+	assert.Equal(t, 1, code, "a key for another name is not overwritten")
+	assert.Contains(t, stderr, "exists with a key for cover.example, not other.example")
+	notKey := filepath.Join(t.TempDir(), "notes.ech")
+	require.NoError(t, os.WriteFile(notKey, []byte("hello"), 0o600))
+	code, _, stderr = keygen(t, "new", "-public-name", "cover.example", "-out", notKey)
+	assert.Equal(t, 1, code)
+	assert.Contains(t, stderr, "not an ECH key file")
+	got, err := os.ReadFile(notKey)
+	require.NoError(t, err)
+	assert.Equal(t, "hello", string(got))
 
 	code, stdout, stderr = keygen(t, "inspect", out)
 	require.Equal(t, 0, code, stderr)
@@ -103,13 +121,13 @@ func TestUsageErrors(t *testing.T) {
 	}{
 		{nil, 2, "usage"},
 		{[]string{"frobnicate"}, 2, `unknown command "frobnicate"`},
-		{[]string{"new", "-out", filepath.Join(dir, "a.ech")}, 1, "needs -public-name and -out"},
+		{[]string{"new", "-out", filepath.Join(dir, "a.ech")}, 2, "needs -public-name and -out"},
 		{[]string{"new", "-public-name", "192.0.2.1", "-out", filepath.Join(dir, "b.ech")}, 1, "is an IP address"},
 		{[]string{"new", "-public-name", "c.example", "-kem", "rsa", "-out", filepath.Join(dir, "c.ech")}, 1, `-kem: "rsa"`},
 		{[]string{"new", "-public-name", "c.example", "-suites", "sha256", "-out", filepath.Join(dir, "d.ech")}, 1, `-suites: "sha256"`},
-		{[]string{"new", "-public-name", "c.example", "-config-id", "256", "-out", filepath.Join(dir, "e.ech")}, 1, "at most 255"},
-		{[]string{"new", "-bogus"}, 1, "flag provided but not defined"},
-		{[]string{"inspect"}, 1, "needs a file"},
+		{[]string{"new", "-public-name", "c.example", "-config-id", "256", "-out", filepath.Join(dir, "e.ech")}, 2, "at most 255"},
+		{[]string{"new", "-bogus"}, 2, "flag provided but not defined"},
+		{[]string{"inspect"}, 2, "needs a file"},
 		{[]string{"inspect", "not base64!"}, 1, "neither a file nor a base64 ECHConfigList"},
 		{[]string{"inspect", junk}, 1, "junk.txt: not a PEM file"},
 	} {
@@ -119,5 +137,8 @@ func TestUsageErrors(t *testing.T) {
 	}
 	code, stdout, _ := keygen(t, "help")
 	assert.Equal(t, 0, code)
-	assert.Contains(t, stdout, "keygen new")
+	assert.Contains(t, stdout, "ech-keygen new")
+	code, stdout, _ = keygen(t, "-version")
+	assert.Equal(t, 0, code)
+	assert.Regexp(t, `^ech-keygen github.com/echkit/ech \S+ .*go1\.`, stdout)
 }

@@ -1,4 +1,4 @@
-// Command keygen shows ECH key management with package ech: it generates
+// Command ech-keygen does ECH key management with package ech: it generates
 // an ECH key and writes it as an RFC 9934 PEM file (the format of the
 // router's key directory and of OpenSSL-based servers), prints the DNS
 // HTTPS record that publishes it (RFC 9848), and inspects existing PEM
@@ -6,9 +6,14 @@
 //
 // Usage:
 //
-//	keygen new -public-name cover.example -out keys/cover.ech -dns secret.example
-//	keygen inspect keys/cover.ech
-//	keygen inspect -dns secret.example AEj+DQBE...   (a base64 ECHConfigList)
+//	ech-keygen new -public-name cover.example -out keys/cover.ech -dns secret.example
+//	ech-keygen inspect keys/cover.ech
+//	ech-keygen inspect -dns secret.example AEj+DQBE...   (a base64 ECHConfigList)
+//	ech-keygen -version
+//
+// new never overwrites a file: when -out already holds a key for the same
+// public name, it keeps it and prints its records again, so that the
+// command can be run more than once.
 package main
 
 import (
@@ -22,49 +27,44 @@ import (
 	"time"
 
 	"github.com/echkit/ech"
+	"github.com/echkit/ech/internal/cli"
 )
 
 func main() {
-	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+	os.Exit(cli.Run("ech-keygen", os.Args[1:], os.Stdout, os.Stderr, run))
 }
 
-// run runs keygen with args and returns the exit code.
-func run(args []string, stdout, stderr io.Writer) int {
+// run runs ech-keygen with args.
+func run(args []string, stdout, stderr io.Writer) error {
 	if len(args) < 1 {
 		usage(stderr)
-		return 2
+		return cli.Usagef("a command is needed")
 	}
-	var err error
 	switch args[0] {
 	case "new":
-		err = cmdNew(args[1:], stdout, stderr)
+		return cmdNew(args[1:], stdout, stderr)
 	case "inspect":
-		err = cmdInspect(args[1:], stdout, stderr)
+		return cmdInspect(args[1:], stdout, stderr)
+	case "-version", "--version", "version":
+		fmt.Fprintln(stdout, cli.Version("ech-keygen"))
+		return nil
 	case "-h", "-help", "--help", "help":
 		usage(stdout)
-		return 0
+		return nil
 	default:
-		fmt.Fprintf(stderr, "keygen: unknown command %q\n", args[0])
 		usage(stderr)
-		return 2
+		return cli.Usagef("unknown command %q", args[0])
 	}
-	if errors.Is(err, flag.ErrHelp) {
-		return 0
-	}
-	if err != nil {
-		fmt.Fprintln(stderr, "keygen:", err)
-		return 1
-	}
-	return 0
 }
 
 func usage(w io.Writer) {
 	fmt.Fprint(w, `usage:
-  keygen new -public-name NAME -out FILE [-dns NAMES] [-kem KEM] [-suites SUITES] [flags]
+  ech-keygen new -public-name NAME -out FILE [-dns NAMES] [-kem KEM] [-suites SUITES] [flags]
       generate a key, write it as an RFC 9934 PEM file, print the DNS record
-  keygen inspect [-dns NAMES] FILE|BASE64...
+  ech-keygen inspect [-dns NAMES] FILE|BASE64...
       describe a PEM file, an ECHConfigList file (binary or base64) or a base64 list
-run "keygen new -h" or "keygen inspect -h" for the flags
+  ech-keygen -version
+run "ech-keygen new -h" or "ech-keygen inspect -h" for the flags
 `)
 }
 
@@ -147,28 +147,28 @@ func parseSuites(s string) ([]ech.CipherSuite, error) {
 }
 
 func cmdNew(args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("keygen new", flag.ContinueOnError)
+	fs := flag.NewFlagSet("ech-keygen new", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	publicName := fs.String("public-name", "", "the ECHConfig public_name: the name the router has a certificate for (required)")
-	out := fs.String("out", "", "the PEM `file` to write, such as keys/cover.ech (required; never overwritten)")
+	out := fs.String("out", "", "the PEM `file` to write, such as keys/cover.ech (required; never overwritten: an existing key for -public-name is kept)")
 	kemName := fs.String("kem", "x25519", "the HPKE KEM: x25519, p256, p384, p521, x448 or xwing")
 	suites := fs.String("suites", "", "comma-separated cipher suites, most preferred first (default sha256/aes128gcm,sha256/aes256gcm,sha256/chacha20poly1305)")
 	configID := fs.Uint("config-id", 0, "the config_id, 1 to 255 (default random)")
 	maxName := fs.Uint("max-name-length", 0, "the maximum_name_length clients pad inner names to (default 0: clients choose)")
 	dns := addDNSFlags(fs)
-	if err := fs.Parse(args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
 	if *publicName == "" || *out == "" || fs.NArg() > 0 {
 		fs.Usage()
-		return errors.New("new needs -public-name and -out, and no other argument")
+		return cli.Usagef("new needs -public-name and -out, and no other argument")
 	}
 	kem, ok := kems[strings.ToLower(*kemName)]
 	if !ok {
 		return fmt.Errorf("-kem: %q is not one of x25519, p256, p384, p521, x448, xwing", *kemName)
 	}
 	if *configID > 255 || *maxName > 255 {
-		return errors.New("-config-id and -max-name-length are at most 255")
+		return cli.Usagef("-config-id and -max-name-length are at most 255")
 	}
 	opts := &ech.KeyOptions{KEM: kem, ConfigID: uint8(*configID), MaxNameLength: uint8(*maxName), SendAsRetry: true}
 	if *suites != "" {
@@ -176,6 +176,15 @@ func cmdNew(args []string, stdout, stderr io.Writer) error {
 		if opts.CipherSuites, err = parseSuites(*suites); err != nil {
 			return err
 		}
+	}
+	if kept, err := keepExisting(*out, *publicName); kept != nil || err != nil {
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "kept %s: it already holds a key for %s (remove it to generate another)\n", *out, *publicName)
+		fmt.Fprintf(stdout, "  %s\n", kept.config)
+		dns.print(stdout, kept.list, *publicName)
+		return nil
 	}
 	key, err := ech.GenerateKey(*publicName, opts)
 	if err != nil {
@@ -214,16 +223,51 @@ func cmdNew(args []string, stdout, stderr io.Writer) error {
 	return nil
 }
 
+// existingKey is a key file that ech-keygen new keeps.
+type existingKey struct {
+	config *ech.Config
+	list   ech.ConfigList
+}
+
+// keepExisting looks at an existing -out: nil if there is none, the key if
+// it is a key for publicName, an error otherwise. A key file is never
+// overwritten.
+func keepExisting(out, publicName string) (*existingKey, error) {
+	data, err := os.ReadFile(out)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	f, err := ech.ParsePEM(data)
+	if err != nil {
+		return nil, fmt.Errorf("%s exists and is not an ECH key file (%w); not overwritten", out, err)
+	}
+	k, err := f.Key()
+	if err != nil {
+		return nil, fmt.Errorf("%s exists without a private key; not overwritten", out)
+	}
+	c, err := ech.KeyConfig(k)
+	if err != nil {
+		return nil, err
+	}
+	if !strings.EqualFold(c.PublicName, publicName) {
+		return nil, fmt.Errorf("%s exists with a key for %s, not %s; not overwritten", out, c.PublicName, publicName)
+	}
+	return &existingKey{config: c, list: f.ConfigList}, nil
+}
+
 func cmdInspect(args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("keygen inspect", flag.ContinueOnError)
+	fs := flag.NewFlagSet("ech-keygen inspect", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	dns := addDNSFlags(fs)
-	if err := fs.Parse(args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
 	if fs.NArg() == 0 {
 		fs.Usage()
-		return errors.New("inspect needs a file or a base64 ECHConfigList")
+		return cli.Usagef("inspect needs a file or a base64 ECHConfigList")
 	}
 	for i, arg := range fs.Args() {
 		if i > 0 {

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/echkit/ech"
+	"github.com/echkit/ech/internal/cli"
 	"github.com/echkit/ech/internal/router"
 	"github.com/echkit/ech/internal/testpki"
 	"github.com/stretchr/testify/assert"
@@ -84,7 +85,7 @@ func setup(t *testing.T) (addr, keyFile, caFile string, ks *ech.KeySet) {
 
 func client(args ...string) (int, string, string) {
 	var o, e strings.Builder
-	code := run(args, &o, &e)
+	code := cli.Run("ech-client", args, &o, &e, run)
 	return code, o.String(), e.String()
 }
 
@@ -205,14 +206,35 @@ func TestClientDoH(t *testing.T) {
 	}))
 	t.Cleanup(doh.Close)
 
-	code, stdout, stderr := client("-name", innerName, "-doh", doh.URL, "-require-ech", "-ca", caFile, "-alpn", "imap")
+	code, stdout, stderr := client("-name", innerName, "-doh", doh.URL, "-ca", caFile, "-alpn", "imap")
 	require.Equal(t, 0, code, stderr)
-	assert.Contains(t, stdout, "ECHConfigList from the DNS HTTPS records of "+innerName+":443")
+	assert.Contains(t, stdout, "ECHConfigList from the HTTPS record of "+innerName+" (1 "+innerName+`. alpn="imap" port=`)
+	assert.Contains(t, stdout, "from DNS-over-HTTPS "+doh.URL)
 	assert.Contains(t, stdout, "ECH:              accepted")
 	assert.Contains(t, stdout, "server says:      hello secret.example imap")
 
-	// A name without a record, with ECH required, fails clearly.
-	code, _, stderr = client("-name", "other.example", "-doh", doh.URL, "-require-ech", "-ca", caFile)
+	// -connect an IP address: the record is still that of -name.
+	code, stdout, stderr = client("-name", innerName, "-connect", addr, "-doh", doh.URL, "-ca", caFile, "-alpn", "imap")
+	require.Equal(t, 0, code, stderr)
+	assert.Contains(t, stdout, "ECHConfigList from the HTTPS record of "+innerName)
+	assert.Contains(t, stdout, "ECH:              accepted")
+
+	// A name without a record: never in the clear unless asked.
+	code, stdout, stderr = client("-name", "other.example", "-connect", addr, "-doh", doh.URL, "-ca", caFile)
 	assert.Equal(t, 1, code)
-	assert.Contains(t, stderr, "echclient:")
+	assert.Contains(t, stderr, "no ECHConfigList for other.example from DNS-over-HTTPS")
+	assert.Contains(t, stderr, "not connecting, since other.example would be sent in the clear")
+	assert.NotContains(t, stdout, "connected to", "no connection was made")
+
+	// The DoH server has no record for the public name either.
+	code, stdout, stderr = client("-name", publicName, "-connect", addr, "-doh", doh.URL, "-ca", caFile, "-allow-plaintext")
+	assert.Equal(t, 0, code, stderr)
+	assert.Contains(t, stdout, "connecting WITHOUT ECH (-allow-plaintext): "+publicName+" is sent in the clear")
+	assert.Contains(t, stdout, "inner name:       - (no ECH: "+publicName+" was sent in the clear)")
+}
+
+func TestClientVersion(t *testing.T) {
+	code, stdout, stderr := client("-version")
+	require.Equal(t, 0, code, stderr)
+	assert.Regexp(t, `^ech-client github.com/echkit/ech \S+ .*go1\.`, stdout)
 }
