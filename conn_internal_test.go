@@ -66,8 +66,10 @@ func TestNothingKeptAfterHandshake(t *testing.T) {
 			require.NoError(t, <-done)
 			assert.Equal(t, hrr, tc.ConnectionState().HelloRetryRequest)
 
-			assert.Nil(t, c.replay, "replay buffer released")
-			assert.Nil(t, c.pooled, "pooled buffer returned")
+			assert.True(t, c.replay.empty(), "replay drained")
+			assert.Nil(t, c.replay.buf, "replay buffer returned")
+			assert.Nil(t, c.hr.buf, "record buffer returned")
+			assert.False(t, c.bounded, "read deadline restored")
 			assert.Nil(t, c.watch, "no second-hello state")
 			assert.Nil(t, c.wwatch, "no server-flight state")
 			assert.Equal(t, "secret.example", c.ServerName())
