@@ -90,7 +90,7 @@ type Conn struct {
 	rdone  atomic.Bool
 	rmu    sync.Mutex
 	replay replay          // bytes Read returns before the wrapped conn's
-	hr     handshakeReader // the client's records, while watch is set
+	hr     handshakeReader // the client's records: the hello's, then watched
 	watch  *secondHello    // non-nil while a second ClientHello may come
 	rerr   error           // the error that ended the handshake
 	rstate atomic.Uint32   // the server's first flight, set by Write
@@ -98,9 +98,8 @@ type Conn struct {
 	// The read deadline while watching: the earlier of the one set
 	// through the Conn and NewConn's (see boundRead). dmu guards them.
 	dmu      sync.Mutex
-	deadline time.Time // NewConn's deadline, zero for none
 	userRead time.Time // the read deadline set through the Conn
-	bounded  bool      // the wrapped conn's read deadline is bounded by deadline
+	bound    time.Time // NewConn's deadline while it bounds reads, else zero
 
 	// Write side. Until wdone is set, wmu guards wwatch; then Write goes
 	// straight to conn.
@@ -122,13 +121,14 @@ var (
 	_ io.ReaderFrom = (*Conn)(nil)
 )
 
-// secondHello is what decrypting a second ClientHello after a
+// secondHello is what reading and decrypting a second ClientHello after a
 // HelloRetryRequest needs (RFC 9849, Section 7.1.1).
 type secondHello struct {
 	recipient  *hpkeRecipient
 	suite      CipherSuite
 	configID   uint8
-	publicName string // the outer server_name required, when checked
+	publicName string    // the outer server_name required, when checked
+	deadline   time.Time // NewConn's deadline, which bounds the wait
 }
 
 // serverFlight collects the first bytes the server writes, to tell a
@@ -219,9 +219,9 @@ func NewConn(ctx context.Context, conn net.Conn, opts ...Option) (*Conn, error) 
 		}()
 	}
 
-	c := &Conn{conn: conn, deadline: deadline}
+	c := &Conn{conn: conn}
 	c.hr = handshakeReader{conn: conn, maxSize: o.maxHelloSize, first: true}
-	err := c.readHello(ctx, &o)
+	err := c.readHello(ctx, &o, deadline)
 	if err == nil {
 		c.hr.first = false
 		c.rdone.Store(c.watch == nil && c.replay.empty())
@@ -256,8 +256,8 @@ func addrString(a net.Addr) string {
 }
 
 // readHello reads and processes the first ClientHello.
-func (c *Conn) readHello(ctx context.Context, o *options) error {
-	msg, err := c.readMessage()
+func (c *Conn) readHello(ctx context.Context, o *options, deadline time.Time) error {
+	msg, err := readClientHello(&c.hr)
 	if err != nil {
 		return err
 	}
@@ -271,7 +271,7 @@ func (c *Conn) readHello(ctx context.Context, o *options) error {
 	c.outerName, c.serverName = outer.serverName, outer.serverName
 	c.status = StatusNotOffered
 	if outer.hasECH {
-		accepted, err := c.acceptECH(o, body, sc)
+		accepted, err := c.acceptECH(o, body, sc, deadline)
 		if err != nil {
 			return err
 		}
@@ -289,10 +289,10 @@ func (c *Conn) readHello(ctx context.Context, o *options) error {
 	return nil
 }
 
-// readMessage reads the records of the first ClientHello.
-func (c *Conn) readMessage() ([]byte, error) {
+// readClientHello reads the records of the first ClientHello.
+func readClientHello(hr *handshakeReader) ([]byte, error) {
 	for {
-		msg, _, err := c.hr.next()
+		msg, _, err := hr.next()
 		switch {
 		case err != nil:
 			if _, ok := alertFor(err); !ok {
@@ -308,7 +308,7 @@ func (c *Conn) readMessage() ([]byte, error) {
 // acceptECH tries the candidate keys on the outer hello's ECH extension. It
 // reports whether one decrypted it, and then sets the Conn to replay the
 // ClientHelloInner and to watch for a second ClientHello.
-func (c *Conn) acceptECH(o *options, body []byte, sc *scratch) (bool, error) {
+func (c *Conn) acceptECH(o *options, body []byte, sc *scratch, deadline time.Time) (bool, error) {
 	outer := &sc.outer
 	typ, ech, err := parseECHExtension(outer.ech)
 	if err != nil {
@@ -342,7 +342,7 @@ func (c *Conn) acceptECH(o *options, body []byte, sc *scratch) (bool, error) {
 		if err != nil {
 			return false, err
 		}
-		w := &secondHello{recipient: r, suite: ech.suite, configID: ech.configID}
+		w := &secondHello{recipient: r, suite: ech.suite, configID: ech.configID, deadline: deadline}
 		if o.checkPublicName {
 			w.publicName = pk.config.PublicName
 			if err := checkPublicName(outer, w.publicName, ech.configID); err != nil {
@@ -458,11 +458,12 @@ func (c *Conn) Read(p []byte) (int, error) {
 // part already read, and ends the handshake: neither crypto/tls nor a proxy
 // resumes a handshake after a failed read.
 func (c *Conn) readWatching() error {
+	w := c.watch
 	if c.rstate.Load() == serverDone && !c.hr.inMessage() {
 		c.endWatch() // the server accepted the first hello: no second one
 		return nil
 	}
-	c.boundRead()
+	c.boundRead(w.deadline)
 	msg, rec, err := c.hr.next()
 	switch {
 	case err == io.EOF:
@@ -549,13 +550,13 @@ func (c *Conn) endWatch() {
 	c.unboundRead()
 }
 
-// boundRead bounds the wrapped conn's read deadline by NewConn's deadline,
-// while the server has not answered with a ServerHello.
-func (c *Conn) boundRead() {
+// boundRead bounds the wrapped conn's read deadline by d, NewConn's
+// deadline, while the server has not answered with a ServerHello.
+func (c *Conn) boundRead(d time.Time) {
 	c.dmu.Lock()
 	defer c.dmu.Unlock()
-	if !c.bounded && !c.deadline.IsZero() && c.rstate.Load() != serverDone {
-		c.bounded = true
+	if c.bound.IsZero() && !d.IsZero() && c.rstate.Load() != serverDone {
+		c.bound = d
 		c.conn.SetReadDeadline(c.readDeadline())
 	}
 }
@@ -564,8 +565,8 @@ func (c *Conn) boundRead() {
 func (c *Conn) unboundRead() {
 	c.dmu.Lock()
 	defer c.dmu.Unlock()
-	if c.bounded {
-		c.bounded = false
+	if !c.bound.IsZero() {
+		c.bound = time.Time{}
 		c.conn.SetReadDeadline(c.userRead)
 	}
 }
@@ -573,10 +574,10 @@ func (c *Conn) unboundRead() {
 // readDeadline returns the read deadline for the wrapped conn. c.dmu is
 // held.
 func (c *Conn) readDeadline() time.Time {
-	if !c.bounded || !c.userRead.IsZero() && c.userRead.Before(c.deadline) {
+	if c.bound.IsZero() || !c.userRead.IsZero() && c.userRead.Before(c.bound) {
 		return c.userRead
 	}
-	return c.deadline
+	return c.bound
 }
 
 // Write writes to the client. Until the server's first handshake message

@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"runtime"
 	"slices"
 	"strings"
@@ -323,6 +324,9 @@ func TestMalformedHellos(t *testing.T) {
 			require.ErrorIs(t, err, tc.err)
 			assert.Nil(t, c)
 			assert.True(t, strings.HasPrefix(err.Error(), "ech: "), "error %q starts with ech:", err)
+			var ae tls.AlertError
+			require.ErrorAs(t, err, &ae, "the alert sent, as crypto/tls reports it")
+			assert.Equal(t, tls.AlertError(tc.alert), ae)
 			server.Close()
 			assert.Equal(t, alertRecord(tc.alert), readAll(t, client))
 		})
@@ -418,6 +422,35 @@ func TestSecondHelloRules(t *testing.T) {
 			inner.set(tOuterExts, outerExtsExt(tSigAlgs, tGroups))
 			return s.seal(baseOuter(), inner, nil, 7)
 		}, alertIllegalParameter, ech.ErrIllegalParameter, false},
+		// The second ClientHelloInner gets the checks of the first.
+		{"inner with malformed ALPN", func(s *sealer) []byte {
+			inner := baseInner()
+			inner.set(tALPN, []byte{0, 3, 0, 1, 'x'})
+			return s.seal(baseOuter(), inner, nil, 7)
+		}, alertDecodeError, ech.ErrDecodeError, false},
+		{"inner offers TLS 1.2", func(s *sealer) []byte {
+			inner := baseInner()
+			inner.set(tOuterExts, outerExtsExt(tGroups, tSigAlgs, tKeyShare))
+			inner.set(tVersions, versionsExt(0x0304, 0x0303))
+			return s.seal(baseOuter(), inner, nil, 7)
+		}, alertIllegalParameter, ech.ErrIllegalParameter, false},
+		// The route was chosen by the first hello's name and ALPN
+		// (RFC 8446, Section 4.1.2 lists what may change).
+		{"inner server_name changed", func(s *sealer) []byte {
+			inner := baseInner()
+			inner.set(tSNI, sniExt("other.example"))
+			return s.seal(baseOuter(), inner, nil, 7)
+		}, alertIllegalParameter, ech.ErrIllegalParameter, false},
+		{"inner ALPN changed", func(s *sealer) []byte {
+			inner := baseInner()
+			inner.set(tALPN, alpnExt("imap", "smtp"))
+			return s.seal(baseOuter(), inner, nil, 7)
+		}, alertIllegalParameter, ech.ErrIllegalParameter, false},
+		{"inner ALPN dropped", func(s *sealer) []byte {
+			inner := baseInner()
+			inner.remove(tALPN)
+			return s.seal(baseOuter(), inner, nil, 7)
+		}, alertIllegalParameter, ech.ErrIllegalParameter, false},
 		// RFC 8446, Section 5.1: the second ClientHello also ends at a
 		// record boundary.
 		{"handshake message after it in its record", func(s *sealer) []byte {
@@ -456,6 +489,11 @@ func TestSecondHelloRules(t *testing.T) {
 				}
 				_, err = c.Read(make([]byte, 100))
 				require.ErrorIs(t, err, tc.err)
+				var ae tls.AlertError
+				require.ErrorAs(t, err, &ae)
+				assert.Equal(t, tls.AlertError(tc.alert), ae)
+				_, again := c.Read(make([]byte, 100))
+				assert.Equal(t, err, again, "the handshake stays failed")
 				server.Close()
 				got := readAll(t, client)
 				require.Equal(t, hrrRecord(), got[:len(hrrRecord())])
@@ -463,6 +501,72 @@ func TestSecondHelloRules(t *testing.T) {
 			})
 		}
 	}
+}
+
+// TestSecondHelloTimeout checks that the wait for a second ClientHello
+// after a HelloRetryRequest is bounded by NewConn's deadline (here
+// WithHandshakeTimeout), and that the bound is lifted once the hello is
+// through.
+func TestSecondHelloTimeout(t *testing.T) {
+	t.Parallel()
+	key, err := ech.GenerateKey(publicName, &ech.KeyOptions{ConfigID: 7})
+	require.NoError(t, err)
+	const timeout = 300 * time.Millisecond
+	// hrr runs NewConn on an accepted hello, reads its inner hello and
+	// answers with a HelloRetryRequest.
+	hrr := func(t *testing.T) (client net.Conn, c *ech.Conn, s *sealer) {
+		client, server := tcpPair(t)
+		s = newSealer(t, key)
+		go client.Write(records(s.seal(baseOuter(), baseInner(), s.enc, 7), 1<<14))
+		c, err := ech.NewConn(t.Context(), server, ech.WithKeys(key), ech.WithHandshakeTimeout(timeout))
+		require.NoError(t, err)
+		require.True(t, c.ECHAccepted())
+		readMessage(t, c)
+		_, err = c.Write(hrrRecord())
+		require.NoError(t, err)
+		return client, c, s
+	}
+	t.Run("client never sends it", func(t *testing.T) {
+		t.Parallel()
+		client, c, _ := hrr(t)
+		go client.Write(ccsRecord) // a change_cipher_spec, then nothing
+		errs := make(chan error, 1)
+		go func() {
+			_, err := io.ReadFull(c, make([]byte, len(ccsRecord)))
+			if err == nil {
+				_, err = c.Read(make([]byte, 100))
+			}
+			errs <- err
+		}()
+		select {
+		case err := <-errs:
+			require.ErrorIs(t, err, os.ErrDeadlineExceeded)
+			assert.True(t, strings.HasPrefix(err.Error(), "ech: "), "error %q starts with ech:", err)
+			var ne net.Error
+			require.ErrorAs(t, err, &ne)
+			assert.True(t, ne.Timeout())
+		case <-time.After(testTimeout):
+			t.Fatal("Read waited for the second ClientHello past the handshake timeout")
+		}
+	})
+	t.Run("bound lifted after it", func(t *testing.T) {
+		t.Parallel()
+		client, c, s := hrr(t)
+		go client.Write(records(s.seal(baseOuter(), baseInner(), nil, 7), 1<<14))
+		second := readMessage(t, c)
+		assert.Contains(t, string(second), innerName)
+		time.Sleep(2 * timeout) // past NewConn's deadline
+		go client.Write([]byte("x"))
+		_, err := c.Read(make([]byte, 1))
+		require.NoError(t, err, "the handshake timeout no longer applies")
+	})
+	t.Run("an earlier deadline of the caller wins", func(t *testing.T) {
+		t.Parallel()
+		_, c, _ := hrr(t)
+		require.NoError(t, c.SetReadDeadline(time.Now().Add(-time.Second)))
+		_, err := c.Read(make([]byte, 1))
+		require.ErrorIs(t, err, os.ErrDeadlineExceeded)
+	})
 }
 
 // TestSecondHelloAfterRejection checks that after a first hello that did not
@@ -1054,16 +1158,17 @@ func (c *countingReader) Read(p []byte) (int, error) {
 // TestPendingHelloMemory measures the heap NewConn holds per connection
 // while it waits for the rest of a ClientHello: a client that sent only a
 // record header (announcing 2^14 bytes) must cost under 4 KiB, one that sent
-// all of a hello but its last byte under 1.5 times the hello's size. It
-// holds many pending NewConn calls over loopback and reads the heap of the
-// process, less what the same number of goroutines blocked in a plain read
-// of the conn hold. It is not parallel, so no other test allocates
-// meanwhile.
+// all of a hello but its last byte under 1.5 times the hello's size, or
+// 4 KiB for a small hello, where the Conn and the context's callback weigh
+// more than the hello. It holds many pending NewConn calls over loopback
+// and reads the heap of the process, less what the same number of
+// goroutines blocked in a plain read of the conn hold. It is not parallel,
+// so no other test allocates meanwhile.
 func TestPendingHelloMemory(t *testing.T) {
 	ks := echtest.NewKeySet(t, publicName)
 	list, err := ks.ConfigList()
 	require.NoError(t, err)
-	small, large := helloOfSize(t, list, 0), helloOfSize(t, list, 60<<10)
+	small, medium, large := helloOfSize(t, list, 0), helloOfSize(t, list, 16<<10), helloOfSize(t, list, 60<<10)
 	header := []byte{22, 3, 1, 0x40, 0}
 	newConn := func(t *testing.T, c net.Conn) {
 		_, err := ech.NewConn(t.Context(), c, ech.WithKeySet(ks))
@@ -1077,6 +1182,7 @@ func TestPendingHelloMemory(t *testing.T) {
 		io.ReadFull(c, b[:])
 		c.Read(b[:])
 	}
+	pendingHeap(t, header, plainRead) // the goroutines, made once, then reused
 	base := pendingHeap(t, header, plainRead)
 	tests := []struct {
 		name  string
@@ -1084,7 +1190,8 @@ func TestPendingHelloMemory(t *testing.T) {
 		limit float64
 	}{
 		{"record header only", header, 4 << 10},
-		{"Go's hello but its last byte", small[:len(small)-1], 1.5 * float64(len(small))},
+		{"Go's hello but its last byte", small[:len(small)-1], max(4<<10, 1.5*float64(len(small)))},
+		{"16 KiB hello but its last byte", medium[:len(medium)-1], 1.5 * float64(len(medium))},
 		{"60 KiB hello but its last byte", large[:len(large)-1], 1.5 * float64(len(large))},
 	}
 	for _, tc := range tests {
