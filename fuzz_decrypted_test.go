@@ -405,6 +405,12 @@ func fzCheckError(t *testing.T, err error, got []byte) {
 			if !bytes.Equal(got, want) {
 				t.Fatalf("error %q: client got %x, want alert %x", err, got, want)
 			}
+			// The error the peer was told about is also the alert for code
+			// that handles crypto/tls errors.
+			var ae tls.AlertError
+			if !errors.As(err, &ae) || int(ae) != s.alert {
+				t.Fatalf("error %q: no tls.AlertError(%d) in its chain", err, s.alert)
+			}
 		}
 		return
 	}
