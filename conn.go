@@ -420,7 +420,9 @@ func (c *Conn) log(ctx context.Context, logger *slog.Logger) {
 
 // Read reads from the connection: first the ClientHello to pass on, then
 // the client's bytes. After the handshake messages it is a direct read of
-// the wrapped connection.
+// the wrapped connection. An error while the Conn watches for a second
+// ClientHello (a bad hello, for which the client got an alert, or a failed
+// read) ends the handshake: Read returns it from then on.
 func (c *Conn) Read(p []byte) (int, error) {
 	if c.rdone.Load() {
 		return c.conn.Read(p)

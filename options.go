@@ -63,7 +63,9 @@ func WithMaxHelloSize(n int) Option {
 }
 
 // WithHandshakeTimeout bounds the reading of the ClientHello when the
-// context given to [NewConn] has no deadline. The default is
+// context given to [NewConn] has no deadline, and, when ECH was accepted,
+// the wait for a second ClientHello after a HelloRetryRequest: the
+// timeout runs from the call of NewConn. The default is
 // [DefaultHandshakeTimeout]; zero or less means no bound but the context.
 func WithHandshakeTimeout(d time.Duration) Option {
 	return func(o *options) { o.timeout = d }
