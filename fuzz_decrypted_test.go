@@ -45,14 +45,6 @@ import (
 	"golang.org/x/crypto/cryptobyte"
 )
 
-// fzKnownGaps, set by the environment variable ECH_FUZZ_KNOWN_GAPS=1,
-// makes the oracle accept what the code before issue 10, items 2 and 3,
-// accepts: an ech_outer_extensions of the outer hello copied into the
-// ClientHelloInner, and a second ClientHelloInner with a malformed ALPN or
-// another server_name or ALPN than the first. It lets a long fuzzing run
-// of that code look for other bugs; go test runs without it.
-var fzKnownGaps = os.Getenv("ECH_FUZZ_KNOWN_GAPS") == "1"
-
 var fzUpdateSeeds = flag.Bool("update-decrypted-seeds", false,
 	"write the seeds of FuzzDecryptedInner and FuzzDecryptedSecondHello (see TestFzDecryptedSeeds)")
 
@@ -230,9 +222,8 @@ func fzReadMessage(r io.Reader) (msg []byte, vers uint16, err error) {
 // fzRebuild rebuilds the ClientHelloInner body from an
 // EncodedClientHelloInner and the outer hello (RFC 9849, Section 5.1), and
 // checks what a client-facing server must check of it (Section 7.1). It
-// returns false for a hello the server must refuse. second says the hello
-// is the second one, after a HelloRetryRequest.
-func fzRebuild(outer *fzHello, encoded []byte, second bool) ([]byte, bool) {
+// returns false for a hello the server must refuse.
+func fzRebuild(outer *fzHello, encoded []byte) ([]byte, bool) {
 	enc, ok := fzParseHello(encoded)
 	if !ok || len(enc.sid) != 0 {
 		return nil, false
@@ -283,7 +274,7 @@ func fzRebuild(outer *fzHello, encoded []byte, second bool) ([]byte, bool) {
 		seen[e.typ] = true
 		extLen += 4 + len(e.data)
 	}
-	if extLen > 0xffff || seen[fzExtOuterExts] && !fzKnownGaps {
+	if extLen > 0xffff || seen[fzExtOuterExts] {
 		return nil, false
 	}
 	if data, ok := inner.ext(fzExtECH); !ok || !bytes.Equal(data, []byte{1}) {
@@ -294,7 +285,7 @@ func fzRebuild(outer *fzHello, encoded []byte, second bool) ([]byte, bool) {
 			return nil, false
 		}
 	}
-	if data, ok := inner.ext(fzExtALPN); ok && !(second && fzKnownGaps) {
+	if data, ok := inner.ext(fzExtALPN); ok {
 		if _, ok := fzALPN(data); !ok {
 			return nil, false
 		}
@@ -769,7 +760,7 @@ func FuzzDecryptedInner(f *testing.F) {
 		}
 		in.enc = enc
 		records, outer := in.seal(t, s, encoded)
-		want, wantOK := fzRebuild(outer, encoded, false)
+		want, wantOK := fzRebuild(outer, encoded)
 
 		p := fzStart(records)
 		defer p.close()
@@ -830,7 +821,7 @@ func FuzzDecryptedSecondHello(f *testing.F) {
 		}
 		first.enc = enc
 		records1, outer1 := first.seal(t, s, fx.inners[i])
-		want1, ok := fzRebuild(outer1, fx.inners[i], false)
+		want1, ok := fzRebuild(outer1, fx.inners[i])
 		if !ok {
 			t.Fatal("the first hello from crypto/tls does not rebuild")
 		}
@@ -844,10 +835,10 @@ func FuzzDecryptedSecondHello(f *testing.F) {
 			second.configID++
 		}
 		records2, outer2 := second.seal(t, s, encoded)
-		want2, wantOK := fzRebuild(outer2, encoded, true)
+		want2, wantOK := fzRebuild(outer2, encoded)
 		_, hasECH := outer2.ext(fzExtECH)
 		wantOK = wantOK && hasECH && knobs&(fzKnobEnc|fzKnobOtherConfigID|fzKnobCorrupt|fzKnobInnerType) == 0 &&
-			(fzKnownGaps || fzSameRoute(want1, want2))
+			fzSameRoute(want1, want2)
 		client := records1
 		if knobs&fzKnobCCS != 0 {
 			client = append(client, 20, 3, 3, 0, 1, 1)
