@@ -484,7 +484,6 @@ func fzNewFixture() (*fzFixture, error) {
 	key, err := ech.GenerateKey(fzPublicName, &ech.KeyOptions{
 		ConfigID:     fzConfigID,
 		CipherSuites: []ech.CipherSuite{{KDF: ech.KDFHKDFSHA256, AEAD: ech.AEADAES128GCM}},
-		SendAsRetry:  true,
 		Rand:         rnd,
 	})
 	if err != nil {

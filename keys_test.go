@@ -891,12 +891,12 @@ func TestLoadKeyDir(t *testing.T) {
 	require.NoError(t, os.Symlink("..data/k.ech", filepath.Join(dir, "k.ech")))
 	require.NoError(t, os.Symlink("nowhere.ech", filepath.Join(dir, "l.ech"))) // dangling
 
-	keys, err := LoadKeyDir(dir)
+	_, err = LoadKeyDir(dir)
 	require.ErrorIs(t, err, os.ErrNotExist, "a dangling link is an error")
 	assert.Contains(t, err.Error(), "l.ech")
 	require.NoError(t, os.Remove(filepath.Join(dir, "l.ech")))
 
-	keys, err = LoadKeyDir(dir)
+	keys, err := LoadKeyDir(dir)
 	require.NoError(t, err)
 	a.SendAsRetry, b.SendAsRetry = true, true
 	assert.Equal(t, []Key{b, a, b}, keys, "in name order, the link followed")
