@@ -3,6 +3,7 @@ package ech_test
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -83,12 +84,17 @@ func TestREADME(t *testing.T) {
 	}
 
 	t.Run("chatmail.json", func(t *testing.T) {
-		require.Len(t, jsonBlocks, 1)
+		require.NotEmpty(t, jsonBlocks)
 		file, err := os.ReadFile("cmd/ech-router/chatmail.json")
 		require.NoError(t, err)
-		assert.Equal(t, string(file), jsonBlocks[0], "the README shows cmd/ech-router/chatmail.json as it is")
-		_, err = router.ParseConfig("README.md", []byte(jsonBlocks[0]))
+		// The last is the chatmail example; the others show settings
+		// of it and must at least be JSON.
+		assert.Equal(t, string(file), jsonBlocks[len(jsonBlocks)-1], "the README shows cmd/ech-router/chatmail.json as it is")
+		_, err = router.ParseConfig("README.md", []byte(jsonBlocks[len(jsonBlocks)-1]))
 		assert.NoError(t, err)
+		for _, b := range jsonBlocks[:len(jsonBlocks)-1] {
+			assert.True(t, json.Valid([]byte(b)), "a README JSON block is not JSON:\n%s", b)
+		}
 	})
 
 	if testing.Short() {
