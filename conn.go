@@ -449,6 +449,14 @@ func (c *Conn) Read(p []byte) (int, error) {
 	n := c.replay.read(p)
 	if c.replay.empty() {
 		c.replay.release()
+		if c.watch == nil && c.rerr == nil {
+			// Nothing more to replay or watch: from now on reads are
+			// direct, and WriteTo hands the connection to io.Copy (and
+			// splice) now rather than after one more buffered read,
+			// which would hold its buffer for as long as the client is
+			// idle.
+			c.rdone.Store(true)
+		}
 	}
 	return n, nil
 }
