@@ -40,7 +40,7 @@ func startKnot(t *testing.T, records string) string {
 	knotd, err := exec.LookPath("knotd")
 	if err != nil {
 		if _, serr := os.Stat("/usr/sbin/knotd"); serr != nil {
-			t.Skip("knotd not installed (Debian package knot)")
+			needs(t, "knotd not installed (Debian package knot)")
 		}
 		knotd = "/usr/sbin/knotd"
 	}
