@@ -248,21 +248,7 @@ func (s *Server) MetricsAddr() net.Addr {
 // watch reloads every interval (if positive) and whenever trigger
 // receives, until ctx is done.
 func (s *Server) watch(ctx context.Context, interval time.Duration, trigger <-chan struct{}) {
-	var tick <-chan time.Time
-	if interval > 0 {
-		t := time.NewTicker(interval)
-		defer t.Stop()
-		tick = t.C
-	}
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick:
-		case <-trigger:
-		}
-		s.Reload()
-	}
+	every(ctx, interval, trigger, s.Reload)
 }
 
 // CheckFiles reports every file cfg names that cannot be read: the key
