@@ -47,7 +47,7 @@ type initialFrames struct {
 }
 
 func (f *initialFrames) cryptoFrames() []cryptoFrame { return f.crypto[:f.nc] }
-func (f *initialFrames) otherFrames() [][]byte      { return f.other[:f.no] }
+func (f *initialFrames) otherFrames() [][]byte       { return f.other[:f.no] }
 
 // parseInitialFrames parses the payload of an Initial packet. Any frame
 // type not allowed in Initial packets is an error (RFC 9000, Section 12.4:

@@ -107,12 +107,14 @@ type flow struct {
 	created int64
 	last    atomic.Int64
 
-	up      *net.UDPConn // set once before routed is set
-	routed  atomic.Bool
-	retried atomic.Bool // the backend sent a Retry
-	closed  bool        // guarded by Proxy.mu
+	up     *net.UDPConn // set once before routed is set
+	routed atomic.Bool
+	// retryCID is the Source Connection ID of the backend's Retry, once
+	// it sent one.
+	retryCID atomic.Pointer[[]byte]
+	closed   bool // guarded by Proxy.mu
 
-	hs         *handshake // nil once no Initial needs rewriting
+	hs         *handshake
 	queue      [][]byte
 	queueBytes int
 	out        []byte // scratch for rewritten datagrams
@@ -223,16 +225,17 @@ func (p *Proxy) handle(pc net.PacketConn, udp *net.UDPConn, ap netip.AddrPort, b
 		return
 	}
 	if f == nil {
-		p.newFlow(pc, udp, ap, b)
+		p.newFlow(pc, udp, ap, b, nil)
 		return
 	}
 	p.handleLong(f, b)
 }
 
-// newFlow starts a flow with the client's first datagram.
-func (p *Proxy) newFlow(pc net.PacketConn, udp *net.UDPConn, ap netip.AddrPort, b []byte) {
+// newFlow starts a flow with the client's first datagram, replacing the
+// flow old if not nil. It reports whether it did.
+func (p *Proxy) newFlow(pc net.PacketConn, udp *net.UDPConn, ap netip.AddrPort, b []byte, old *flow) bool {
 	if b[0]&headerFormLong == 0 {
-		return // a short header packet of an unknown connection
+		return false // a short header packet of an unknown connection
 	}
 	h, err := parseLongHeader(b)
 	if err != nil {
@@ -242,34 +245,38 @@ func (p *Proxy) newFlow(pc net.PacketConn, udp *net.UDPConn, ap netip.AddrPort, 
 			vn := appendVersionNegotiation(nil, h.dcid, h.scid, byte(p.now.Load()))
 			p.send(pc, udp, ap, net.UDPAddrFromAddrPort(ap), vn)
 		}
-		return
+		return false
 	}
 	// RFC 9000, Section 14.1: a server drops an Initial in a datagram of
 	// less than 1200 bytes; Section 7.2: the client's first Destination
 	// Connection ID has at least 8 bytes.
 	if h.typ != packetInitial || len(b) < minInitialSize || len(h.dcid) < 8 {
-		return
+		return false
 	}
 	hs, err := newHandshake(&h, p.maxHelloSize())
 	if err != nil {
-		return
+		return false
 	}
 	// Only a datagram with an Initial that decrypts starts a flow.
 	if _, _, _, err := hs.open(b[:h.end], &h); err != nil {
-		return
+		return false
 	}
 	hs.largest = -1
 	now := p.now.Load()
 	f := &flow{client: ap, addr: net.UDPAddrFromAddrPort(ap), pc: pc, udp: udp, created: now, hs: hs}
 	f.last.Store(now)
 	p.mu.Lock()
+	if old != nil {
+		p.closeFlow(old)
+	}
 	if p.closed || len(p.flows) >= p.maxFlows() {
 		p.mu.Unlock()
-		return
+		return false
 	}
 	p.flows[ap] = f
 	p.mu.Unlock()
 	p.handleLong(f, b)
+	return true
 }
 
 func (p *Proxy) maxFlows() int {
@@ -282,25 +289,32 @@ func (p *Proxy) maxFlows() int {
 // handleLong processes a datagram starting with a long header packet.
 func (p *Proxy) handleLong(f *flow, b []byte) {
 	hs := f.hs
-	if hs == nil {
-		if f.routed.Load() {
-			f.last.Store(p.now.Load())
-			f.up.Write(b)
-		}
-		return
-	}
-	if f.retried.Load() && f.routed.Load() {
-		// RFC 9000, Section 17.2.5.2: after a Retry the client's Initials
-		// carry a new Destination Connection ID, hence new keys, and its
-		// CRYPTO stream starts over: read the hello afresh.
-		if h, err := parseLongHeader(b); err == nil && h.typ == packetInitial && h.version == hs.version && !bytes.Equal(h.dcid, hs.dcid) {
-			nhs, err := newHandshake(&h, p.maxHelloSize())
-			if err != nil {
-				return
+	if h, err := parseLongHeader(b); err == nil && h.typ == packetInitial && h.version == hs.version {
+		if _, _, _, err := hs.open(b[:h.end], &h); err != nil {
+			// Not an Initial of this connection attempt: the client's
+			// Initials all use the keys of its first Destination
+			// Connection ID (RFC 9001, Section 5.2), whatever the
+			// Destination Connection ID they carry later.
+			if f.routed.Load() && f.isRetryCID(h.dcid) && !bytes.Equal(h.dcid, hs.dcid) {
+				// RFC 9000, Section 17.2.5.2: after a Retry the client's
+				// Initials carry the Retry's Source Connection ID, hence
+				// new keys, and its CRYPTO stream starts over: read the
+				// hello afresh, for the same backend.
+				nhs, err := newHandshake(&h, p.maxHelloSize())
+				if err != nil {
+					return
+				}
+				f.hs, hs = nhs, nhs
+			} else if p.newFlow(f.pc, f.udp, f.client, b, f) {
+				return // a new connection from the same address and port
 			}
-			f.retried.Store(false)
-			f.hs, hs = nhs, nhs
 		}
+	}
+	if hs.phase != phaseHello1 && !hs.accepted {
+		// The hello went on as received, and so does all that follows.
+		f.last.Store(p.now.Load())
+		f.up.Write(b)
+		return
 	}
 	f.last.Store(p.now.Load())
 	wait, err := hs.feed(b)
@@ -325,9 +339,6 @@ func (p *Proxy) handleLong(f *flow, b []byte) {
 		}
 		if msg == nil {
 			return
-		}
-		if !hs.accepted {
-			f.hs = nil // the hello goes on as received, and all that follows
 		}
 		p.flush(f)
 		return
@@ -383,7 +394,7 @@ func (p *Proxy) flush(f *flow) {
 	q := f.queue
 	f.queue, f.queueBytes = nil, 0
 	for _, b := range q {
-		if f.hs == nil {
+		if !f.hs.accepted {
 			f.up.Write(b)
 			continue
 		}
@@ -470,8 +481,17 @@ func (p *Proxy) readBackend(f *flow) {
 func (p *Proxy) forwardToClient(f *flow, b []byte) {
 	if b[0]&headerFormLong != 0 && len(b) >= 5 {
 		v := uint32(b[1])<<24 | uint32(b[2])<<16 | uint32(b[3])<<8 | uint32(b[4])
-		if supportedVersion(v) && typeOf(v, b[0]) == packetRetry {
-			f.retried.Store(true)
+		if supportedVersion(v) {
+			switch typeOf(v, b[0]) {
+			case packetRetry:
+				// The client's next Initials carry the Retry's Source
+				// Connection ID; it accepts only the first Retry
+				// (RFC 9000, Section 17.2.5.2).
+				if h, err := parseLongHeader(b); err == nil {
+					cid := bytes.Clone(h.scid)
+					f.retryCID.CompareAndSwap(nil, &cid)
+				}
+			}
 		}
 	}
 	f.last.Store(p.now.Load())
@@ -560,4 +580,11 @@ func (p *Proxy) Close() error {
 	p.mu.Unlock()
 	p.wg.Wait()
 	return nil
+}
+
+// isRetryCID reports whether cid is the Source Connection ID of the
+// backend's Retry.
+func (f *flow) isRetryCID(cid []byte) bool {
+	r := f.retryCID.Load()
+	return r != nil && bytes.Equal(*r, cid)
 }

@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"slices"
 	"sync"
 	"testing"
@@ -44,7 +46,7 @@ func newEnv(t *testing.T) *env {
 	var err error
 	e.list, err = e.ks.ConfigList()
 	require.NoError(t, err)
-	e.proxy = &Proxy{Route: e.route, ECHOptions: []ech.Option{ech.WithKeySet(e.ks)}}
+	e.proxy = &Proxy{Route: e.route, ECHOptions: []ech.Option{ech.WithKeySet(e.ks)}, Logger: slog.New(slog.NewTextHandler(os.Stderr, nil))}
 	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	require.NoError(t, err)
 	e.addr = pc.LocalAddr().(*net.UDPAddr)

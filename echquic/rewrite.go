@@ -61,10 +61,10 @@ func newHandshake(h *longHeader, limit int) (*handshake, error) {
 	return hs, nil
 }
 
-// ours reports whether the long header packet h is an Initial of this
-// connection attempt.
+// ours reports whether the long header packet h may be an Initial of this
+// connection attempt; it is if it decrypts.
 func (hs *handshake) ours(h *longHeader) bool {
-	return h.typ == packetInitial && h.version == hs.version && bytes.Equal(h.dcid, hs.dcid)
+	return h.typ == packetInitial && h.version == hs.version
 }
 
 // open copies the Initial packet pkt to scratch memory, removes its
@@ -208,7 +208,10 @@ func (hs *handshake) rewrite(dst, b []byte) ([]byte, error) {
 			continue
 		}
 		pn, pnLen, _, err := hs.open(pkt, &h)
-		if err != nil || hs.frames.nc == 0 {
+		if err != nil {
+			continue // RFC 9001, Section 5.2: dropped, as the backend would
+		}
+		if hs.frames.nc == 0 {
 			dst = append(dst, pkt...)
 			continue
 		}
