@@ -546,16 +546,20 @@ func (p *Proxy) janitor() {
 		case <-p.stop:
 			return
 		case now := <-t.C:
-			n := now.UnixNano()
-			p.now.Store(n)
-			idle, hello := p.idleTimeout().Nanoseconds(), p.handshakeTimeout().Nanoseconds()
-			p.mu.Lock()
-			for _, f := range p.flows {
-				if !f.routed.Load() && n-f.created > hello || n-f.last.Load() > idle {
-					p.closeFlow(f)
-				}
-			}
-			p.mu.Unlock()
+			p.sweep(now.UnixNano())
+		}
+	}
+}
+
+// sweep sets the clock to n and ends the flows idle or stuck at n.
+func (p *Proxy) sweep(n int64) {
+	p.now.Store(n)
+	idle, hello := p.idleTimeout().Nanoseconds(), p.handshakeTimeout().Nanoseconds()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, f := range p.flows {
+		if !f.routed.Load() && n-f.created > hello || n-f.last.Load() > idle {
+			p.closeFlow(f)
 		}
 	}
 }
