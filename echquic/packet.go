@@ -191,18 +191,6 @@ func appendVarint(b []byte, v uint64) []byte {
 	return binary.BigEndian.AppendUint64(b, v|0xc0<<56)
 }
 
-func varintLen(v uint64) int {
-	switch {
-	case v < 1<<6:
-		return 1
-	case v < 1<<14:
-		return 2
-	case v < 1<<30:
-		return 4
-	}
-	return 8
-}
-
 // initialKeys protect the Initial packets of one direction
 // (RFC 9001, Section 5.2).
 type initialKeys struct {
