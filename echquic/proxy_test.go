@@ -103,9 +103,13 @@ func (e *env) addHTTP3(name string, tweak func(*tls.Config)) {
 	require.NoError(t, err)
 	go srv.Serve(pc)
 	t.Cleanup(func() { srv.Close(); pc.Close() })
+	e.setBackend(name, pc.LocalAddr())
+}
+
+func (e *env) setBackend(name string, a net.Addr) {
 	e.mu.Lock()
-	e.backends[name] = pc.LocalAddr().(*net.UDPAddr)
-	e.mu.Unlock()
+	defer e.mu.Unlock()
+	e.backends[name] = a.(*net.UDPAddr)
 }
 
 // clientConfig returns a client TLS config for name with the proxy's ECH
