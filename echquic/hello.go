@@ -132,19 +132,19 @@ func readMessage(r io.Reader, dst []byte, limit int) ([]byte, error) {
 
 var errHello = errors.New("echquic: ClientHello refused")
 
-// AlertError is the error of a ClientHello refused with a TLS alert. The
+// alertError is the error of a ClientHello refused with a TLS alert. The
 // client got a CONNECTION_CLOSE of type 0x1c with error code 0x100+Alert
 // (RFC 9001, Section 4.8).
-type AlertError struct {
+type alertError struct {
 	Alert uint8
 	Err   error // the error of package ech, wrapping one of its sentinels
 }
 
-func (e *AlertError) Error() string {
+func (e *alertError) Error() string {
 	return fmt.Sprintf("echquic: ClientHello refused with alert %d: %v", e.Alert, e.Err)
 }
 
-func (e *AlertError) Unwrap() error { return e.Err }
+func (e *alertError) Unwrap() error { return e.Err }
 
 // alertFor returns the TLS alert for an error of package ech: the one the
 // Conn wrote, else the one the error names, else a mapping of the sentinels.
@@ -184,7 +184,7 @@ func (h *helloState) first(msg []byte, remote net.Addr, opts []ech.Option, limit
 	h.mc = memConn{r: appendRecords(nil, msg), remote: remote}
 	c, err := ech.NewConn(context.Background(), &h.mc, opts...)
 	if err != nil {
-		return nil, &AlertError{Alert: alertFor(&h.mc, err), Err: err}
+		return nil, &alertError{Alert: alertFor(&h.mc, err), Err: err}
 	}
 	h.conn = c
 	if c.Status() != ech.StatusAccepted {
@@ -192,7 +192,7 @@ func (h *helloState) first(msg []byte, remote net.Addr, opts []ech.Option, limit
 	}
 	inner, err := readMessage(c, make([]byte, 0, len(msg)+64), limit)
 	if err != nil {
-		return nil, &AlertError{Alert: alertInternalError, Err: err}
+		return nil, &alertError{Alert: alertInternalError, Err: err}
 	}
 	return inner, nil
 }
@@ -211,13 +211,13 @@ func (h *helloState) second(msg []byte, limit int) ([]byte, error) {
 	copy(hrr[:], []byte{recordTypeHandshake, 3, 3, byte(n >> 8), byte(n), typeServerHello, 0, 0, byte(n - handshakeHeaderLen), 3, 3})
 	copy(hrr[recordHeaderLen+handshakeHeaderLen+2:], hrrRandom[:])
 	if _, err := h.conn.Write(hrr[:]); err != nil {
-		return nil, &AlertError{Alert: alertInternalError, Err: err}
+		return nil, &alertError{Alert: alertInternalError, Err: err}
 	}
 	h.mc.w = h.mc.w[:0]
 	h.mc.r = appendRecords(nil, msg)
 	inner, err := readMessage(h.conn, make([]byte, 0, len(msg)+64), limit)
 	if err != nil {
-		return nil, &AlertError{Alert: alertFor(&h.mc, err), Err: err}
+		return nil, &alertError{Alert: alertFor(&h.mc, err), Err: err}
 	}
 	return inner, nil
 }

@@ -370,7 +370,7 @@ func (p *Proxy) handleLong(f *flow, b []byte) {
 
 // alertOf returns the alert of err, internal_error if it names none.
 func alertOf(err error) uint8 {
-	var ae *AlertError
+	var ae *alertError
 	if errors.As(err, &ae) {
 		return ae.Alert
 	}
@@ -432,7 +432,7 @@ func (p *Proxy) route(f *flow) error {
 	}
 	a, err := p.Route(info)
 	if err != nil {
-		return &AlertError{Alert: alertUnrecognizedName, Err: err}
+		return &alertError{Alert: alertUnrecognizedName, Err: err}
 	}
 	ua, ok := a.(*net.UDPAddr)
 	if !ok {

@@ -134,11 +134,11 @@ func (hs *handshake) message() ([]byte, error) {
 		return nil, nil
 	}
 	if got[0] != typeClientHello {
-		return nil, &AlertError{Alert: alertUnexpectedMessage, Err: fmt.Errorf("%w: handshake message type %d", errHello, got[0])}
+		return nil, &alertError{Alert: alertUnexpectedMessage, Err: fmt.Errorf("%w: handshake message type %d", errHello, got[0])}
 	}
 	n := int(got[1])<<16 | int(got[2])<<8 | int(got[3])
 	if n > hs.limit {
-		return nil, &AlertError{Alert: alertDecodeError, Err: fmt.Errorf("%w: ClientHello of %d bytes, limit %d", errHello, n, hs.limit)}
+		return nil, &alertError{Alert: alertDecodeError, Err: fmt.Errorf("%w: ClientHello of %d bytes, limit %d", errHello, n, hs.limit)}
 	}
 	if len(got) < handshakeHeaderLen+n {
 		return nil, nil
