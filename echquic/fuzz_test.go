@@ -36,14 +36,24 @@ func FuzzInitial(f *testing.F) {
 	}
 	defer backend.Close()
 	ap := netip.MustParseAddrPort("127.0.0.1:4433")
+	p := &Proxy{
+		Route:      func(Info) (net.Addr, error) { return backend.LocalAddr(), nil },
+		ECHOptions: []ech.Option{ech.WithKeySet(ks)},
+	}
+	p.init()
+	defer p.Close()
+	rc := &recordingConn{}
 	f.Fuzz(func(t *testing.T, data []byte) {
-		p := &Proxy{
-			Route:      func(Info) (net.Addr, error) { return backend.LocalAddr(), nil },
-			ECHOptions: []ech.Option{ech.WithKeySet(ks)},
-		}
-		p.init()
-		defer p.Close()
-		rc := &recordingConn{}
+		defer func() {
+			p.mu.Lock()
+			for _, fl := range p.flows {
+				p.closeFlow(fl)
+			}
+			p.mu.Unlock()
+			rc.mu.Lock()
+			rc.writes = rc.writes[:0]
+			rc.mu.Unlock()
+		}()
 		if len(data) > 0 {
 			p.handle(rc, nil, ap, bytes.Clone(data))
 		}
