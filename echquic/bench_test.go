@@ -91,6 +91,36 @@ func BenchmarkNewConnection(b *testing.B) {
 	})
 }
 
+// BenchmarkNewConnectionFull measures a new connection through
+// Proxy.handle: Initial processing, routing, the backend socket and its
+// goroutine, and the forwarding of the rewritten Initials.
+func BenchmarkNewConnectionFull(b *testing.B) {
+	ks := echtest.NewKeySet(b, publicName)
+	_, dgrams := helloDatagrams(b, ks)
+	sink := sinkUDP(b)
+	p := &Proxy{
+		Route:      func(Info) (net.Addr, error) { return sink.LocalAddr(), nil },
+		ECHOptions: []ech.Option{ech.WithKeySet(ks)},
+	}
+	p.init()
+	defer p.Close()
+	pc := sinkUDP(b)
+	ap := netip.MustParseAddrPort("127.0.0.1:4433")
+	b.ReportAllocs()
+	for b.Loop() {
+		for _, d := range dgrams {
+			p.handle(pc, pc, ap, d)
+		}
+		p.mu.Lock()
+		f := p.flows[ap]
+		if f == nil || !f.routed.Load() {
+			b.Fatal("not routed")
+		}
+		p.closeFlow(f)
+		p.mu.Unlock()
+	}
+}
+
 // echoUDP starts a UDP server on loopback that sends every datagram back.
 func echoUDP(tb testing.TB) *net.UDPConn {
 	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})

@@ -228,7 +228,7 @@ func (p *Proxy) handle(pc net.PacketConn, udp *net.UDPConn, ap netip.AddrPort, b
 		p.newFlow(pc, udp, ap, b, nil)
 		return
 	}
-	p.handleLong(f, b)
+	p.handleLong(f, b, false)
 }
 
 // newFlow starts a flow with the client's first datagram, replacing the
@@ -275,7 +275,7 @@ func (p *Proxy) newFlow(pc net.PacketConn, udp *net.UDPConn, ap netip.AddrPort, 
 	}
 	p.flows[ap] = f
 	p.mu.Unlock()
-	p.handleLong(f, b)
+	p.handleLong(f, b, true)
 	return true
 }
 
@@ -287,9 +287,9 @@ func (p *Proxy) maxFlows() int {
 }
 
 // handleLong processes a datagram starting with a long header packet.
-func (p *Proxy) handleLong(f *flow, b []byte) {
+func (p *Proxy) handleLong(f *flow, b []byte, fresh bool) {
 	hs := f.hs
-	if h, err := parseLongHeader(b); err == nil && h.typ == packetInitial && h.version == hs.version {
+	if h, err := parseLongHeader(b); !fresh && err == nil && h.typ == packetInitial && h.version == hs.version {
 		if _, _, _, err := hs.open(b[:h.end], &h); err != nil {
 			// Not an Initial of this connection attempt: the client's
 			// Initials all use the keys of its first Destination
