@@ -66,6 +66,13 @@ func parseInitialFrames(p []byte, f *initialFrames) error {
 		p = p[n:]
 		switch typ {
 		case framePadding:
+			// Skip the run of PADDING frames at once: clients pad with
+			// hundreds of them.
+			i := 0
+			for i < len(p) && p[i] == framePadding {
+				i++
+			}
+			p = p[i:]
 			continue
 		case framePing:
 		case frameAck, frameAckECN:
@@ -180,6 +187,10 @@ func (c *cryptoBuffer) write(off uint64, data []byte) error {
 		return nil
 	}
 	if uint64(len(c.buf)) < b {
+		if c.buf == nil {
+			// Most ClientHellos fit: one allocation.
+			c.buf = make([]byte, 0, min(max(b, 4096), c.max))
+		}
 		c.buf = append(c.buf, make([]byte, int(b)-len(c.buf))...)
 	}
 	// Copy into the gaps only: the first data received at an offset stays.

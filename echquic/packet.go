@@ -3,11 +3,12 @@ package echquic
 import (
 	"crypto/aes"
 	"crypto/cipher"
-	"crypto/hkdf"
+	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash"
 )
 
 // QUIC versions this package reads Initial packets of.
@@ -206,31 +207,22 @@ func newInitialKeys(version uint32, dcid []byte, server bool) (*initialKeys, err
 	if version == version2 {
 		salt, prefix = saltV2, "quicv2 " // RFC 9369, Section 3.3.2
 	}
-	initial, err := hkdf.Extract(sha256.New, dcid, salt)
-	if err != nil {
-		return nil, err
-	}
+	// HKDF-Extract (RFC 5869, Section 2.2).
+	var initial, secret, key, iv, hpKey [sha256.Size]byte
+	h := hmac.New(sha256.New, salt)
+	h.Write(dcid)
+	h.Sum(initial[:0])
 	label := "client in"
 	if server {
 		label = "server in"
 	}
-	secret, err := expandLabel(initial, label, initialSecretLen)
-	if err != nil {
-		return nil, err
-	}
-	key, err := expandLabel(secret, prefix+"key", initialKeyLen)
-	if err != nil {
-		return nil, err
-	}
-	iv, err := expandLabel(secret, prefix+"iv", initialIVLen)
-	if err != nil {
-		return nil, err
-	}
-	hpKey, err := expandLabel(secret, prefix+"hp", initialKeyLen)
-	if err != nil {
-		return nil, err
-	}
-	block, err := aes.NewCipher(key)
+	h = hmac.New(sha256.New, initial[:])
+	expandLabel(h, secret[:0], label, initialSecretLen)
+	h = hmac.New(sha256.New, secret[:])
+	expandLabel(h, key[:0], prefix+"key", initialKeyLen)
+	expandLabel(h, iv[:0], prefix+"iv", initialIVLen)
+	expandLabel(h, hpKey[:0], prefix+"hp", initialKeyLen)
+	block, err := aes.NewCipher(key[:initialKeyLen])
 	if err != nil {
 		return nil, err
 	}
@@ -238,28 +230,31 @@ func newInitialKeys(version uint32, dcid []byte, server bool) (*initialKeys, err
 	if k.aead, err = cipher.NewGCM(block); err != nil {
 		return nil, err
 	}
-	copy(k.iv[:], iv)
-	if k.hp, err = aes.NewCipher(hpKey); err != nil {
+	copy(k.iv[:], iv[:initialIVLen])
+	if k.hp, err = aes.NewCipher(hpKey[:initialKeyLen]); err != nil {
 		return nil, err
 	}
 	return k, nil
 }
 
-// expandLabel is HKDF-Expand-Label with an empty context
-// (RFC 8446, Section 7.1):
+// expandLabel appends HKDF-Expand-Label(secret, label, "", n) to dst, for n
+// of at most one hash output, with h the HMAC keyed with the secret
+// (RFC 8446, Section 7.1; RFC 5869, Section 2.3: T(1) only):
 //
 //	struct {
 //	    uint16 length = Length;
 //	    opaque label<7..255> = "tls13 " + Label;
 //	    opaque context<0..255> = Context;
 //	} HkdfLabel;
-func expandLabel(secret []byte, label string, n int) ([]byte, error) {
-	info := make([]byte, 0, 4+6+len(label))
-	info = append(info, byte(n>>8), byte(n), byte(6+len(label)))
-	info = append(info, "tls13 "...)
-	info = append(info, label...)
-	info = append(info, 0)
-	return hkdf.Expand(sha256.New, secret, string(info), n)
+func expandLabel(h hash.Hash, dst []byte, label string, n int) []byte {
+	var info [64]byte
+	b := append(info[:0], byte(n>>8), byte(n), byte(6+len(label)))
+	b = append(b, "tls13 "...)
+	b = append(b, label...)
+	b = append(b, 0, 1) // empty context, then the counter of T(1)
+	h.Reset()
+	h.Write(b)
+	return h.Sum(dst)[:n]
 }
 
 // nonce returns the AEAD nonce of packet number pn (RFC 9001, Section 5.3).

@@ -56,6 +56,8 @@ func newHandshake(h *longHeader, limit int) (*handshake, error) {
 		keys:    keys,
 		largest: -1,
 		limit:   limit,
+		pkt:     make([]byte, 0, 1500),
+		out:     make([]byte, 0, 1500),
 	}
 	hs.stream.reset(0, uint64(limit)+handshakeHeaderLen)
 	return hs, nil
