@@ -27,8 +27,11 @@ const (
 	StatusAccepted
 	// StatusRejected means the client sent an outer ECH extension that
 	// did not decrypt: GREASE, an unknown config_id or a stale key. The
-	// Conn replays the ClientHelloOuter; the handshake should be completed
-	// for the public name with retry configs (see [KeySet.TLSKeys]).
+	// Conn replays the ClientHelloOuter, and [Conn.ServerName] is the name
+	// in the clear: route the connection by it, as one without ECH (RFC
+	// 9849, Section 7.1). A GREASE client names its real server there; a
+	// client with a stale config names the public name, whose server
+	// should use [KeySet.PublicNameConfig] to send it retry configs.
 	StatusRejected
 )
 
@@ -43,42 +46,6 @@ func (s Status) String() string {
 		return "rejected"
 	}
 	return fmt.Sprintf("Status(%d)", uint8(s))
-}
-
-// TLS alerts sent by the client-facing server (RFC 8446, Section 6).
-type alert uint8
-
-const (
-	alertUnexpectedMessage alert = 10
-	alertRecordOverflow    alert = 22
-	alertIllegalParameter  alert = 47
-	alertDecodeError       alert = 50
-	alertDecryptError      alert = 51
-	alertInternalError     alert = 80
-	alertMissingExtension  alert = 109
-)
-
-// alertFor returns the alert that tells the peer about err, and false for
-// errors the peer is not told about (I/O errors, cancellation).
-func alertFor(err error) (alert, bool) {
-	switch {
-	case errors.Is(err, ErrIllegalParameter):
-		return alertIllegalParameter, true
-	case errors.Is(err, ErrDecodeError), errors.Is(err, ErrHelloTooLarge):
-		return alertDecodeError, true
-	case errors.Is(err, ErrMissingExtension):
-		return alertMissingExtension, true
-	case errors.Is(err, ErrDecryptError):
-		return alertDecryptError, true
-	case errors.Is(err, ErrNotTLS), errors.Is(err, ErrUnexpectedMessage):
-		return alertUnexpectedMessage, true
-	case errors.Is(err, ErrRecordOverflow):
-		return alertRecordOverflow, true
-	case errors.Is(err, ErrInvalidKey), errors.Is(err, ErrMalformedConfig),
-		errors.Is(err, ErrUnsupportedAlgorithm), errors.Is(err, ErrInvalidPublicName):
-		return alertInternalError, true
-	}
-	return 0, false
 }
 
 // hrrRandom is ServerHello.random of a HelloRetryRequest
@@ -111,6 +78,13 @@ const (
 // handshake messages are through, Read and Write go straight to the wrapped
 // connection. Until then the server's bytes must go through [Conn.Write], not
 // the wrapped connection: the Conn watches them for a HelloRetryRequest.
+//
+// The read side is a state machine: it replays the hello; then, when ECH
+// was accepted, it watches the client's records (passing them on) until the
+// server has answered with a ServerHello or the client has sent its second
+// ClientHello, whose inner hello it replays; then it reads the wrapped
+// connection directly. An error on the way ends the handshake: every later
+// Read returns it.
 type Conn struct {
 	conn net.Conn
 
@@ -118,10 +92,17 @@ type Conn struct {
 	// Read goes straight to conn.
 	rdone  atomic.Bool
 	rmu    sync.Mutex
-	replay []byte       // bytes Read returns before the wrapped conn's
-	pooled *[]byte      // buffer behind replay, returned to the pool when drained
-	watch  *secondHello // non-nil while a second ClientHello may come
-	rstate atomic.Uint32
+	replay replay          // bytes Read returns before the wrapped conn's
+	hr     handshakeReader // the client's records: the hello's, then watched
+	watch  *secondHello    // non-nil while a second ClientHello may come
+	rerr   error           // the error that ended the handshake
+	rstate atomic.Uint32   // the server's first flight, set by Write
+
+	// The read deadline while watching: the earlier of the one set
+	// through the Conn and NewConn's (see boundRead). dmu guards them.
+	dmu      sync.Mutex
+	userRead time.Time // the read deadline set through the Conn
+	bound    time.Time // NewConn's deadline while it bounds reads, else zero
 
 	// Write side. Until wdone is set, wmu guards wwatch; then Write goes
 	// straight to conn.
@@ -143,17 +124,14 @@ var (
 	_ io.ReaderFrom = (*Conn)(nil)
 )
 
-// secondHello is what decrypting a second ClientHello after a
+// secondHello is what reading and decrypting a second ClientHello after a
 // HelloRetryRequest needs (RFC 9849, Section 7.1.1).
 type secondHello struct {
-	recipient *hpkeRecipient
-	suite     CipherSuite
-	configID  uint8
-	recVers   uint16
-	maxSize   int
-	hdr       [recordHeaderLen]byte
-	msg       []byte // handshake message being reassembled
-	rec       []byte // a record passed through unchanged (change_cipher_spec, early data)
+	recipient  *hpkeRecipient
+	suite      CipherSuite
+	configID   uint8
+	publicName string    // the outer server_name required, when checked
+	deadline   time.Time // NewConn's deadline, which bounds the wait
 }
 
 // serverFlight collects the first bytes the server writes, to tell a
@@ -163,23 +141,8 @@ type serverFlight struct {
 	head [serverHelloPrefix]byte
 }
 
-// bufPool holds ClientHello buffers: a hello is read into one, and the
-// replay of the outer hello is served from it.
-var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, 4096); return &b }}
-
-func getBuf() *[]byte { return bufPool.Get().(*[]byte) }
-
-// putBuf returns b to the pool, cleared: it held a ClientHelloInner.
-func putBuf(b *[]byte) {
-	if cap(*b) <= 1<<17 {
-		clear((*b)[:cap(*b)])
-		*b = (*b)[:0]
-		bufPool.Put(b)
-	}
-}
-
 // scratch is per-hello working memory: the extension lists of the outer and
-// inner hellos and the AAD.
+// inner hellos, the AAD and the decrypted EncodedClientHelloInner.
 type scratch struct {
 	outer, enc, inner clientHello
 	aad, pt           []byte
@@ -215,18 +178,26 @@ var aLongTimeAgo = time.Unix(1, 0)
 //
 // Reading is bounded by ctx, by [WithHandshakeTimeout] when ctx has no
 // deadline, and by [WithMaxHelloSize]. NewConn sets conn's deadlines while
-// it works and clears them before it returns.
+// it works and clears them before it returns. When ECH was accepted, the
+// same deadline (not ctx's cancellation) also bounds the Conn's reads of
+// the client until the server has answered or the client has sent its
+// second ClientHello.
 //
 // A hello that breaks the rules of RFC 8446 or RFC 9849 gets the matching
 // alert (decode_error, illegal_parameter, ...) written to conn, and NewConn
 // returns an error wrapping the matching sentinel, such as
-// [ErrIllegalParameter]. A hello whose ECH does not decrypt (GREASE, an
-// unknown config_id, a stale key) is not an error: see [StatusRejected].
-// NewConn does not close conn.
+// [ErrIllegalParameter], that also matches [tls.AlertError] with
+// [errors.As]. A hello whose ECH does not decrypt (GREASE, an unknown
+// config_id, a stale key) is not an error: see [StatusRejected]. NewConn
+// does not close conn. Without a key option it returns [ErrNoKeys] at
+// once; an empty [KeySet] is allowed.
 func NewConn(ctx context.Context, conn net.Conn, opts ...Option) (*Conn, error) {
 	o := defaultOptions()
 	for _, opt := range opts {
 		opt(&o)
+	}
+	if o.keySet == nil && len(o.keys) == 0 {
+		return nil, fmt.Errorf("%w: NewConn needs WithKeySet or WithKeys", ErrNoKeys)
 	}
 	deadline, ok := ctx.Deadline()
 	if !ok && o.timeout > 0 {
@@ -252,12 +223,16 @@ func NewConn(ctx context.Context, conn net.Conn, opts ...Option) (*Conn, error) 
 	}
 
 	c := &Conn{conn: conn}
-	err := c.readHello(ctx, &o)
+	c.hr = handshakeReader{conn: conn, maxSize: o.maxHelloSize, first: true}
+	err := c.readHello(ctx, &o, deadline)
 	if err == nil {
-		c.rdone.Store(c.replay == nil && c.watch == nil)
+		c.hr.first = false
+		c.rdone.Store(c.watch == nil && c.replay.empty())
 		c.wdone.Store(c.wwatch == nil)
 		return c, nil
 	}
+	c.hr.release()
+	c.replay.release()
 	ctxErr := ctx.Err()
 	if d, ok := ctx.Deadline(); ctxErr == nil && ok && errors.Is(err, os.ErrDeadlineExceeded) && !time.Now().Before(d) {
 		// The conn's deadline, which is the context's, fired before the
@@ -266,8 +241,8 @@ func NewConn(ctx context.Context, conn net.Conn, opts ...Option) (*Conn, error) 
 	}
 	if ctxErr != nil {
 		err = fmt.Errorf("ech: reading ClientHello: %w (%w)", ctxErr, err)
-	} else if a, ok := alertFor(err); ok {
-		c.sendAlert(a)
+	} else {
+		err = sendAlert(conn, err)
 	}
 	if o.logger != nil {
 		o.logger.LogAttrs(ctx, slog.LevelInfo, "ech: ClientHello refused",
@@ -283,195 +258,151 @@ func addrString(a net.Addr) string {
 	return a.String()
 }
 
-func (c *Conn) sendAlert(a alert) {
-	// RFC 8446, Section 6: level fatal(2). The record version is TLS 1.2's,
-	// as before the version is negotiated.
-	c.conn.Write([]byte{recordTypeAlert, 3, 3, 0, 2, 2, byte(a)})
-}
-
-// readHandshakeMessage reads records from r until one whole handshake
-// message has been read, and appends to dst a record header's room
-// followed by the message. It reads exactly the records that hold the
-// message. It returns the version of the first record and the number of
-// records read.
-func readHandshakeMessage(r io.Reader, dst []byte, hdr *[recordHeaderLen]byte, maxSize int) (out []byte, vers uint16, records int, err error) {
-	start := len(dst)
-	out = append(dst, make([]byte, recordHeaderLen)...)
-	for {
-		if _, err := io.ReadFull(r, hdr[:]); err != nil {
-			if records > 0 && err == io.EOF {
-				err = io.ErrUnexpectedEOF
-			}
-			return nil, 0, records, fmt.Errorf("ech: reading ClientHello: %w", err)
-		}
-		typ, rv, n := hdr[0], uint16(hdr[1])<<8|uint16(hdr[2]), int(hdr[3])<<8|int(hdr[4])
-		switch {
-		case hdr[1] != 3 || typ != recordTypeHandshake && records == 0:
-			return nil, 0, records, fmt.Errorf("%w: record type %d, version 0x%04x", ErrNotTLS, typ, rv)
-		case typ != recordTypeHandshake:
-			// RFC 8446, Section 5.1: handshake messages are not interleaved.
-			return nil, 0, records, fmt.Errorf("%w: record type %d inside the ClientHello", ErrUnexpectedMessage, typ)
-		case n > maxPlaintext:
-			return nil, 0, records, fmt.Errorf("%w: handshake record of %d bytes", ErrRecordOverflow, n)
-		case n == 0:
-			// RFC 8446, Section 5.1: no zero-length handshake fragments.
-			return nil, 0, records, fmt.Errorf("%w: empty handshake record", ErrDecodeError)
-		}
-		if records == 0 {
-			vers = rv
-		}
-		records++
-		out = slices.Grow(out, n)
-		if _, err := io.ReadFull(r, out[len(out):len(out)+n]); err != nil {
-			return nil, 0, records, fmt.Errorf("ech: reading ClientHello: %w", noEOF(err))
-		}
-		out = out[:len(out)+n]
-		got := len(out) - start - recordHeaderLen
-		if got < handshakeHeaderLen {
-			continue
-		}
-		msg := out[start+recordHeaderLen:]
-		if msg[0] != typeClientHello {
-			return nil, 0, records, fmt.Errorf("%w: handshake message type %d", ErrNotTLS, msg[0])
-		}
-		msgLen := int(msg[1])<<16 | int(msg[2])<<8 | int(msg[3])
-		if msgLen > maxSize {
-			return nil, 0, records, fmt.Errorf("%w: %d bytes, limit %d", ErrHelloTooLarge, msgLen, maxSize)
-		}
-		switch {
-		case got == handshakeHeaderLen+msgLen:
-			return out, vers, records, nil
-		case got > handshakeHeaderLen+msgLen:
-			return nil, 0, records, fmt.Errorf("%w: data after the ClientHello in its record", ErrDecodeError)
-		}
-	}
-}
-
-func noEOF(err error) error {
-	if err == io.EOF {
-		return io.ErrUnexpectedEOF
-	}
-	return err
-}
-
 // readHello reads and processes the first ClientHello.
-func (c *Conn) readHello(ctx context.Context, o *options) error {
-	bp := getBuf()
-	var hdr [recordHeaderLen]byte
-	buf, vers, records, err := readHandshakeMessage(c.conn, *bp, &hdr, o.maxHelloSize)
+func (c *Conn) readHello(ctx context.Context, o *options, deadline time.Time) error {
+	msg, err := readClientHello(&c.hr)
 	if err != nil {
-		putBuf(bp)
 		return err
 	}
-	*bp = buf
-	msg := buf[recordHeaderLen:]
 	sc := scratchPool.Get().(*scratch)
 	defer sc.release()
-
+	body := msg[handshakeHeaderLen:]
 	outer := &sc.outer
-	if err := parseClientHello(outer, msg[handshakeHeaderLen:]); err != nil {
-		putBuf(bp)
+	if err := parseClientHello(outer, body); err != nil {
 		return err
 	}
-	c.outerName = outer.serverName
-	c.serverName = outer.serverName
-	replayOuter := func() error {
-		alpn, err := outer.alpn()
+	c.outerName, c.serverName = outer.serverName, outer.serverName
+	c.status = StatusNotOffered
+	if outer.hasECH {
+		accepted, err := c.acceptECH(o, body, sc, deadline)
 		if err != nil {
-			putBuf(bp)
 			return err
 		}
-		c.alpn = alpn
-		if records == 1 {
-			// The hello came in one record: replay the bytes as received.
-			buf[0], buf[1], buf[2] = recordTypeHandshake, byte(vers>>8), byte(vers)
-			buf[3], buf[4] = byte(len(msg)>>8), byte(len(msg))
-			c.replay, c.pooled = buf, bp
+		if accepted {
+			c.log(ctx, o.logger)
 			return nil
 		}
-		c.replay = appendRecords(nil, vers, msg)
-		putBuf(bp)
-		return nil
+		c.status = StatusRejected
 	}
-	if !outer.hasECH {
-		c.status = StatusNotOffered
-		c.log(ctx, o.logger)
-		return replayOuter()
-	}
-	typ, ech, err := parseECHExtension(outer.ech)
-	if err != nil {
-		putBuf(bp)
+	if c.alpn, err = outer.alpn(); err != nil {
 		return err
 	}
+	c.replay.message(msg, c.hr.vers, c.hr.take())
+	c.log(ctx, o.logger)
+	return nil
+}
+
+// readClientHello reads the records of the first ClientHello.
+func readClientHello(hr *handshakeReader) ([]byte, error) {
+	for {
+		msg, _, err := hr.next()
+		switch {
+		case err != nil:
+			if _, ok := alertFor(err); !ok {
+				err = fmt.Errorf("ech: reading ClientHello: %w", err)
+			}
+			return nil, err
+		case msg != nil:
+			return msg, nil
+		}
+	}
+}
+
+// acceptECH tries the candidate keys on the outer hello's ECH extension. It
+// reports whether one decrypted it, and then sets the Conn to replay the
+// ClientHelloInner and to watch for a second ClientHello.
+func (c *Conn) acceptECH(o *options, body []byte, sc *scratch, deadline time.Time) (bool, error) {
+	outer := &sc.outer
+	typ, ech, err := parseECHExtension(outer.ech)
+	if err != nil {
+		return false, err
+	}
 	if typ == echTypeInner {
-		putBuf(bp)
 		// RFC 9849, Section 7: a client-facing server aborts on an inner extension.
-		return fmt.Errorf("%w: client sent an inner encrypted_client_hello to the client-facing server", ErrIllegalParameter)
+		return false, fmt.Errorf("%w: client sent an inner encrypted_client_hello to the client-facing server", ErrIllegalParameter)
 	}
 	c.presented, c.configID = true, ech.configID
-
-	cands := sc.cands[:0]
-	if o.keySet != nil {
-		cands = o.keySet.table().candidates(cands, ech.configID, ech.suite)
+	cands, err := o.candidates(sc.cands[:0], ech.configID, ech.suite)
+	if err != nil || len(cands) == 0 {
+		return false, err
 	}
-	if len(o.keys) > 0 && len(cands) < MaxKeysPerHello {
-		parsed, err := parseKeys(o.keys)
-		if err != nil {
-			putBuf(bp)
-			return err
+	sc.aad = outerAAD(sc.aad, body, outer, len(ech.payload))
+	ib := getBuf()
+	defer func() {
+		if ib != nil {
+			putBuf(ib)
 		}
-		cands = newKeyTable(parsed).candidates(cands, ech.configID, ech.suite)
-	}
-	if len(cands) > 0 {
-		sc.aad = outerAAD(sc.aad, msg[handshakeHeaderLen:], outer, len(ech.payload))
-	}
+	}()
 	for _, pk := range cands {
 		r, err := pk.recipient(ech.suite, ech.enc)
 		if err != nil {
 			continue // try the next key
 		}
-		encoded, err := r.open(sc.pt[:0], sc.aad, ech.payload)
-		if err != nil {
+		inner, alpn, err := openInner((*ib)[:0], r, sc.aad, ech.payload, outer, sc)
+		if err == errNotDecrypted {
 			continue // try the next key
 		}
-		sc.pt = encoded[:0] // keep the capacity for the next hello
-		// RFC 9849, Section 7.1: optionally, the outer SNI is the public_name.
-		if o.checkPublicName && !strings.EqualFold(strings.TrimSuffix(outer.serverName, "."), pk.config.PublicName) {
-			putBuf(bp)
-			return fmt.Errorf("%w: outer server_name is not the public_name of config_id %d", ErrIllegalParameter, ech.configID)
-		}
-		ib := getBuf()
-		ibuf := append((*ib)[:0], make([]byte, recordHeaderLen)...)
-		ibuf, err = appendInnerHello(ibuf, outer, encoded, &sc.enc, &sc.inner)
-		putBuf(bp)
 		if err != nil {
-			putBuf(ib)
-			return err
+			return false, err
 		}
-		alpn, err := sc.inner.alpn()
-		if err != nil {
-			putBuf(ib)
-			return err
+		w := &secondHello{recipient: r, suite: ech.suite, configID: ech.configID, deadline: deadline}
+		if o.checkPublicName {
+			w.publicName = pk.config.PublicName
+			if err := checkPublicName(outer, w.publicName, ech.configID); err != nil {
+				return false, err
+			}
 		}
 		c.status, c.serverName, c.alpn = StatusAccepted, sc.inner.serverName, alpn
-		innerMsg := ibuf[recordHeaderLen:]
-		if len(innerMsg) <= maxPlaintext {
-			ibuf[0], ibuf[1], ibuf[2] = recordTypeHandshake, byte(vers>>8), byte(vers)
-			ibuf[3], ibuf[4] = byte(len(innerMsg)>>8), byte(len(innerMsg))
-			*ib = ibuf
-			c.replay, c.pooled = ibuf, ib
-		} else {
-			c.replay = appendRecords(nil, vers, innerMsg)
-			putBuf(ib)
-		}
-		c.watch = &secondHello{recipient: r, suite: ech.suite, configID: ech.configID, maxSize: o.maxHelloSize}
-		c.wwatch = new(serverFlight)
-		c.log(ctx, o.logger)
-		return nil
+		*ib = inner
+		c.replay.message(inner, c.hr.vers, ib)
+		ib = nil
+		c.hr.release()
+		c.watch, c.wwatch = w, new(serverFlight)
+		return true, nil
 	}
-	c.status = StatusRejected
-	c.log(ctx, o.logger)
-	return replayOuter()
+	return false, nil
+}
+
+// checkPublicName applies WithPublicNameCheck: the outer server_name must
+// be the public_name of the config the client named.
+func checkPublicName(outer *clientHello, publicName string, configID uint8) error {
+	// RFC 9849, Section 7.1: optionally, the outer SNI is the public_name.
+	if !strings.EqualFold(strings.TrimSuffix(outer.serverName, "."), publicName) {
+		return fmt.Errorf("%w: outer server_name is not the public_name of config_id %d", ErrIllegalParameter, configID)
+	}
+	return nil
+}
+
+// errNotDecrypted reports an ECH payload that does not open with the key:
+// no error on the first hello (the next key is tried), a decrypt_error on
+// the second.
+var errNotDecrypted = errors.New("ech: payload does not decrypt")
+
+// openInner opens the ECH payload of the outer hello with r, aad being the
+// ClientHelloOuterAAD, and appends to dst the ClientHelloInner it encodes,
+// rebuilt and checked (RFC 9849, Sections 5.1 and 7.1), as a handshake
+// message; it returns the extended buffer and the inner hello's ALPN
+// protocols. The buffer grows at most once. It works in sc (enc, inner,
+// pt) and changes nothing else; the rebuilt hello stays parsed in
+// sc.inner. A payload that does not open is errNotDecrypted.
+func openInner(dst []byte, r *hpkeRecipient, aad, payload []byte, outer *clientHello, sc *scratch) ([]byte, []string, error) {
+	encoded, err := r.open(sc.pt[:0], aad, payload)
+	if err != nil {
+		return nil, nil, errNotDecrypted
+	}
+	sc.pt = encoded[:0] // keep the capacity for the next hello
+	// The inner hello is at most the encoded one with the outer session ID
+	// and the outer extensions it references, which exclude the payload.
+	dst = slices.Grow(dst, handshakeHeaderLen+len(encoded)+len(outer.sessionID)+len(aad)-len(payload))
+	out, err := appendInnerHello(dst, outer, encoded, &sc.enc, &sc.inner)
+	if err != nil {
+		return nil, nil, err
+	}
+	alpn, err := sc.inner.alpn()
+	if err != nil {
+		return nil, nil, err
+	}
+	return out, alpn, nil
 }
 
 func (c *Conn) log(ctx context.Context, logger *slog.Logger) {
@@ -492,30 +423,32 @@ func (c *Conn) log(ctx context.Context, logger *slog.Logger) {
 
 // Read reads from the connection: first the ClientHello to pass on, then
 // the client's bytes. After the handshake messages it is a direct read of
-// the wrapped connection.
+// the wrapped connection. An error while the Conn watches for a second
+// ClientHello (a bad hello, for which the client got an alert, or a failed
+// read) ends the handshake: Read returns it from then on.
 func (c *Conn) Read(p []byte) (int, error) {
 	if c.rdone.Load() {
 		return c.conn.Read(p)
 	}
 	c.rmu.Lock()
 	defer c.rmu.Unlock()
-	for c.replay == nil {
-		if c.watch == nil {
+	for c.replay.empty() {
+		switch {
+		case c.rerr != nil:
+			return 0, c.rerr
+		case c.watch == nil:
 			c.rdone.Store(true)
 			return c.conn.Read(p)
 		}
 		if err := c.readWatching(); err != nil {
+			c.rerr = err
+			c.endWatch()
 			return 0, err
 		}
 	}
-	n := copy(p, c.replay)
-	c.replay = c.replay[n:]
-	if len(c.replay) == 0 {
-		c.replay = nil
-		if c.pooled != nil {
-			putBuf(c.pooled)
-			c.pooled = nil
-		}
+	n := c.replay.read(p)
+	if c.replay.empty() {
+		c.replay.release()
 	}
 	return n, nil
 }
@@ -524,121 +457,132 @@ func (c *Conn) Read(p []byte) (int, error) {
 // a second ClientHello may come. It passes records other than handshake
 // records through unchanged (change_cipher_spec, early data), decrypts a
 // second ClientHello, and stops watching once the server has answered with
-// a ServerHello.
+// a ServerHello. Its reads are bounded by NewConn's deadline.
 //
 // NOTE: an error in the middle of a record (a read deadline, say) loses the
-// part already read; the handshake cannot go on after it anyway, as neither
-// crypto/tls nor a proxy resumes a handshake after a failed read.
+// part already read, and ends the handshake: neither crypto/tls nor a proxy
+// resumes a handshake after a failed read.
 func (c *Conn) readWatching() error {
 	w := c.watch
-	if c.rstate.Load() == serverDone && len(w.msg) == 0 {
-		c.watch = nil // the server accepted the first hello: no second one
+	if c.rstate.Load() == serverDone && !c.hr.inMessage() {
+		c.endWatch() // the server accepted the first hello: no second one
 		return nil
 	}
-	if _, err := io.ReadFull(c.conn, w.hdr[:]); err != nil {
-		if len(w.msg) > 0 {
-			err = noEOF(err) // the stream ended inside the second ClientHello
-		}
-		return err
-	}
-	typ, n := w.hdr[0], int(w.hdr[3])<<8|int(w.hdr[4])
-	if typ != recordTypeHandshake {
-		if len(w.msg) > 0 {
-			// RFC 8446, Section 5.1: handshake messages are not interleaved.
-			return c.fail(fmt.Errorf("%w: record type %d inside the second ClientHello", ErrUnexpectedMessage, typ))
-		}
-		// RFC 8446, Section 5.2: protected records carry at most 2^14+256 bytes.
-		if n > maxPlaintext+256 {
-			return c.fail(fmt.Errorf("%w: record of %d bytes", ErrRecordOverflow, n))
-		}
-		// The previous record has been read out of replay: reuse its buffer.
-		w.rec = append(append(w.rec[:0], w.hdr[:]...), make([]byte, n)...)
-		if _, err := io.ReadFull(c.conn, w.rec[recordHeaderLen:]); err != nil {
-			return noEOF(err)
-		}
-		c.replay = w.rec
-		return nil
-	}
-	if n > maxPlaintext {
-		return c.fail(fmt.Errorf("%w: handshake record of %d bytes", ErrRecordOverflow, n))
-	}
-	if n == 0 {
-		return c.fail(fmt.Errorf("%w: empty handshake record", ErrDecodeError))
-	}
-	if len(w.msg) == 0 {
-		w.recVers = uint16(w.hdr[1])<<8 | uint16(w.hdr[2]) // replay with the client's framing
-	}
-	if len(w.msg)+n > handshakeHeaderLen+w.maxSize {
-		return c.fail(fmt.Errorf("%w: second ClientHello over %d bytes", ErrHelloTooLarge, w.maxSize))
-	}
-	w.msg = slices.Grow(w.msg, n)
-	if _, err := io.ReadFull(c.conn, w.msg[len(w.msg):len(w.msg)+n]); err != nil {
-		return noEOF(err)
-	}
-	w.msg = w.msg[:len(w.msg)+n]
-	if len(w.msg) < handshakeHeaderLen {
-		return nil
-	}
-	msgLen := int(w.msg[1])<<16 | int(w.msg[2])<<8 | int(w.msg[3])
+	c.boundRead(w.deadline)
+	msg, rec, err := c.hr.next()
 	switch {
-	case msgLen > w.maxSize:
-		return c.fail(fmt.Errorf("%w: second ClientHello of %d bytes", ErrHelloTooLarge, msgLen))
-	case len(w.msg) < handshakeHeaderLen+msgLen:
-		return nil // more records to come
-	case len(w.msg) > handshakeHeaderLen+msgLen:
-		return c.fail(fmt.Errorf("%w: data after the second ClientHello in its record", ErrDecodeError))
-	}
-	if w.msg[0] != typeClientHello {
+	case err == io.EOF:
+		return err
+	case err != nil:
+		if _, ok := alertFor(err); !ok {
+			return fmt.Errorf("ech: reading the client's records after its ClientHello: %w", err)
+		}
+		return sendAlert(c.conn, err)
+	case rec != nil:
+		c.replay.record(rec)
+	case msg == nil: // the message goes on in the next record
+	case msg[0] != typeClientHello:
 		// Not ours to judge: pass it on and stop watching.
-		c.replay, c.watch = appendRecords(nil, w.recVers, w.msg), nil
-		return nil
+		c.replay.message(msg, c.hr.vers, c.hr.take())
+		c.endWatch()
+	default:
+		if err := c.openSecondHello(msg); err != nil {
+			return sendAlert(c.conn, err)
+		}
+		c.endWatch()
 	}
-	inner, err := c.decryptSecondHello(w)
-	if err != nil {
-		return c.fail(err)
-	}
-	c.replay, c.watch = appendRecords(nil, w.recVers, inner), nil
 	return nil
 }
 
-// decryptSecondHello applies RFC 9849, Section 7.1.1 to the second
-// ClientHello and returns its ClientHelloInner.
-func (c *Conn) decryptSecondHello(w *secondHello) ([]byte, error) {
+// openSecondHello applies RFC 9849, Section 7.1.1 to the second ClientHello
+// and sets the Conn to replay its ClientHelloInner.
+func (c *Conn) openSecondHello(msg []byte) error {
+	w := c.watch
 	sc := scratchPool.Get().(*scratch)
 	defer sc.release()
-	body := w.msg[handshakeHeaderLen:]
+	body := msg[handshakeHeaderLen:]
 	ch := &sc.outer
 	if err := parseClientHello(ch, body); err != nil {
-		return nil, err
+		return err
 	}
 	if !ch.hasECH {
-		return nil, fmt.Errorf("%w: second ClientHello lacks encrypted_client_hello", ErrMissingExtension)
+		return fmt.Errorf("%w: second ClientHello lacks encrypted_client_hello", ErrMissingExtension)
 	}
 	typ, ech, err := parseECHExtension(ch.ech)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	if typ != echTypeOuter {
-		return nil, fmt.Errorf("%w: second ClientHello has an inner encrypted_client_hello", ErrIllegalParameter)
+		return fmt.Errorf("%w: second ClientHello has an inner encrypted_client_hello", ErrIllegalParameter)
 	}
 	if ech.suite != w.suite || ech.configID != w.configID || len(ech.enc) != 0 {
-		return nil, fmt.Errorf("%w: second ClientHello changes cipher_suite or config_id, or has enc", ErrIllegalParameter)
+		return fmt.Errorf("%w: second ClientHello changes cipher_suite or config_id, or has enc", ErrIllegalParameter)
+	}
+	if w.publicName != "" {
+		if err := checkPublicName(ch, w.publicName, ech.configID); err != nil {
+			return err
+		}
 	}
 	sc.aad = outerAAD(sc.aad, body, ch, len(ech.payload))
-	encoded, err := w.recipient.open(sc.pt[:0], sc.aad, ech.payload)
-	if err != nil {
-		return nil, fmt.Errorf("%w: second ClientHello", ErrDecryptError)
+	ib := getBuf()
+	defer func() {
+		if ib != nil {
+			putBuf(ib)
+		}
+	}()
+	inner, alpn, err := openInner((*ib)[:0], w.recipient, sc.aad, ech.payload, ch, sc)
+	if err == errNotDecrypted {
+		return fmt.Errorf("%w: second ClientHello", ErrDecryptError)
 	}
-	return appendInnerHello(nil, ch, encoded, &sc.enc, &sc.inner)
+	if err != nil {
+		return err
+	}
+	// RFC 8446, Section 4.1.2 lists what the second hello may change; the
+	// route was chosen by the first one's server_name and ALPN.
+	if sc.inner.serverName != c.serverName || !slices.Equal(alpn, c.alpn) {
+		return fmt.Errorf("%w: second ClientHelloInner changes server_name or ALPN", ErrIllegalParameter)
+	}
+	*ib = inner
+	c.replay.message(inner, c.hr.vers, ib)
+	ib = nil
+	return nil
 }
 
-// fail sends the alert for err and returns it.
-func (c *Conn) fail(err error) error {
-	if a, ok := alertFor(err); ok {
-		c.sendAlert(a)
-	}
+// endWatch ends the watching state: no second ClientHello is expected.
+func (c *Conn) endWatch() {
 	c.watch = nil
-	return err
+	c.hr.release()
+	c.unboundRead()
+}
+
+// boundRead bounds the wrapped conn's read deadline by d, NewConn's
+// deadline, while the server has not answered with a ServerHello.
+func (c *Conn) boundRead(d time.Time) {
+	c.dmu.Lock()
+	defer c.dmu.Unlock()
+	if c.bound.IsZero() && !d.IsZero() && c.rstate.Load() != serverDone {
+		c.bound = d
+		c.conn.SetReadDeadline(c.readDeadline())
+	}
+}
+
+// unboundRead restores the read deadline set through the Conn.
+func (c *Conn) unboundRead() {
+	c.dmu.Lock()
+	defer c.dmu.Unlock()
+	if !c.bound.IsZero() {
+		c.bound = time.Time{}
+		c.conn.SetReadDeadline(c.userRead)
+	}
+}
+
+// readDeadline returns the read deadline for the wrapped conn. c.dmu is
+// held.
+func (c *Conn) readDeadline() time.Time {
+	if c.bound.IsZero() || !c.userRead.IsZero() && c.userRead.Before(c.bound) {
+		return c.userRead
+	}
+	return c.bound
 }
 
 // Write writes to the client. Until the server's first handshake message
@@ -667,7 +611,7 @@ func (c *Conn) observe(p []byte) {
 	if len(h) >= 1 && h[0] != recordTypeHandshake ||
 		len(h) >= recordHeaderLen+1 && h[recordHeaderLen] != typeServerHello {
 		c.wwatch = nil
-		c.rstate.Store(serverDone)
+		c.serverDone()
 		return
 	}
 	if len(h) < serverHelloPrefix {
@@ -677,8 +621,16 @@ func (c *Conn) observe(p []byte) {
 	if [32]byte(h[serverHelloPrefix-32:]) == hrrRandom {
 		c.rstate.Store(serverHRR)
 	} else {
-		c.rstate.Store(serverDone)
+		c.serverDone()
 	}
+}
+
+// serverDone notes that the server answered with a ServerHello (or
+// anything but a HelloRetryRequest): no second ClientHello will come, and
+// the client's reads are no longer bounded by NewConn's deadline.
+func (c *Conn) serverDone() {
+	c.rstate.Store(serverDone)
+	c.unboundRead()
 }
 
 // WriteTo copies the client's bytes to w until EOF or an error: first
@@ -753,10 +705,30 @@ func (c *Conn) LocalAddr() net.Addr { return c.conn.LocalAddr() }
 func (c *Conn) RemoteAddr() net.Addr { return c.conn.RemoteAddr() }
 
 // SetDeadline sets the read and write deadlines of the wrapped connection.
-func (c *Conn) SetDeadline(t time.Time) error { return c.conn.SetDeadline(t) }
+// While the Conn waits for a second ClientHello, reads also end at
+// NewConn's deadline, if that is earlier.
+func (c *Conn) SetDeadline(t time.Time) error {
+	if c.rdone.Load() {
+		return c.conn.SetDeadline(t)
+	}
+	if err := c.conn.SetWriteDeadline(t); err != nil {
+		return err
+	}
+	return c.SetReadDeadline(t)
+}
 
-// SetReadDeadline sets the read deadline of the wrapped connection.
-func (c *Conn) SetReadDeadline(t time.Time) error { return c.conn.SetReadDeadline(t) }
+// SetReadDeadline sets the read deadline of the wrapped connection. While
+// the Conn waits for a second ClientHello, reads also end at NewConn's
+// deadline, if that is earlier.
+func (c *Conn) SetReadDeadline(t time.Time) error {
+	if c.rdone.Load() {
+		return c.conn.SetReadDeadline(t)
+	}
+	c.dmu.Lock()
+	defer c.dmu.Unlock()
+	c.userRead = t
+	return c.conn.SetReadDeadline(c.readDeadline())
+}
 
 // SetWriteDeadline sets the write deadline of the wrapped connection.
 func (c *Conn) SetWriteDeadline(t time.Time) error { return c.conn.SetWriteDeadline(t) }
@@ -769,11 +741,13 @@ func (c *Conn) NetConn() net.Conn { return c.conn }
 func (c *Conn) Status() Status { return c.status }
 
 // ECHAccepted reports whether the client's ECH was decrypted, so that the
-// Conn replays the ClientHelloInner.
+// Conn replays the ClientHelloInner: Status() == StatusAccepted. It and
+// [Conn.ECHPresented] are the names users of c2FmZQ/ech know; Status says
+// both at once.
 func (c *Conn) ECHAccepted() bool { return c.status == StatusAccepted }
 
 // ECHPresented reports whether the client sent an outer ECH extension, real
-// or GREASE.
+// or GREASE: Status() != StatusNotOffered.
 func (c *Conn) ECHPresented() bool { return c.presented }
 
 // ConfigID returns the config_id the client named, and whether it sent an

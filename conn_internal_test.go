@@ -66,8 +66,9 @@ func TestNothingKeptAfterHandshake(t *testing.T) {
 			require.NoError(t, <-done)
 			assert.Equal(t, hrr, tc.ConnectionState().HelloRetryRequest)
 
-			assert.Nil(t, c.replay, "replay buffer released")
-			assert.Nil(t, c.pooled, "pooled buffer returned")
+			assert.True(t, c.replay.empty(), "replay drained")
+			assert.Nil(t, c.replay.buf, "replay buffer returned")
+			assert.True(t, c.bound.IsZero(), "read deadline restored")
 			assert.Nil(t, c.watch, "no second-hello state")
 			assert.Nil(t, c.wwatch, "no server-flight state")
 			assert.Equal(t, "secret.example", c.ServerName())

@@ -8,6 +8,8 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -71,7 +73,7 @@ func TestAcceptedEveryKEMAndSuite(t *testing.T) {
 		for _, cs := range suites {
 			t.Run(kem.String()+"/"+cs.String(), func(t *testing.T) {
 				t.Parallel()
-				k, err := ech.GenerateKey(publicName, &ech.KeyOptions{KEM: kem, CipherSuites: []ech.CipherSuite{cs}, SendAsRetry: true})
+				k, err := ech.GenerateKey(publicName, &ech.KeyOptions{KEM: kem, CipherSuites: []ech.CipherSuite{cs}})
 				require.NoError(t, err)
 				ks, err := ech.NewKeySet(k)
 				require.NoError(t, err)
@@ -213,9 +215,13 @@ func TestMalformedHellos(t *testing.T) {
 			m[1], m[2], m[3] = 0, 0, 56
 			return records(m, 1<<14)
 		}, nil, alertDecodeError, ech.ErrDecodeError},
+		// RFC 8446, Section 5.1: a ClientHello ends at a record boundary.
 		{"data after ClientHello in its record", func(testing.TB) []byte {
 			return records(append(baseOuter().message(), 0), 1<<14)
-		}, nil, alertDecodeError, ech.ErrDecodeError},
+		}, nil, alertUnexpectedMessage, ech.ErrUnexpectedMessage},
+		{"handshake message after ClientHello in its record", func(testing.TB) []byte {
+			return records(append(baseOuter().message(), 0x14, 0, 0, 0x20), 1<<14)
+		}, nil, alertUnexpectedMessage, ech.ErrUnexpectedMessage},
 		{"hello over the size limit", func(testing.TB) []byte { return records(baseOuter().message(), 1<<14) },
 			[]ech.Option{ech.WithMaxHelloSize(100)}, alertDecodeError, ech.ErrHelloTooLarge},
 		{"duplicate outer extension", func(testing.TB) []byte {
@@ -274,6 +280,12 @@ func TestMalformedHellos(t *testing.T) {
 		{"outer extension references encrypted_client_hello", func(t testing.TB) []byte {
 			return sealedEnc(t, nil, func(h *hello) { h.set(tOuterExts, outerExtsExt(tGroups, tECH)) })
 		}, nil, alertIllegalParameter, ech.ErrIllegalParameter},
+		// RFC 9849, Section 5.1: ech_outer_extensions appears in neither
+		// hello, so an outer one cannot be copied into the inner.
+		{"outer extension references ech_outer_extensions", func(t testing.TB) []byte {
+			return sealedEnc(t, func(h *hello) { h.set(tOuterExts, outerExtsExt(tGroups)) },
+				func(h *hello) { h.set(tOuterExts, outerExtsExt(tGroups, tSigAlgs, tVersions, tKeyShare, tOuterExts)) })
+		}, nil, alertIllegalParameter, ech.ErrIllegalParameter},
 		{"ech_outer_extensions twice", func(t testing.TB) []byte {
 			return sealedEnc(t, nil, func(h *hello) { h.exts = append(h.exts, ext{tOuterExts, outerExtsExt(tKeyShare)}) })
 		}, nil, alertIllegalParameter, ech.ErrIllegalParameter},
@@ -312,6 +324,9 @@ func TestMalformedHellos(t *testing.T) {
 			require.ErrorIs(t, err, tc.err)
 			assert.Nil(t, c)
 			assert.True(t, strings.HasPrefix(err.Error(), "ech: "), "error %q starts with ech:", err)
+			var ae tls.AlertError
+			require.ErrorAs(t, err, &ae, "the alert sent, as crypto/tls reports it")
+			assert.Equal(t, tls.AlertError(tc.alert), ae)
 			server.Close()
 			assert.Equal(t, alertRecord(tc.alert), readAll(t, client))
 		})
@@ -379,34 +394,74 @@ func TestSecondHelloRules(t *testing.T) {
 		second func(s *sealer) []byte // the second ClientHello message
 		alert  byte
 		err    error
+		// inOneRecord: the case is about the record the hello ends in, so
+		// it is not run with the hello cut into records of one byte.
+		inOneRecord bool
 	}{
-		{"accepted", func(s *sealer) []byte { return s.seal(baseOuter(), baseInner(), nil, 7) }, 0, nil},
-		{"no ECH", func(s *sealer) []byte { return baseOuter().message() }, alertMissingExtension, ech.ErrMissingExtension},
-		{"config_id changed", func(s *sealer) []byte { return s.seal(baseOuter(), baseInner(), nil, 8) }, alertIllegalParameter, ech.ErrIllegalParameter},
-		{"enc not empty", func(s *sealer) []byte { return s.seal(baseOuter(), baseInner(), s.enc, 7) }, alertIllegalParameter, ech.ErrIllegalParameter},
+		{"accepted", func(s *sealer) []byte { return s.seal(baseOuter(), baseInner(), nil, 7) }, 0, nil, false},
+		{"no ECH", func(s *sealer) []byte { return baseOuter().message() }, alertMissingExtension, ech.ErrMissingExtension, false},
+		{"config_id changed", func(s *sealer) []byte { return s.seal(baseOuter(), baseInner(), nil, 8) }, alertIllegalParameter, ech.ErrIllegalParameter, false},
+		{"enc not empty", func(s *sealer) []byte { return s.seal(baseOuter(), baseInner(), s.enc, 7) }, alertIllegalParameter, ech.ErrIllegalParameter, false},
 		{"cipher suite changed", func(s *sealer) []byte {
 			h := baseOuter()
 			h.set(tECH, echOuterExt(1, 2, 7, nil, make([]byte, 64)))
 			return h.message()
-		}, alertIllegalParameter, ech.ErrIllegalParameter},
+		}, alertIllegalParameter, ech.ErrIllegalParameter, false},
 		{"ECH of type inner", func(s *sealer) []byte {
 			h := baseOuter()
 			h.set(tECH, []byte{1})
 			return h.message()
-		}, alertIllegalParameter, ech.ErrIllegalParameter},
+		}, alertIllegalParameter, ech.ErrIllegalParameter, false},
 		{"does not decrypt", func(s *sealer) []byte {
 			h := baseOuter()
 			h.set(tECH, echOuterExt(1, 1, 7, nil, make([]byte, 64)))
 			return h.message()
-		}, alertDecryptError, ech.ErrDecryptError},
+		}, alertDecryptError, ech.ErrDecryptError, false},
 		{"bad outer extension reference", func(s *sealer) []byte {
 			inner := baseInner()
 			inner.set(tOuterExts, outerExtsExt(tSigAlgs, tGroups))
 			return s.seal(baseOuter(), inner, nil, 7)
-		}, alertIllegalParameter, ech.ErrIllegalParameter},
+		}, alertIllegalParameter, ech.ErrIllegalParameter, false},
+		// The second ClientHelloInner gets the checks of the first.
+		{"inner with malformed ALPN", func(s *sealer) []byte {
+			inner := baseInner()
+			inner.set(tALPN, []byte{0, 3, 0, 1, 'x'})
+			return s.seal(baseOuter(), inner, nil, 7)
+		}, alertDecodeError, ech.ErrDecodeError, false},
+		{"inner offers TLS 1.2", func(s *sealer) []byte {
+			inner := baseInner()
+			inner.set(tOuterExts, outerExtsExt(tGroups, tSigAlgs, tKeyShare))
+			inner.set(tVersions, versionsExt(0x0304, 0x0303))
+			return s.seal(baseOuter(), inner, nil, 7)
+		}, alertIllegalParameter, ech.ErrIllegalParameter, false},
+		// The route was chosen by the first hello's name and ALPN
+		// (RFC 8446, Section 4.1.2 lists what may change).
+		{"inner server_name changed", func(s *sealer) []byte {
+			inner := baseInner()
+			inner.set(tSNI, sniExt("other.example"))
+			return s.seal(baseOuter(), inner, nil, 7)
+		}, alertIllegalParameter, ech.ErrIllegalParameter, false},
+		{"inner ALPN changed", func(s *sealer) []byte {
+			inner := baseInner()
+			inner.set(tALPN, alpnExt("imap", "smtp"))
+			return s.seal(baseOuter(), inner, nil, 7)
+		}, alertIllegalParameter, ech.ErrIllegalParameter, false},
+		{"inner ALPN dropped", func(s *sealer) []byte {
+			inner := baseInner()
+			inner.remove(tALPN)
+			return s.seal(baseOuter(), inner, nil, 7)
+		}, alertIllegalParameter, ech.ErrIllegalParameter, false},
+		// RFC 8446, Section 5.1: the second ClientHello also ends at a
+		// record boundary.
+		{"handshake message after it in its record", func(s *sealer) []byte {
+			return append(s.seal(baseOuter(), baseInner(), nil, 7), 0x14, 0, 0, 0x20)
+		}, alertUnexpectedMessage, ech.ErrUnexpectedMessage, true},
 	}
 	for _, tc := range tests {
 		for _, frag := range []int{1 << 14, 1} {
+			if tc.inOneRecord && frag == 1 {
+				continue
+			}
 			t.Run(fmt.Sprintf("%s/records of %d", tc.name, frag), func(t *testing.T) {
 				t.Parallel()
 				client, server := tcpPair(t)
@@ -434,6 +489,11 @@ func TestSecondHelloRules(t *testing.T) {
 				}
 				_, err = c.Read(make([]byte, 100))
 				require.ErrorIs(t, err, tc.err)
+				var ae tls.AlertError
+				require.ErrorAs(t, err, &ae)
+				assert.Equal(t, tls.AlertError(tc.alert), ae)
+				_, again := c.Read(make([]byte, 100))
+				assert.Equal(t, err, again, "the handshake stays failed")
 				server.Close()
 				got := readAll(t, client)
 				require.Equal(t, hrrRecord(), got[:len(hrrRecord())])
@@ -441,6 +501,72 @@ func TestSecondHelloRules(t *testing.T) {
 			})
 		}
 	}
+}
+
+// TestSecondHelloTimeout checks that the wait for a second ClientHello
+// after a HelloRetryRequest is bounded by NewConn's deadline (here
+// WithHandshakeTimeout), and that the bound is lifted once the hello is
+// through.
+func TestSecondHelloTimeout(t *testing.T) {
+	t.Parallel()
+	key, err := ech.GenerateKey(publicName, &ech.KeyOptions{ConfigID: 7})
+	require.NoError(t, err)
+	const timeout = 300 * time.Millisecond
+	// hrr runs NewConn on an accepted hello, reads its inner hello and
+	// answers with a HelloRetryRequest.
+	hrr := func(t *testing.T) (client net.Conn, c *ech.Conn, s *sealer) {
+		client, server := tcpPair(t)
+		s = newSealer(t, key)
+		go client.Write(records(s.seal(baseOuter(), baseInner(), s.enc, 7), 1<<14))
+		c, err := ech.NewConn(t.Context(), server, ech.WithKeys(key), ech.WithHandshakeTimeout(timeout))
+		require.NoError(t, err)
+		require.True(t, c.ECHAccepted())
+		readMessage(t, c)
+		_, err = c.Write(hrrRecord())
+		require.NoError(t, err)
+		return client, c, s
+	}
+	t.Run("client never sends it", func(t *testing.T) {
+		t.Parallel()
+		client, c, _ := hrr(t)
+		go client.Write(ccsRecord) // a change_cipher_spec, then nothing
+		errs := make(chan error, 1)
+		go func() {
+			_, err := io.ReadFull(c, make([]byte, len(ccsRecord)))
+			if err == nil {
+				_, err = c.Read(make([]byte, 100))
+			}
+			errs <- err
+		}()
+		select {
+		case err := <-errs:
+			require.ErrorIs(t, err, os.ErrDeadlineExceeded)
+			assert.True(t, strings.HasPrefix(err.Error(), "ech: "), "error %q starts with ech:", err)
+			var ne net.Error
+			require.ErrorAs(t, err, &ne)
+			assert.True(t, ne.Timeout())
+		case <-time.After(testTimeout):
+			t.Fatal("Read waited for the second ClientHello past the handshake timeout")
+		}
+	})
+	t.Run("bound lifted after it", func(t *testing.T) {
+		t.Parallel()
+		client, c, s := hrr(t)
+		go client.Write(records(s.seal(baseOuter(), baseInner(), nil, 7), 1<<14))
+		second := readMessage(t, c)
+		assert.Contains(t, string(second), innerName)
+		time.Sleep(2 * timeout) // past NewConn's deadline
+		go client.Write([]byte("x"))
+		_, err := c.Read(make([]byte, 1))
+		require.NoError(t, err, "the handshake timeout no longer applies")
+	})
+	t.Run("an earlier deadline of the caller wins", func(t *testing.T) {
+		t.Parallel()
+		_, c, _ := hrr(t)
+		require.NoError(t, c.SetReadDeadline(time.Now().Add(-time.Second)))
+		_, err := c.Read(make([]byte, 1))
+		require.ErrorIs(t, err, os.ErrDeadlineExceeded)
+	})
 }
 
 // TestSecondHelloAfterRejection checks that after a first hello that did not
@@ -671,6 +797,37 @@ func TestNewConnBounded(t *testing.T) {
 	})
 }
 
+// TestNoKeys checks that NewConn without keys fails at the call, before it
+// reads anything, rather than refusing every hello's ECH in silence.
+func TestNoKeys(t *testing.T) {
+	t.Parallel()
+	for name, opts := range map[string][]ech.Option{
+		"no key option":   nil,
+		"WithKeys()":      {ech.WithKeys()},
+		"nil WithKeySet":  {ech.WithKeySet(nil)},
+		"only the logger": {ech.WithLogger(slog.New(slog.DiscardHandler))},
+	} {
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			client, server := tcpPair(t)
+			c, err := ech.NewConn(t.Context(), server, opts...)
+			require.ErrorIs(t, err, ech.ErrNoKeys)
+			assert.Nil(t, c)
+			assert.True(t, strings.HasPrefix(err.Error(), "ech: "), "error %q starts with ech:", err)
+			server.Close()
+			assert.Empty(t, readAll(t, client), "no alert: the client was not at fault")
+		})
+	}
+	// An empty KeySet is a key option: keys may be added later.
+	client, server := tcpPair(t)
+	go client.Write(records(baseOuter().message(), 1<<14))
+	ks, err := ech.NewKeySet()
+	require.NoError(t, err)
+	c, err := ech.NewConn(t.Context(), server, ech.WithKeySet(ks))
+	require.NoError(t, err)
+	assert.Equal(t, ech.StatusNotOffered, c.Status())
+}
+
 // TestNoAllocsAfterHandshake checks that once the handshake messages are
 // through (the server's ServerHello written, for an accepted hello), Read
 // and Write are direct calls on the wrapped conn.
@@ -736,6 +893,41 @@ func TestKeysTriedPerHello(t *testing.T) {
 		}
 		assert.Equal(t, want, c.Status(), "key %d", i)
 	}
+}
+
+// TestWithKeysParsesOnlyCandidates checks that WithKeys parses only the
+// keys a hello may decrypt with (config_id and suite match): a broken key
+// that is no candidate costs nothing and is not reported; one that is a
+// candidate is.
+func TestWithKeysParsesOnlyCandidates(t *testing.T) {
+	t.Parallel()
+	good, err := ech.GenerateKey(publicName, &ech.KeyOptions{ConfigID: 7})
+	require.NoError(t, err)
+	// broken returns a key whose private key is another's.
+	broken := func(opts *ech.KeyOptions) ech.Key {
+		k, err := ech.GenerateKey(publicName, opts)
+		require.NoError(t, err)
+		k.PrivateKey = good.PrivateKey
+		return k
+	}
+	otherID := broken(&ech.KeyOptions{ConfigID: 8})
+	otherSuite := broken(&ech.KeyOptions{ConfigID: 7, CipherSuites: []ech.CipherSuite{{KDF: ech.KDFHKDFSHA384, AEAD: ech.AEADChaCha20Poly1305}}})
+	keys := ech.WithKeys(otherID, otherSuite, good)
+
+	client, server := tcpPair(t)
+	s := newSealer(t, good)
+	go client.Write(records(s.seal(baseOuter(), baseInner(), s.enc, 7), 1<<14))
+	c, err := ech.NewConn(t.Context(), server, keys)
+	require.NoError(t, err)
+	assert.Equal(t, ech.StatusAccepted, c.Status())
+
+	// A hello naming config_id 8 makes the broken key a candidate.
+	client, server = tcpPair(t)
+	go client.Write(records(s.seal(baseOuter(), baseInner(), s.enc, 8), 1<<14))
+	_, err = ech.NewConn(t.Context(), server, keys)
+	require.ErrorIs(t, err, ech.ErrInvalidKey)
+	server.Close()
+	assert.Equal(t, alertRecord(80), readAll(t, client), "internal_error")
 }
 
 func TestLogger(t *testing.T) {
@@ -877,7 +1069,7 @@ func TestNoDeadlineLeftBehind(t *testing.T) {
 	client, server := tcpPair(t)
 	go client.Write(records(baseOuter().message(), 1<<14))
 	ctx, cancel := context.WithCancel(t.Context())
-	c, err := ech.NewConn(ctx, &cancelOnClear{Conn: server, cancel: cancel}, ech.WithKeys())
+	c, err := ech.NewConn(ctx, &cancelOnClear{Conn: server, cancel: cancel}, ech.WithKeySet(echtest.NewKeySet(t, publicName)))
 	require.NoError(t, err)
 	readMessage(t, c)
 	go client.Write([]byte("x"))
@@ -946,4 +1138,106 @@ func proxy(c *ech.Conn, addr string) {
 	defer b.Close()
 	go func() { io.Copy(b, c); b.(*net.TCPConn).CloseWrite() }()
 	io.Copy(c, b)
+}
+
+// countingReader signals done once n bytes have been read from the conn.
+type countingReader struct {
+	net.Conn
+	n    int
+	done chan struct{}
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	m, err := c.Conn.Read(p)
+	if c.n -= m; c.n <= 0 && m > 0 {
+		close(c.done)
+	}
+	return m, err
+}
+
+// TestPendingHelloMemory measures the heap NewConn holds per connection
+// while it waits for the rest of a ClientHello: a client that sent only a
+// record header (announcing 2^14 bytes) must cost under 4 KiB, one that sent
+// all of a hello but its last byte under 1.5 times the hello's size, or
+// 4 KiB for a small hello, where the Conn and the context's callback weigh
+// more than the hello. It holds many pending NewConn calls over loopback
+// and reads the heap of the process, less what the same number of
+// goroutines blocked in a plain read of the conn hold. It is not parallel,
+// so no other test allocates meanwhile.
+func TestPendingHelloMemory(t *testing.T) {
+	ks := echtest.NewKeySet(t, publicName)
+	list, err := ks.ConfigList()
+	require.NoError(t, err)
+	small, medium, large := helloOfSize(t, list, 0), helloOfSize(t, list, 16<<10), helloOfSize(t, list, 60<<10)
+	header := []byte{22, 3, 1, 0x40, 0}
+	newConn := func(t *testing.T, c net.Conn) {
+		_, err := ech.NewConn(t.Context(), c, ech.WithKeySet(ks))
+		assert.Error(t, err)
+	}
+	// The harness alone: a goroutine blocked reading the conn under a
+	// deadline, as NewConn does.
+	plainRead := func(t *testing.T, c net.Conn) {
+		c.SetDeadline(time.Now().Add(time.Hour))
+		var b [recordHeaderLen]byte
+		io.ReadFull(c, b[:])
+		c.Read(b[:])
+	}
+	pendingHeap(t, header, plainRead) // the goroutines, made once, then reused
+	base := pendingHeap(t, header, plainRead)
+	tests := []struct {
+		name  string
+		sent  []byte
+		limit float64
+	}{
+		{"record header only", header, 4 << 10},
+		{"Go's hello but its last byte", small[:len(small)-1], max(4<<10, 1.5*float64(len(small)))},
+		{"16 KiB hello but its last byte", medium[:len(medium)-1], 1.5 * float64(len(medium))},
+		{"60 KiB hello but its last byte", large[:len(large)-1], 1.5 * float64(len(large))},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			perConn := pendingHeap(t, tc.sent, newConn) - base
+			t.Logf("sent %d bytes: NewConn holds %.0f B of heap (limit %.0f; the harness %.0f B)",
+				len(tc.sent), perConn, tc.limit, base)
+			assert.Less(t, perConn, tc.limit)
+		})
+	}
+}
+
+const recordHeaderLen = 5
+
+// pendingHeap returns the heap held per connection by pending calls of fn
+// on conns whose client sent the bytes sent.
+func pendingHeap(t *testing.T, sent []byte, fn func(*testing.T, net.Conn)) float64 {
+	const n = 64
+	conns := make([]*countingReader, n)
+	for i := range conns {
+		client, server := tcpPair(t)
+		go client.Write(sent)
+		conns[i] = &countingReader{Conn: server, n: len(sent), done: make(chan struct{})}
+	}
+	// Two collections empty the sync.Pools, so that every buffer held
+	// is counted.
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	var wg sync.WaitGroup
+	for _, c := range conns {
+		wg.Go(func() { fn(t, c) })
+	}
+	for _, c := range conns {
+		select {
+		case <-c.done:
+		case <-time.After(testTimeout):
+			t.Fatal("the client's bytes were not read")
+		}
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	for _, c := range conns {
+		c.Close()
+	}
+	wg.Wait()
+	return float64(int64(after.HeapAlloc)-int64(before.HeapAlloc)) / n
 }

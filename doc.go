@@ -20,7 +20,9 @@
 // ClientHelloInner, and returns a [Conn] whose reads replay it. Route on
 // [Conn.ServerName] and [Conn.ALPNProtos], then either run [crypto/tls.Server]
 // on the Conn (crypto/tls acts as the ECH backend by itself) or copy its bytes
-// to a backend that implements ECH.
+// to a backend that implements ECH. NewConn needs the server's keys,
+// [WithKeySet] (parsed once, rotated in place) or [WithKeys]; without
+// either it returns [ErrNoKeys] at once.
 //
 //	ks, _ := ech.NewKeySet(key)
 //	for {
@@ -37,6 +39,11 @@
 //			}
 //		}()
 //	}
+//
+// [NewListener] does the reading for a whole listener: its Accept returns
+// connections whose hellos were read concurrently, so that a slow client
+// holds up no other, with a cap on the connections pending. Refused
+// connections are closed and reported to [Listener.OnError].
 //
 // A hello whose ECH does not decrypt (GREASE, a stale or unknown key) is not
 // an error: the Conn replays the ClientHelloOuter and [Conn.ServerName] is

@@ -25,8 +25,8 @@ var (
 	// after ECH was accepted (alert decrypt_error).
 	ErrDecryptError = errors.New("ech: decrypt error")
 	// ErrUnexpectedMessage reports a record of another type inside a
-	// fragmented ClientHello (alert unexpected_message, RFC 8446,
-	// Section 5.1).
+	// fragmented ClientHello, or a ClientHello that does not end at a
+	// record boundary (alert unexpected_message, RFC 8446, Section 5.1).
 	ErrUnexpectedMessage = errors.New("ech: unexpected message")
 	// ErrRecordOverflow reports a record longer than 2^14 bytes, or 2^14+256
 	// once protected (alert record_overflow, RFC 8446, Section 5.1).
@@ -57,6 +57,7 @@ var (
 	// ErrMalformedPEM reports an ECH PEM file (RFC 9934) that does not hold
 	// exactly one ECHCONFIG block and at most one PRIVATE KEY block.
 	ErrMalformedPEM = errors.New("ech: malformed ECH PEM file")
-	// ErrNoKeys reports an empty key set where keys are required.
+	// ErrNoKeys reports an empty key set where keys are required, and a
+	// call of [NewConn] with neither [WithKeySet] nor [WithKeys].
 	ErrNoKeys = errors.New("ech: no keys")
 )

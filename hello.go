@@ -10,9 +10,6 @@ import (
 
 // TLS codepoints used by this package.
 const (
-	recordTypeAlert     uint8 = 21
-	recordTypeHandshake uint8 = 22
-
 	typeClientHello uint8 = 1
 	typeServerHello uint8 = 2
 
@@ -26,10 +23,6 @@ const (
 	echTypeInner uint8 = 1
 
 	versionTLS13 uint16 = 0x0304
-
-	recordHeaderLen    = 5
-	handshakeHeaderLen = 4
-	maxPlaintext       = 1 << 14 // RFC 8446, Section 5.1
 )
 
 // extension is one ClientHello extension. data aliases the hello.
@@ -406,8 +399,13 @@ func expandOuterExtensions(out []byte, outer []extension, data []byte) ([]byte, 
 	for !refs.Empty() {
 		var t uint16
 		refs.ReadUint16(&t)
-		if t == extensionECH {
+		switch t {
+		case extensionECH:
 			return nil, fmt.Errorf("%w: ech_outer_extensions references encrypted_client_hello", ErrIllegalParameter)
+		case extensionECHOuterExtensions:
+			// RFC 9849, Section 5.1: ech_outer_extensions is in neither
+			// hello, so it cannot be copied from one into the other.
+			return nil, fmt.Errorf("%w: ech_outer_extensions references ech_outer_extensions", ErrIllegalParameter)
 		}
 		for i < len(outer) && outer[i].typ != t {
 			i++
@@ -419,16 +417,4 @@ func expandOuterExtensions(out []byte, outer []extension, data []byte) ([]byte, 
 		i++
 	}
 	return out, nil
-}
-
-// appendRecords appends msg to dst as handshake records of at most
-// maxPlaintext bytes each, with record version vers.
-func appendRecords(dst []byte, vers uint16, msg []byte) []byte {
-	for len(msg) > 0 {
-		n := min(len(msg), maxPlaintext)
-		dst = append(dst, recordTypeHandshake, byte(vers>>8), byte(vers), byte(n>>8), byte(n))
-		dst = append(dst, msg[:n]...)
-		msg = msg[n:]
-	}
-	return dst
 }

@@ -59,8 +59,11 @@ type KeyOptions struct {
 	AvoidConfigIDs []uint8
 	// Extensions are ECHConfig extensions to include.
 	Extensions []ConfigExtension
-	// SendAsRetry is copied into the key.
-	SendAsRetry bool
+	// NoRetry makes a key whose config is not sent as a retry config nor
+	// published by [KeySet.ConfigList] (Key.SendAsRetry false): a key
+	// kept only to decrypt for clients that still have its config. By
+	// default a new key is sent as a retry config.
+	NoRetry bool
 	// Rand is the source of randomness; nil means crypto/rand.
 	Rand io.Reader
 }
@@ -113,7 +116,7 @@ func GenerateKey(publicName string, opts *KeyOptions) (Key, error) {
 	if err != nil {
 		return Key{}, err
 	}
-	return Key{Config: raw, PrivateKey: priv, SendAsRetry: o.SendAsRetry}, nil
+	return Key{Config: raw, PrivateKey: priv, SendAsRetry: !o.NoRetry}, nil
 }
 
 // randomConfigID picks a config_id at random among the non-zero ones not in
@@ -410,10 +413,6 @@ func (ks *KeySet) ConfigList() (ConfigList, error) {
 	}
 	return configListFromRaw(raw)
 }
-
-// TLSKeys returns the keys of ks for [tls.Config.EncryptedClientHelloKeys]:
-// for a crypto/tls server that does ECH itself (shared mode).
-func (ks *KeySet) TLSKeys() []tls.EncryptedClientHelloKey { return ks.Keys() }
 
 // PublicNameConfig returns a copy of base for the TLS server that completes
 // the handshakes [NewConn] did not decrypt and that name the public name: a

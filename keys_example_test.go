@@ -11,9 +11,8 @@ import (
 
 func ExampleGenerateKey() {
 	key, err := ech.GenerateKey("public.example", &ech.KeyOptions{
-		KEM:         ech.KEMX25519,
-		ConfigID:    7,
-		SendAsRetry: true,
+		KEM:      ech.KEMX25519,
+		ConfigID: 7,
 	})
 	if err != nil {
 		log.Fatal(err)
@@ -83,7 +82,7 @@ func ExampleParsePEM() {
 }
 
 func ExampleKeySet_Rotate() {
-	old, err := ech.GenerateKey("public.example", &ech.KeyOptions{ConfigID: 1, SendAsRetry: true})
+	old, err := ech.GenerateKey("public.example", &ech.KeyOptions{ConfigID: 1})
 	if err != nil {
 		log.Fatal(err)
 	}

@@ -137,14 +137,13 @@ func TestCryptoTLSInterop(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			opts := tc.opts
-			opts.SendAsRetry = true
 			ks, err := NewKeySet(mustGenerateKey(t, &opts))
 			require.NoError(t, err)
 			list, err := ks.ConfigList()
 			require.NoError(t, err)
 
 			server := tlsServerConfig()
-			server.EncryptedClientHelloKeys = ks.TLSKeys()
+			server.EncryptedClientHelloKeys = ks.Keys()
 			cs, ss, err := tlsHandshake(t, tlsClientConfig(list), server)
 			require.NoError(t, err)
 			assert.True(t, cs.ECHAccepted, "client ECHAccepted")
@@ -155,7 +154,7 @@ func TestCryptoTLSInterop(t *testing.T) {
 }
 
 func TestCryptoTLSRotation(t *testing.T) {
-	ks, err := NewKeySet(mustGenerateKey(t, &KeyOptions{SendAsRetry: true}))
+	ks, err := NewKeySet(mustGenerateKey(t, &KeyOptions{}))
 	require.NoError(t, err)
 	server := tlsServerConfig()
 	server.GetEncryptedClientHelloKeys = ks.GetEncryptedClientHelloKeys
@@ -198,7 +197,7 @@ func TestCryptoTLSRotation(t *testing.T) {
 func TestGenerateKey(t *testing.T) {
 	t.Run("defaults", func(t *testing.T) {
 		k := mustGenerateKey(t, nil)
-		assert.False(t, k.SendAsRetry)
+		assert.True(t, k.SendAsRetry, "a new key is sent as a retry config")
 		c, err := KeyConfig(k)
 		require.NoError(t, err)
 		assert.Equal(t, KEMX25519, c.KEM)
@@ -219,10 +218,10 @@ func TestGenerateKey(t *testing.T) {
 			ConfigID:       0xee,
 			AvoidConfigIDs: []uint8{0xee}, // applies to random config_ids only
 			Extensions:     []ConfigExtension{{Type: 0x8002, Data: []byte{7}}},
-			SendAsRetry:    true,
+			NoRetry:        true,
 		}
 		k := mustGenerateKey(t, opts)
-		assert.True(t, k.SendAsRetry)
+		assert.False(t, k.SendAsRetry)
 		c, err := KeyConfig(k)
 		require.NoError(t, err)
 		assert.Equal(t, &Config{
@@ -417,9 +416,9 @@ func assertNoSecret(t *testing.T, err error, secret []byte) {
 }
 
 func TestKeySetEditing(t *testing.T) {
-	a := mustGenerateKey(t, &KeyOptions{ConfigID: 1, SendAsRetry: true})
-	b := mustGenerateKey(t, &KeyOptions{ConfigID: 2})
-	c := mustGenerateKey(t, &KeyOptions{ConfigID: 3, KEM: KEMP256, SendAsRetry: true})
+	a := mustGenerateKey(t, &KeyOptions{ConfigID: 1})
+	b := mustGenerateKey(t, &KeyOptions{ConfigID: 2, NoRetry: true})
+	c := mustGenerateKey(t, &KeyOptions{ConfigID: 3, KEM: KEMP256})
 
 	var zero KeySet
 	assert.Zero(t, zero.Len(), "the zero KeySet is empty")
@@ -432,7 +431,6 @@ func TestKeySetEditing(t *testing.T) {
 	require.NoError(t, err)
 	assert.Empty(t, ks.Keys())
 	assert.Empty(t, ks.ConfigIDs())
-	assert.Empty(t, ks.TLSKeys())
 	_, err = ks.ConfigList()
 	require.ErrorIs(t, err, ErrNoKeys)
 
@@ -441,7 +439,6 @@ func TestKeySetEditing(t *testing.T) {
 	assert.Equal(t, []Key{a, b, c}, ks.Keys())
 	assert.Equal(t, []uint8{1, 2, 3}, ks.ConfigIDs())
 	assert.Equal(t, 3, ks.Len())
-	assert.Equal(t, ks.Keys(), ks.TLSKeys())
 	got, err := ks.GetEncryptedClientHelloKeys(nil)
 	require.NoError(t, err)
 	assert.Equal(t, ks.Keys(), got)
@@ -502,7 +499,7 @@ func TestKeySetCandidates(t *testing.T) {
 }
 
 func TestKeySetCopies(t *testing.T) {
-	k := mustGenerateKey(t, &KeyOptions{SendAsRetry: true})
+	k := mustGenerateKey(t, &KeyOptions{})
 	want := Key{Config: slices.Clone(k.Config), PrivateKey: slices.Clone(k.PrivateKey), SendAsRetry: true}
 	ks, err := NewKeySet(k)
 	require.NoError(t, err)
@@ -527,9 +524,9 @@ func TestKeySetCopies(t *testing.T) {
 }
 
 func TestKeySetRotate(t *testing.T) {
-	a := mustGenerateKey(t, &KeyOptions{ConfigID: 1, SendAsRetry: true})
+	a := mustGenerateKey(t, &KeyOptions{ConfigID: 1})
 	b := mustGenerateKey(t, &KeyOptions{ConfigID: 2})
-	c := mustGenerateKey(t, &KeyOptions{ConfigID: 3})
+	c := mustGenerateKey(t, &KeyOptions{ConfigID: 3, NoRetry: true})
 	ks, err := NewKeySet(a, b)
 	require.NoError(t, err)
 
@@ -556,7 +553,7 @@ func TestKeySetRotate(t *testing.T) {
 // TestKeySetRotateTwice checks that a second rotation does not extend the
 // life of keys the first one retired.
 func TestKeySetRotateTwice(t *testing.T) {
-	a := mustGenerateKey(t, &KeyOptions{ConfigID: 1, SendAsRetry: true})
+	a := mustGenerateKey(t, &KeyOptions{ConfigID: 1})
 	b := mustGenerateKey(t, &KeyOptions{ConfigID: 2})
 	c := mustGenerateKey(t, &KeyOptions{ConfigID: 3})
 	ks, err := NewKeySet(a)
@@ -582,7 +579,7 @@ func TestKeySetRotateTwice(t *testing.T) {
 func TestKeySetConcurrent(t *testing.T) {
 	var keys []Key
 	for i := range 4 {
-		keys = append(keys, mustGenerateKey(t, &KeyOptions{ConfigID: uint8(i + 1), SendAsRetry: i%2 == 0}))
+		keys = append(keys, mustGenerateKey(t, &KeyOptions{ConfigID: uint8(i + 1), NoRetry: i%2 != 0}))
 	}
 	ks, err := NewKeySet(keys[0])
 	require.NoError(t, err)
@@ -894,12 +891,12 @@ func TestLoadKeyDir(t *testing.T) {
 	require.NoError(t, os.Symlink("..data/k.ech", filepath.Join(dir, "k.ech")))
 	require.NoError(t, os.Symlink("nowhere.ech", filepath.Join(dir, "l.ech"))) // dangling
 
-	keys, err := LoadKeyDir(dir)
+	_, err = LoadKeyDir(dir)
 	require.ErrorIs(t, err, os.ErrNotExist, "a dangling link is an error")
 	assert.Contains(t, err.Error(), "l.ech")
 	require.NoError(t, os.Remove(filepath.Join(dir, "l.ech")))
 
-	keys, err = LoadKeyDir(dir)
+	keys, err := LoadKeyDir(dir)
 	require.NoError(t, err)
 	a.SendAsRetry, b.SendAsRetry = true, true
 	assert.Equal(t, []Key{b, a, b}, keys, "in name order, the link followed")
@@ -1012,8 +1009,7 @@ func FuzzParsePEM(f *testing.F) {
 
 func TestKeySetPublicNameConfig(t *testing.T) {
 	current := mustGenerateKey(t, &KeyOptions{ConfigID: 1})
-	current.SendAsRetry = true
-	retired := mustGenerateKey(t, &KeyOptions{ConfigID: 2})
+	retired := mustGenerateKey(t, &KeyOptions{ConfigID: 2, NoRetry: true})
 	ks, err := NewKeySet(current, retired)
 	require.NoError(t, err)
 	list, err := ks.ConfigList()

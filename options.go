@@ -1,6 +1,8 @@
 package ech
 
 import (
+	"encoding/binary"
+	"fmt"
 	"log/slog"
 	"time"
 )
@@ -28,9 +30,12 @@ func defaultOptions() options {
 	return options{maxHelloSize: DefaultMaxHelloSize, timeout: DefaultHandshakeTimeout}
 }
 
-// WithKeys gives the keys for one connection. They are parsed on every call
-// of [NewConn]; a server should parse them once with [NewKeySet] and use
-// [WithKeySet]. Keys given by both options are all tried.
+// WithKeys gives the keys for one connection. Of them, [NewConn] parses
+// only the keys whose config_id and cipher suites match the client's ECH,
+// on every call, so a broken key is reported only by a hello that names
+// it; a server should check and parse its keys once with [NewKeySet] and
+// use [WithKeySet]. Keys given by both options are all tried, those of the
+// set first.
 func WithKeys(keys ...Key) Option {
 	return func(o *options) { o.keys = append(o.keys, keys...) }
 }
@@ -58,7 +63,9 @@ func WithMaxHelloSize(n int) Option {
 }
 
 // WithHandshakeTimeout bounds the reading of the ClientHello when the
-// context given to [NewConn] has no deadline. The default is
+// context given to [NewConn] has no deadline, and, when ECH was accepted,
+// the wait for a second ClientHello after a HelloRetryRequest: the
+// timeout runs from the call of NewConn. The default is
 // [DefaultHandshakeTimeout]; zero or less means no bound but the context.
 func WithHandshakeTimeout(d time.Duration) Option {
 	return func(o *options) { o.timeout = d }
@@ -69,4 +76,37 @@ func WithHandshakeTimeout(d time.Duration) Option {
 // the client used (a MAY of RFC 9849, Section 7.1). It is off by default.
 func WithPublicNameCheck(on bool) Option {
 	return func(o *options) { o.checkPublicName = on }
+}
+
+// candidates appends to dst the keys that may decrypt a hello naming
+// config_id id and suite cs (RFC 9849, Section 7.1), at most
+// MaxKeysPerHello: those of the key set, then those of WithKeys, which are
+// parsed here, and only when they match.
+func (o *options) candidates(dst []*parsedKey, id uint8, cs CipherSuite) ([]*parsedKey, error) {
+	if o.keySet != nil {
+		dst = o.keySet.table().candidates(dst, id, cs)
+	}
+	for i, k := range o.keys {
+		if len(dst) == MaxKeysPerHello {
+			break
+		}
+		// ECHConfig: uint16 version, uint16 length, then the config_id of
+		// its HpkeKeyConfig (RFC 9849, Section 4): skip other ids unparsed.
+		if len(k.Config) < 5 || binary.BigEndian.Uint16(k.Config) != VersionECH || k.Config[4] != id {
+			continue
+		}
+		c, err := ParseConfig(k.Config)
+		if err != nil {
+			return nil, fmt.Errorf("%w (key %d)", err, i)
+		}
+		if !c.supportsSuite(cs) {
+			continue
+		}
+		pk, err := parseKey(k)
+		if err != nil {
+			return nil, fmt.Errorf("%w (key %d)", err, i)
+		}
+		dst = append(dst, pk)
+	}
+	return dst, nil
 }

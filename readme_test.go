@@ -3,6 +3,7 @@ package ech_test
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -11,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/echkit/ech/internal/router"
+	"github.com/echkit/ech/router"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -20,8 +21,8 @@ import (
 // clone, and why. Every other command of a sh block is run.
 var readmeSkipped = map[string]string{
 	"go test ./...": "the test command itself, which runs this test",
-	"sudo ./ech-router -config /etc/ech-router/router.json":                                                                               "needs a deployment: its certificates, keys and ports",
-	"go run ./example/client -connect cover.example:443 -name chat.example -alpn imap -ech https://cover.example/.well-known/origin-svcb": "needs a deployed router at cover.example",
+	"./ech-router -check -config cmd/ech-router/chatmail.json":                                                                            "exits 1 listing the example's certificates, missing on a test machine; cmd/ech-router's TestCheck runs it and checks that list",
+	"go run ./cmd/ech-client -connect cover.example:443 -name chat.example -alpn imap -ech https://cover.example/.well-known/origin-svcb": "needs a deployed router at cover.example",
 	"go test -run '^$' -bench 'NewConn|ServerHandshake|Handshake|HPKEOpen' -count 6 . | tee bench.txt":                                    "takes minutes; .ci/run runs every benchmark once instead",
 	"go run golang.org/x/perf/cmd/benchstat@latest bench.txt":                                                                             "needs the output of the benchmark run above",
 }
@@ -83,12 +84,17 @@ func TestREADME(t *testing.T) {
 	}
 
 	t.Run("chatmail.json", func(t *testing.T) {
-		require.Len(t, jsonBlocks, 1)
-		file, err := os.ReadFile("example/router/chatmail.json")
+		require.NotEmpty(t, jsonBlocks)
+		file, err := os.ReadFile("cmd/ech-router/chatmail.json")
 		require.NoError(t, err)
-		assert.Equal(t, string(file), jsonBlocks[0], "the README shows example/router/chatmail.json as it is")
-		_, err = router.ParseConfig("README.md", []byte(jsonBlocks[0]))
+		// The last is the chatmail example; the others show settings
+		// of it and must at least be JSON.
+		assert.Equal(t, string(file), jsonBlocks[len(jsonBlocks)-1], "the README shows cmd/ech-router/chatmail.json as it is")
+		_, err = router.ParseConfig("README.md", []byte(jsonBlocks[len(jsonBlocks)-1]))
 		assert.NoError(t, err)
+		for _, b := range jsonBlocks[:len(jsonBlocks)-1] {
+			assert.True(t, json.Valid([]byte(b)), "a README JSON block is not JSON:\n%s", b)
+		}
 	})
 
 	if testing.Short() {
@@ -100,49 +106,101 @@ func TestREADME(t *testing.T) {
 	env := os.Environ()
 
 	t.Run("go", func(t *testing.T) {
-		// The accept loop, the echclient example and the echtest example,
-		// each in a file with the imports it needs.
-		require.Len(t, goBlocks, 3)
+		// The accept loop, the echclient example, the echtest example and
+		// the test of one's own router (the README's accept loop), each in
+		// a file with the imports it needs.
+		require.Len(t, goBlocks, 4)
 		files := map[string]string{
-			"main.go": "package main\n\nimport (\n\t\"context\"\n\t\"crypto/tls\"\n\t\"io\"\n\t\"net\"\n\n\t\"github.com/echkit/ech\"\n)\n\n" +
+			"main.go": "package main\n\nimport (\n\t\"crypto/tls\"\n\t\"io\"\n\t\"net\"\n\n\t\"github.com/echkit/ech\"\n)\n\n" +
 				"var _ = serve // the README's example\n\nfunc main() {}\n\n" + goBlocks[0],
 			"client.go": "package main\n\nimport (\n\t\"context\"\n\t\"net/http\"\n\n\t\"github.com/echkit/ech/echclient\"\n)\n\n" +
 				"var _ = fetch\n\n" + goBlocks[1],
 			"secret_test.go": "package main\n\nimport (\n\t\"testing\"\n\n\t\"github.com/echkit/ech/echtest\"\n\t\"github.com/stretchr/testify/require\"\n)\n\n" + goBlocks[2],
+			"router_test.go": "package main\n\nimport (\n\t\"crypto/tls\"\n\t\"net\"\n\t\"testing\"\n\n\t\"github.com/echkit/ech\"\n\t\"github.com/echkit/ech/echtest\"\n\t\"github.com/stretchr/testify/require\"\n)\n\n" +
+				"func startMyRouter(t *testing.T, ks *ech.KeySet, backends map[string]string) string {\n" +
+				"\tln, err := net.Listen(\"tcp\", \"127.0.0.1:0\")\n\trequire.NoError(t, err)\n\tt.Cleanup(func() { ln.Close() })\n" +
+				"\tgo serve(ln, ks, tls.Certificate{}, backends)\n\treturn ln.Addr().String()\n}\n\n" + goBlocks[3],
 		}
 		require.NoError(t, os.MkdirAll(filepath.Join(dir, "readmeexample"), 0o755))
 		for name, src := range files {
 			require.NoError(t, os.WriteFile(filepath.Join(dir, "readmeexample", name), []byte(src), 0o644))
 		}
-		cmd := exec.Command("go", "test", "-count=1", "./readmeexample") // compiles all three, runs TestSecret
+		cmd := exec.Command("go", "test", "-count=1", "./readmeexample") // compiles all four, runs the tests
 		cmd.Dir, cmd.Env = dir, env
 		out, err := cmd.CombinedOutput()
 		require.NoError(t, err, "the README's Go examples do not compile or TestSecret fails:\n%s", out)
 	})
 
-	for _, c := range commands {
-		if reason, ok := readmeSkipped[c]; ok {
-			t.Logf("not run: %s (%s)", c, reason)
-			continue
+	// Twice, in the same directory, as a newcomer who follows the README
+	// again: what the first pass left (keys, binaries) must not break the
+	// second.
+	for pass := 1; pass <= 2; pass++ {
+		for _, c := range commands {
+			if reason, ok := readmeSkipped[c]; ok {
+				if pass == 1 {
+					t.Logf("not run: %s (%s)", c, reason)
+				}
+				continue
+			}
+			ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+			cmd := exec.CommandContext(ctx, "bash", "-e", "-c", c)
+			cmd.Dir, cmd.Env = dir, env
+			start := time.Now()
+			out, err := cmd.CombinedOutput()
+			cancel()
+			require.NoError(t, err, "README command failed on pass %d: %s\n%s", pass, c, out)
+			t.Logf("pass %d ran in %v: %s", pass, time.Since(start).Round(time.Millisecond), c)
 		}
-		ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
-		cmd := exec.CommandContext(ctx, "bash", "-e", "-c", c)
-		cmd.Dir, cmd.Env = dir, env
-		start := time.Now()
-		out, err := cmd.CombinedOutput()
-		cancel()
-		require.NoError(t, err, "README command failed: %s\n%s", c, out)
-		t.Logf("ran in %v: %s", time.Since(start).Round(time.Millisecond), c)
+	}
+	// What the README makes in a checkout is ignored by git: a "git add ."
+	// after following it must not commit a private key or a binary.
+	if _, err := exec.LookPath("git"); err == nil {
+		cmd := exec.Command("git", "init", "-q")
+		cmd.Dir = dir
+		require.NoError(t, cmd.Run())
+		cmd = exec.Command("git", "status", "--porcelain", "--untracked-files=all")
+		cmd.Dir = dir
+		out, err := cmd.Output()
+		require.NoError(t, err)
+		tracked := trackedFiles(t)
+		for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+			name := strings.TrimPrefix(line, "?? ")
+			if line == "" || tracked[name] || strings.HasPrefix(name, "readmeexample/") {
+				continue
+			}
+			t.Errorf("following the README leaves %s, which .gitignore does not cover", name)
+		}
 	}
 	for skipped := range readmeSkipped {
 		assert.Contains(t, commands, skipped, "a skipped command is no longer in the README")
 	}
 }
 
-// copyRepo copies the repository, without .git, into a temporary directory.
+// trackedFiles returns the files git tracks in the repository, or nil
+// outside a git checkout.
+func trackedFiles(t *testing.T) map[string]bool {
+	t.Helper()
+	out, err := exec.Command("git", "ls-files", "-z").Output()
+	if err != nil {
+		return nil
+	}
+	files := map[string]bool{}
+	for _, f := range strings.Split(string(out), "\x00") {
+		if f != "" {
+			files[f] = true
+		}
+	}
+	return files
+}
+
+// copyRepo copies the files of the repository that git tracks, as a fresh
+// clone has them, into a temporary directory: what a developer made by
+// following the README (keys, binaries) is not copied. Outside a git
+// checkout it copies every regular file but .git.
 func copyRepo(t *testing.T) string {
 	t.Helper()
 	dst := t.TempDir()
+	tracked := trackedFiles(t)
 	err := filepath.WalkDir(".", func(path string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
@@ -154,7 +212,7 @@ func copyRepo(t *testing.T) string {
 		if d.IsDir() {
 			return os.MkdirAll(target, 0o755)
 		}
-		if !d.Type().IsRegular() {
+		if !d.Type().IsRegular() || (tracked != nil && !tracked[filepath.ToSlash(path)]) {
 			return nil
 		}
 		b, err := os.ReadFile(path)

@@ -58,7 +58,7 @@ func serverConn(ctx context.Context, raw net.Conn, ks *ech.KeySet, base *tls.Con
 	}
 	cfg := base.Clone()
 	if !c.ECHAccepted() {
-		cfg.EncryptedClientHelloKeys = ks.TLSKeys()
+		cfg.EncryptedClientHelloKeys = ks.Keys()
 	}
 	return tls.Server(c, cfg), nil
 }

@@ -49,8 +49,8 @@ func WithBackendConfig(f func(*tls.Config)) ServerOption {
 }
 
 // WithConnOptions passes opts to [ech.NewConn] for every connection, after
-// the server's own [ech.WithKeySet]: for example [ech.WithLogger] or
-// [ech.WithPublicNameCheck].
+// the server's own [ech.WithKeySet] and [ech.WithHandshakeTimeout]: for
+// example [ech.WithLogger] or [ech.WithPublicNameCheck].
 func WithConnOptions(opts ...ech.Option) ServerOption {
 	return func(o *serverOptions) { o.connOpts = append(o.connOpts, opts...) }
 }

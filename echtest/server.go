@@ -87,8 +87,8 @@ type PassthroughHandler func(c *ech.Conn)
 // closes the connection or stops writing.
 func Echo(c *tls.Conn, _ ConnInfo) { io.Copy(c, c) }
 
-// Server is a loopback ECH server for one test: [ech.NewConn] in front of a
-// handler. It records every connection (see [Server.Conns]) and makes
+// Server is a loopback ECH server for one test: an [ech.Listener] in front
+// of a handler. It records every connection (see [Server.Conns]) and makes
 // client configurations for itself. Its methods are safe for concurrent
 // use; those that take a testing.TB may fail it with tb.Fatal, so they must
 // be called from the goroutine running the test (or subtest) tb belongs to.
@@ -110,11 +110,10 @@ type Server struct {
 	handler     Handler
 	passthrough PassthroughHandler
 	backend     []func(*tls.Config)
-	connOpts    []ech.Option
 	stale       ech.ConfigList // a key for PublicName with a config_id the server lacks
 	unknown     ech.ConfigList // a key for PublicName with the server's config_id
 
-	ln     net.Listener
+	ln     *ech.Listener
 	ctx    context.Context // canceled by Close
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -186,7 +185,6 @@ func newServer(tb testing.TB, h Handler, p PassthroughHandler, opts []ServerOpti
 		handler:     h,
 		passthrough: p,
 		backend:     o.backend,
-		connOpts:    append([]ech.Option{ech.WithKeySet(o.keys)}, o.connOpts...),
 		stale:       marshalList(tb, stale),
 		unknown:     marshalList(tb, unknown),
 		active:      make(map[net.Conn]struct{}),
@@ -196,7 +194,11 @@ func newServer(tb testing.TB, h Handler, p PassthroughHandler, opts []ServerOpti
 	if err != nil {
 		tb.Fatalf("echtest: listening: %v", err)
 	}
-	s.ln, s.Addr = ln, ln.Addr().String()
+	connOpts := append([]ech.Option{ech.WithKeySet(o.keys), ech.WithHandshakeTimeout(handshakeTimeout)}, o.connOpts...)
+	s.ln, s.Addr = ech.NewListener(ln, connOpts...), ln.Addr().String()
+	s.ln.OnError = func(conn net.Conn, err error) {
+		s.record(ConnInfo{RemoteAddr: conn.RemoteAddr(), Err: err})
+	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.wg.Go(s.accept)
 	tb.Cleanup(s.Close)
@@ -233,13 +235,14 @@ func (s *Server) accept() {
 		if err != nil {
 			return // closed
 		}
-		if !s.track(conn) {
-			conn.Close()
+		c := conn.(*ech.Conn)
+		if !s.track(c) {
+			c.Close()
 			return
 		}
 		s.wg.Go(func() {
-			defer s.untrack(conn)
-			s.serve(conn)
+			defer s.untrack(c)
+			s.serve(c)
 		})
 	}
 }
@@ -263,14 +266,8 @@ func (s *Server) untrack(conn net.Conn) {
 	conn.Close()
 }
 
-func (s *Server) serve(conn net.Conn) {
-	ctx, cancel := context.WithTimeout(s.ctx, handshakeTimeout)
-	defer cancel()
-	c, err := ech.NewConn(ctx, conn, s.connOpts...)
-	if err != nil {
-		s.record(ConnInfo{RemoteAddr: conn.RemoteAddr(), Err: err})
-		return
-	}
+// serve serves a connection whose hello the listener has read.
+func (s *Server) serve(c *ech.Conn) {
 	info := ConnInfo{
 		Status:          c.Status(),
 		ServerName:      c.ServerName(),
@@ -285,6 +282,8 @@ func (s *Server) serve(conn net.Conn) {
 		s.passthrough(c)
 		return
 	}
+	ctx, cancel := context.WithTimeout(s.ctx, handshakeTimeout)
+	defer cancel()
 	tc := tls.Server(c, s.BackendConfig())
 	if err := tc.HandshakeContext(ctx); err != nil {
 		info.Err = err
@@ -324,22 +323,20 @@ func (s *Server) Close() {
 
 // BackendConfig returns a new server configuration for the server's names:
 // certificates from the server's CA for whatever name the client asks for,
-// and the server's ECH keys, so that a handshake whose ECH was not accepted
-// sends retry configs, while one whose ECH was accepted (the hello has an
-// inner ECH extension) confirms it. The options of [WithBackendConfig]
-// have been applied.
+// and, through [ech.KeySet.PublicNameConfig], the server's configs as retry
+// configs for a handshake whose ECH was not accepted, while one whose ECH
+// was accepted (the hello has an inner ECH extension) confirms it. It never
+// decrypts: [ech.NewConn] did. The options of [WithBackendConfig] have been
+// applied.
 //
 // A terminating server completes its handshakes with it; a
 // [PassthroughHandler] may give it to [tls.Server] or to a backend.
 func (s *Server) BackendConfig() *tls.Config {
-	cfg := &tls.Config{
-		GetCertificate:              s.ca.GetCertificate,
-		GetEncryptedClientHelloKeys: s.keys.GetEncryptedClientHelloKeys,
-	}
+	cfg := &tls.Config{GetCertificate: s.ca.GetCertificate}
 	for _, f := range s.backend {
 		f(cfg)
 	}
-	return cfg
+	return s.keys.PublicNameConfig(cfg)
 }
 
 // ClientConfig returns a new client configuration for serverName with ECH:

@@ -1,6 +1,6 @@
 // Command demo shows split-mode ECH end to end, in one process on loopback
 // with nothing to prepare: it generates an ECH key, starts the router of
-// internal/router with two routes (one passed through to an ECH-aware
+// package router with two routes (one passed through to an ECH-aware
 // crypto/tls backend, one terminated by the router and forwarded as
 // plaintext, with a PROXY v2 header, to a small TCP service), runs clients
 // against it and prints what each one showed on the wire and reached.
@@ -15,7 +15,6 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/binary"
-	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"flag"
@@ -33,8 +32,9 @@ import (
 	"time"
 
 	"github.com/echkit/ech"
-	"github.com/echkit/ech/internal/router"
+	"github.com/echkit/ech/echclient"
 	"github.com/echkit/ech/internal/testpki"
+	"github.com/echkit/ech/router"
 )
 
 // The names of the demo. Only publicName is ever visible on the wire when
@@ -370,7 +370,7 @@ func (d *demo) goWellKnown(w want) *row {
 			},
 		},
 	}
-	list, err := fetchConfigList(hc, "https://"+publicName+router.WellKnownPath)
+	list, err := echclient.FetchConfigList(context.Background(), hc, "https://"+publicName+router.WellKnownPath)
 	if err != nil {
 		r.err = err
 		d.fill(r, 1)
@@ -384,25 +384,6 @@ func (d *demo) goWellKnown(w want) *row {
 	r.got.backend = backendOf(greeting)
 	d.fill(r, 2)
 	return r
-}
-
-func fetchConfigList(hc *http.Client, url string) (ech.ConfigList, error) {
-	resp, err := hc.Get(url)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("%s: %s", url, resp.Status)
-	}
-	var doc router.OriginSVCB
-	if err := json.NewDecoder(resp.Body).Decode(&doc); err != nil {
-		return nil, fmt.Errorf("%s: %w", url, err)
-	}
-	if len(doc.Endpoints) == 0 {
-		return nil, fmt.Errorf("%s: no endpoints", url)
-	}
-	return ech.ParseConfigListBase64(doc.Endpoints[0].Params.ECH)
 }
 
 // bssl runs BoringSSL's client with the binary ECHConfigList in a file.

@@ -1,0 +1,175 @@
+package echkeys
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// lockName is the lock file in the key directory. It does not end in
+// ".ech" or ".pem", so [ech.LoadKeyDir] never reads it.
+const lockName = ".echkeys.lock"
+
+// maxLockSize bounds what is read of a lock file.
+const maxLockSize = 1 << 10
+
+// errLocked says another live holder has the lock.
+var errLocked = errors.New("echkeys: directory locked by another manager")
+
+// lock is an exclusive lock on a key directory: a file created with
+// O_CREATE|O_EXCL, which is atomic on local file systems and on NFS v3 and
+// later, holding the holder's id and the time it was taken. A lock older
+// than the timeout belongs to a dead holder and is broken.
+//
+// NOTE: flock(2) is not used: it is advisory per host on many network file
+// systems, which is the case this lock is for.
+type lock struct {
+	path string
+	id   string
+}
+
+// lockContent is what a holder writes into the lock file.
+func lockContent(id string, now time.Time) []byte {
+	return fmt.Appendf(nil, "%s\n%s\n", id, now.UTC().Format(time.RFC3339Nano))
+}
+
+// parseLock returns the holder and time of a lock file's content.
+func parseLock(b []byte) (id string, at time.Time, ok bool) {
+	id, rest, found := strings.Cut(string(b), "\n")
+	if !found {
+		return "", time.Time{}, false
+	}
+	at, err := time.Parse(time.RFC3339Nano, strings.TrimSpace(rest))
+	return id, at, err == nil
+}
+
+// acquireLock takes the lock of dir for id, breaking a lock taken more than
+// timeout before now. It returns errLocked when a live holder has it.
+func acquireLock(dir, id string, now time.Time, timeout time.Duration) (*lock, error) {
+	path := filepath.Join(dir, lockName)
+	for attempt := 0; attempt < 2; attempt++ {
+		f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+		if err == nil {
+			_, werr := f.Write(lockContent(id, now))
+			if serr := f.Sync(); werr == nil {
+				werr = serr
+			}
+			if cerr := f.Close(); werr == nil {
+				werr = cerr
+			}
+			if werr != nil {
+				os.Remove(path)
+				return nil, fmt.Errorf("echkeys: writing lock: %w", werr)
+			}
+			return &lock{path: path, id: id}, nil
+		}
+		if !errors.Is(err, fs.ErrExist) {
+			return nil, fmt.Errorf("echkeys: creating lock: %w", err)
+		}
+		old, err := readBounded(path, maxLockSize)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue // released meanwhile
+		}
+		if err != nil {
+			return nil, fmt.Errorf("echkeys: reading lock: %w", err)
+		}
+		holder, at, ok := parseLock(old)
+		if ok && now.Sub(at) < timeout {
+			return nil, fmt.Errorf("%w (%s since %s)", errLocked, holder, at.Format(time.RFC3339))
+		}
+		if !ok {
+			// A holder that crashed between creating and writing the file,
+			// or one being written now: judge it by the file's time.
+			// NOTE: the file's time is the file system's, so it is
+			// compared with the real clock, not the injected one.
+			fi, err := os.Stat(path)
+			if err != nil || time.Since(fi.ModTime()) < timeout {
+				return nil, errLocked
+			}
+		}
+		if err := breakLock(path, old); err != nil {
+			return nil, err
+		}
+	}
+	return nil, errLocked
+}
+
+// breakLock removes the stale lock at path whose content is old. It
+// renames the file first, which only one breaker can do; if what it renamed
+// is not the stale lock (a new holder took the lock meanwhile), it puts it
+// back with link(2), which, like O_EXCL, fails if the name exists.
+func breakLock(path string, old []byte) error {
+	aside := fmt.Sprintf("%s.stale-%d-%d", path, os.Getpid(), time.Now().UnixNano())
+	if err := os.Rename(path, aside); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil // another breaker was first
+		}
+		return fmt.Errorf("echkeys: breaking lock: %w", err)
+	}
+	defer os.Remove(aside)
+	got, err := readBounded(aside, maxLockSize)
+	if err != nil || bytes.Equal(got, old) {
+		return nil
+	}
+	if err := os.Link(aside, path); err != nil {
+		return errLocked
+	}
+	return errLocked
+}
+
+// held reports whether l is still the lock in its directory. A holder
+// checks it right before each write, so that one whose lock was broken
+// (it stalled for longer than the timeout) does not write.
+//
+// NOTE: a holder that stalls between this check and its rename could still
+// write after its lock was broken; the timeout (minutes) makes that window
+// (microseconds) irrelevant in practice, and the key it would add is a
+// whole, valid key, not a corrupt one.
+func (l *lock) held() bool {
+	b, err := readBounded(l.path, maxLockSize)
+	if err != nil {
+		return false
+	}
+	id, _, ok := parseLock(b)
+	return ok && id == l.id
+}
+
+// release removes the lock if it is still l's.
+func (l *lock) release() {
+	if l.held() {
+		os.Remove(l.path)
+	}
+}
+
+// readBounded reads at most limit bytes of the regular file name.
+func readBounded(name string, limit int64) ([]byte, error) {
+	f, err := os.Open(name)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s: not a regular file", filepath.Base(name))
+	}
+	if fi.Size() > limit {
+		return nil, fmt.Errorf("%s: %d bytes, more than %d", filepath.Base(name), fi.Size(), limit)
+	}
+	b, err := io.ReadAll(io.LimitReader(f, limit+1))
+	if err != nil {
+		return nil, err
+	}
+	if int64(len(b)) > limit {
+		return nil, fmt.Errorf("%s: more than %d bytes", filepath.Base(name), limit)
+	}
+	return b, nil
+}

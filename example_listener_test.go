@@ -1,0 +1,89 @@
+package ech_test
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"net"
+
+	"github.com/echkit/ech"
+	"github.com/echkit/ech/internal/testpki"
+)
+
+// This example serves ECH on loopback with a Listener: its Accept returns
+// connections whose ClientHello has been read and decrypted, and
+// crypto/tls completes each handshake as the ECH backend. A client that
+// sends a broken hello is refused without ever reaching Accept.
+func ExampleNewListener() {
+	key, err := ech.GenerateKey("public.example", &ech.KeyOptions{})
+	if err != nil {
+		log.Fatal(err)
+	}
+	ks, err := ech.NewKeySet(key)
+	if err != nil {
+		log.Fatal(err)
+	}
+	list, err := ks.ConfigList()
+	if err != nil {
+		log.Fatal(err)
+	}
+	ca, _ := testpki.NewCA()
+	cert, _ := ca.Leaf("public.example", "secret.example")
+
+	raw, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		log.Fatal(err)
+	}
+	ln := ech.NewListener(raw, ech.WithKeySet(ks))
+	refused := make(chan error, 1)
+	ln.OnError = func(conn net.Conn, err error) { refused <- err }
+	defer ln.Close()
+
+	backend := &tls.Config{
+		Certificates:                []tls.Certificate{cert},
+		GetEncryptedClientHelloKeys: ks.GetEncryptedClientHelloKeys,
+	}
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return // the listener was closed
+			}
+			c := conn.(*ech.Conn)
+			fmt.Printf("server: ECH %v, outer name %s, routing to %s\n", c.Status(), c.OuterServerName(), c.ServerName())
+			tc := tls.Server(c, backend)
+			fmt.Fprintf(tc, "hello from %s\n", c.ServerName())
+			tc.Close()
+		}
+	}()
+
+	// A client that is not speaking TLS.
+	bad, err := net.Dial("tcp", raw.Addr().String())
+	if err != nil {
+		log.Fatal(err)
+	}
+	io.WriteString(bad, "GET / HTTP/1.1\r\n\r\n")
+	fmt.Println("listener: refused:", errors.Is(<-refused, ech.ErrNotTLS))
+	bad.Close()
+
+	tc, err := tls.Dial("tcp", raw.Addr().String(), &tls.Config{
+		ServerName:                     "secret.example",
+		RootCAs:                        ca.Pool,
+		EncryptedClientHelloConfigList: list,
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	greeting, _ := io.ReadAll(tc)
+	fmt.Printf("client: ECH accepted %v, read %q\n", tc.ConnectionState().ECHAccepted, greeting)
+	ln.Close()
+	<-served
+	// Output:
+	// listener: refused: true
+	// server: ECH accepted, outer name public.example, routing to secret.example
+	// client: ECH accepted true, read "hello from secret.example\n"
+}

@@ -1,0 +1,430 @@
+// Command haproxy compares ech-router with HAProxy, the tool operators use
+// today to route TLS by SNI, in one run on loopback: the same Go TLS echo
+// backend behind HAProxy (mode tcp, req.ssl_sni routing) and behind the
+// router (a passthrough route), and reached directly as the baseline.
+//
+//	go run ./internal/perf/haproxy [-duration 5s] [-clients 8] [-idle 500]
+//
+// For each path it measures new connections per second (TLS handshake, one
+// byte echoed, close; the clients run in this process), the CPU the proxy
+// process spends per connection (from /proc), the round trip of one byte
+// after the handshake, the throughput of 64 MiB echoed through one
+// connection, and the memory (RSS) the proxy holds per idle connection. It
+// needs Linux, haproxy on PATH (Debian package haproxy), and builds the
+// router from this checkout. It prints a Markdown table.
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/echkit/ech"
+	"github.com/echkit/ech/internal/testpki"
+)
+
+const (
+	backendName = "www.example"
+	publicName  = "cover.example"
+)
+
+func main() {
+	duration := flag.Duration("duration", 5*time.Second, "how long each connection-rate run lasts")
+	clients := flag.Int("clients", 8, "concurrent clients in the connection-rate runs")
+	idle := flag.Int("idle", 500, "idle connections held open for the memory measure")
+	pings := flag.Int("pings", 2000, "one-byte round trips in the latency measure")
+	bulk := flag.Int("bulk", 64<<20, "bytes echoed through one connection in the throughput measure")
+	routerPkg := flag.String("router", "./cmd/ech-router", "the router's package")
+	flag.Parse()
+	log.SetFlags(0)
+
+	if _, err := exec.LookPath("haproxy"); err != nil {
+		log.Fatal("haproxy not found: apt-get install haproxy")
+	}
+	dir, err := os.MkdirTemp("", "ech-perf-")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	e, err := setup(dir, *routerPkg)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer e.stop()
+
+	fmt.Printf("# ech-router vs HAProxy on loopback (%s)\n\n", time.Now().UTC().Format(time.RFC3339))
+	fmt.Printf("%d clients for %v per rate run; %d pings; %d MiB bulk; %d idle connections. HAProxy %s.\n\n",
+		*clients, *duration, *pings, *bulk>>20, *idle, e.haproxyVersion)
+	fmt.Println("| path | new conns/s | proxy CPU µs/conn | RTT p50 µs | RTT p99 µs | bulk MB/s | proxy KB/idle conn |")
+	fmt.Println("|---|---|---|---|---|---|---|")
+	for _, p := range e.paths() {
+		r := measure(p, *duration, *clients, *pings, *bulk, *idle)
+		fmt.Printf("| %s | %.0f | %s | %.0f | %.0f | %.0f | %s |\n", p.name, r.rate, orDash(r.cpuPerConn), r.rttP50, r.rttP99, r.mbps, orDash(r.kbPerIdle))
+	}
+}
+
+func orDash(v float64) string {
+	if v < 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.1f", v)
+}
+
+type env struct {
+	backend        net.Listener
+	haproxy        *exec.Cmd
+	router         *exec.Cmd
+	haproxyAddr    string
+	routerAddr     string
+	haproxyVersion string
+	rootCAs        *tls.Config
+	list           ech.ConfigList
+}
+
+func (e *env) stop() {
+	for _, c := range []*exec.Cmd{e.haproxy, e.router} {
+		if c != nil && c.Process != nil {
+			c.Process.Kill()
+			c.Wait()
+		}
+	}
+	if e.backend != nil {
+		e.backend.Close()
+	}
+}
+
+// path is one way to the backend.
+type path struct {
+	name string
+	addr string
+	cfg  *tls.Config
+	pid  int // the proxy process, or 0 for the direct path
+}
+
+func (e *env) paths() []path {
+	plain := e.rootCAs.Clone()
+	withECH := e.rootCAs.Clone()
+	withECH.EncryptedClientHelloConfigList = e.list
+	return []path{
+		{"direct (baseline)", e.backend.Addr().String(), plain, 0},
+		{"HAProxy, mode tcp, req.ssl_sni", e.haproxyAddr, plain, e.haproxy.Process.Pid},
+		{"ech-router passthrough, no ECH", e.routerAddr, plain, e.router.Process.Pid},
+		{"ech-router passthrough, ECH", e.routerAddr, withECH, e.router.Process.Pid},
+	}
+}
+
+func freeAddr() string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+func setup(dir, routerPkg string) (*env, error) {
+	ca, err := testpki.NewCA()
+	if err != nil {
+		return nil, err
+	}
+	e := &env{rootCAs: &tls.Config{ServerName: backendName, RootCAs: ca.Pool, MinVersion: tls.VersionTLS13}}
+
+	// The backend: a Go TLS 1.3 echo server, the split-mode backend.
+	leaf, err := ca.Leaf(backendName)
+	if err != nil {
+		return nil, err
+	}
+	e.backend, err = tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{leaf}, MinVersion: tls.VersionTLS13})
+	if err != nil {
+		return nil, err
+	}
+	go func() {
+		for {
+			c, err := e.backend.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				io.Copy(c, c)
+			}()
+		}
+	}()
+
+	// HAProxy.
+	e.haproxyAddr = freeAddr()
+	hcfg := fmt.Sprintf(`global
+  maxconn 8000
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+frontend fe
+  bind %s
+  tcp-request inspect-delay 5s
+  tcp-request content accept if { req.ssl_hello_type 1 }
+  use_backend be if { req.ssl_sni -i %s }
+backend be
+  server s1 %s
+`, e.haproxyAddr, backendName, e.backend.Addr())
+	if err := os.WriteFile(filepath.Join(dir, "haproxy.cfg"), []byte(hcfg), 0o600); err != nil {
+		return nil, err
+	}
+	out, _ := exec.Command("haproxy", "-v").Output()
+	e.haproxyVersion = strings.Fields(string(out) + " ? ? ?")[2]
+	e.haproxy = exec.Command("haproxy", "-db", "-f", filepath.Join(dir, "haproxy.cfg"))
+	e.haproxy.Stderr = os.Stderr
+	if err := e.haproxy.Start(); err != nil {
+		return nil, err
+	}
+
+	// The router, built from this checkout, with an ECH key.
+	key, err := ech.GenerateKey(publicName, nil)
+	if err != nil {
+		return nil, err
+	}
+	ks, err := ech.NewKeySet(key)
+	if err != nil {
+		return nil, err
+	}
+	if e.list, err = ks.ConfigList(); err != nil {
+		return nil, err
+	}
+	pemKey, err := ech.MarshalPEM(key)
+	if err != nil {
+		return nil, err
+	}
+	os.MkdirAll(filepath.Join(dir, "keys"), 0o700)
+	if err := os.WriteFile(filepath.Join(dir, "keys", "cover.ech"), pemKey, 0o600); err != nil {
+		return nil, err
+	}
+	cover, err := ca.Leaf(publicName)
+	if err != nil {
+		return nil, err
+	}
+	if err := writeCert(cover, filepath.Join(dir, "cover.crt"), filepath.Join(dir, "cover.key")); err != nil {
+		return nil, err
+	}
+	e.routerAddr = freeAddr()
+	rcfg := map[string]any{
+		"keys":   map[string]any{"dir": "keys", "reload": "0s"},
+		"public": map[string]any{"name": publicName, "cert": "cover.crt", "key": "cover.key"},
+		"listeners": []any{map[string]any{"address": e.routerAddr, "routes": []any{
+			map[string]any{"name": "www", "server_names": []string{backendName}, "mode": "passthrough", "backend": e.backend.Addr().String()},
+		}}},
+	}
+	b, _ := json.Marshal(rcfg)
+	if err := os.WriteFile(filepath.Join(dir, "router.json"), b, 0o600); err != nil {
+		return nil, err
+	}
+	bin := filepath.Join(dir, "ech-router")
+	if out, err := exec.Command("go", "build", "-o", bin, routerPkg).CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("building %s: %v\n%s", routerPkg, err, out)
+	}
+	e.router = exec.Command(bin, "-config", filepath.Join(dir, "router.json"))
+	e.router.Stdout, e.router.Stderr = io.Discard, io.Discard
+	if err := e.router.Start(); err != nil {
+		return nil, err
+	}
+	for _, a := range []string{e.haproxyAddr, e.routerAddr} {
+		if err := waitListening(a); err != nil {
+			return nil, err
+		}
+	}
+	return e, nil
+}
+
+// writeCert writes the chain and the key of c as PEM files.
+func writeCert(c tls.Certificate, certFile, keyFile string) error {
+	var chain []byte
+	for _, der := range c.Certificate {
+		chain = append(chain, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})...)
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(c.PrivateKey)
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(certFile, chain, 0o600); err != nil {
+		return err
+	}
+	return os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600)
+}
+
+func waitListening(addr string) error {
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		if c, err := net.Dial("tcp", addr); err == nil {
+			c.Close()
+			return nil
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return fmt.Errorf("nothing listens on %s", addr)
+}
+
+type result struct {
+	rate, cpuPerConn, rttP50, rttP99, mbps, kbPerIdle float64
+}
+
+func dial(p path) (*tls.Conn, error) {
+	d := tls.Dialer{Config: p.cfg, NetDialer: &net.Dialer{Timeout: 5 * time.Second}}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := d.DialContext(ctx, "tcp", p.addr)
+	if err != nil {
+		return nil, err
+	}
+	tc := c.(*tls.Conn)
+	if p.cfg.EncryptedClientHelloConfigList != nil && !tc.ConnectionState().ECHAccepted {
+		tc.Close()
+		return nil, errors.New("ECH not accepted")
+	}
+	return tc, nil
+}
+
+func measure(p path, duration time.Duration, clients, pings, bulk, idle int) result {
+	var r result
+	// New connections per second.
+	cpu0 := procCPU(p.pid)
+	var n, failed atomic.Int64
+	stop := time.Now().Add(duration)
+	var wg sync.WaitGroup
+	for range clients {
+		wg.Go(func() {
+			buf := make([]byte, 1)
+			for time.Now().Before(stop) {
+				c, err := dial(p)
+				if err != nil {
+					failed.Add(1)
+					continue
+				}
+				if _, err := c.Write([]byte{1}); err == nil {
+					if _, err := io.ReadFull(c, buf); err == nil {
+						n.Add(1)
+					}
+				}
+				c.Close()
+			}
+		})
+	}
+	wg.Wait()
+	r.rate = float64(n.Load()) / duration.Seconds()
+	r.cpuPerConn = -1
+	if p.pid != 0 && n.Load() > 0 {
+		r.cpuPerConn = (procCPU(p.pid) - cpu0).Seconds() * 1e6 / float64(n.Load())
+	}
+	if f := failed.Load(); f > 0 {
+		log.Printf("%s: %d failed connections", p.name, f)
+	}
+
+	// Round trip of one byte after the handshake.
+	c, err := dial(p)
+	if err != nil {
+		log.Fatalf("%s: %v", p.name, err)
+	}
+	rtts := make([]time.Duration, 0, pings)
+	buf := make([]byte, 1)
+	for range pings {
+		t := time.Now()
+		c.Write(buf)
+		if _, err := io.ReadFull(c, buf); err != nil {
+			log.Fatalf("%s: ping: %v", p.name, err)
+		}
+		rtts = append(rtts, time.Since(t))
+	}
+	slices.Sort(rtts)
+	r.rttP50 = float64(rtts[len(rtts)/2].Microseconds())
+	r.rttP99 = float64(rtts[len(rtts)*99/100].Microseconds())
+
+	// Throughput: bulk bytes echoed through the connection.
+	t := time.Now()
+	go func() {
+		chunk := make([]byte, 64<<10)
+		for sent := 0; sent < bulk; sent += len(chunk) {
+			c.Write(chunk)
+		}
+	}()
+	if _, err := io.CopyN(io.Discard, c, int64(bulk)); err != nil {
+		log.Fatalf("%s: bulk: %v", p.name, err)
+	}
+	r.mbps = float64(bulk) / 1e6 / time.Since(t).Seconds()
+	c.Close()
+
+	// Memory per idle connection, in the proxy process.
+	r.kbPerIdle = -1
+	if p.pid != 0 {
+		time.Sleep(500 * time.Millisecond) // let closed connections go
+		before := procRSS(p.pid)
+		conns := make([]*tls.Conn, 0, idle)
+		for range idle {
+			c, err := dial(p)
+			if err != nil {
+				log.Fatalf("%s: idle: %v", p.name, err)
+			}
+			c.Write([]byte{1})
+			io.ReadFull(c, buf)
+			conns = append(conns, c)
+		}
+		time.Sleep(time.Second)
+		r.kbPerIdle = float64(procRSS(p.pid)-before) / 1024 / float64(idle)
+		for _, c := range conns {
+			c.Close()
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	return r
+}
+
+// procCPU returns the user plus system CPU time of process pid.
+func procCPU(pid int) time.Duration {
+	if pid == 0 {
+		return 0
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// The fields after the command name, which is in parentheses.
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
+	utime, _ := strconv.ParseInt(f[11], 10, 64)
+	stime, _ := strconv.ParseInt(f[12], 10, 64)
+	const clockTicks = 100 // USER_HZ on Linux
+	return time.Duration(utime+stime) * time.Second / clockTicks
+}
+
+// procRSS returns the resident memory of process pid in bytes, all its
+// threads and processes' children excluded.
+func procRSS(pid int) int64 {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	s := bufio.NewScanner(f)
+	for s.Scan() {
+		if rest, ok := strings.CutPrefix(s.Text(), "VmRSS:"); ok {
+			kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
+			return kb << 10
+		}
+	}
+	return 0
+}

@@ -1,0 +1,228 @@
+package router
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/echkit/ech"
+	"github.com/miekg/dns"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// knotSecret is the TSIG secret of the test zone.
+const knotSecret = "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0MTI="
+
+// freeAddr returns a loopback address with a port that was free.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// startKnot starts Knot DNS for the zone "example." with records, taking
+// updates signed with the TSIG key "upd.", and returns its address. It skips
+// the test when knotd is not installed (Debian package knot).
+func startKnot(t *testing.T, records string) string {
+	t.Helper()
+	knotd, err := exec.LookPath("knotd")
+	if err != nil {
+		if _, serr := os.Stat("/usr/sbin/knotd"); serr != nil {
+			t.Skip("knotd not installed (Debian package knot)")
+		}
+		knotd = "/usr/sbin/knotd"
+	}
+	dir := t.TempDir()
+	addr := freeAddr(t)
+	host, port, _ := net.SplitHostPort(addr)
+	conf := fmt.Sprintf(`server:
+    listen: %[1]s@%[2]s
+    rundir: %[3]s
+    pidfile: %[3]s/knot.pid
+control:
+    listen: %[3]s/knot.sock
+database:
+    storage: %[3]s/db
+key:
+  - id: upd.
+    algorithm: hmac-sha256
+    secret: %[4]s
+acl:
+  - id: upd_acl
+    key: upd.
+    action: update
+zone:
+  - domain: example.
+    storage: %[3]s
+    file: example.zone
+    acl: upd_acl
+    zonefile-sync: -1
+    journal-content: none
+`, host, port, dir, knotSecret)
+	zone := "$ORIGIN example.\n$TTL 60\n@ SOA ns.example. admin.example. 1 60 60 600 60\n@ NS ns.example.\nns A 127.0.0.1\n" + records
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "knot.conf"), []byte(conf), 0o600))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "example.zone"), []byte(zone), 0o600))
+	cmd := exec.Command(knotd, "-c", filepath.Join(dir, "knot.conf"))
+	require.NoError(t, cmd.Start())
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+	})
+	c := &dns.Client{Net: "tcp", Timeout: time.Second}
+	q := new(dns.Msg)
+	q.SetQuestion("example.", dns.TypeSOA)
+	for start := time.Now(); ; time.Sleep(20 * time.Millisecond) {
+		if r, _, err := c.Exchange(q, addr); err == nil && r.Rcode == dns.RcodeSuccess && len(r.Answer) > 0 {
+			return addr
+		}
+		if time.Since(start) > 10*time.Second {
+			t.Fatalf("knotd does not answer")
+		}
+	}
+}
+
+// httpsECH returns the ech parameter of the HTTPS record at name.
+func httpsECH(t *testing.T, server, name string) ech.ConfigList {
+	t.Helper()
+	q := new(dns.Msg)
+	q.SetQuestion(dns.Fqdn(name), dns.TypeHTTPS)
+	r, _, err := (&dns.Client{Timeout: 2 * time.Second}).Exchange(q, server)
+	require.NoError(t, err)
+	for _, rr := range r.Answer {
+		if h, ok := rr.(*dns.HTTPS); ok {
+			for _, kv := range h.Value {
+				if e, ok := kv.(*dns.SVCBECHConfig); ok {
+					return e.ECH
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// TestAutoKeysFleetKnot runs three routers from their configuration files
+// with keys.auto on one directory, each listing the three as peers, and
+// keys.publish to Knot DNS: the routers make the first key, publish it,
+// rotate, publish the new key once all three decrypt it, and retire the old
+// one; a client with the config from DNS has ECH accepted throughout, and
+// one with the old config until its retirement, then gets retry configs.
+func TestAutoKeysFleetKnot(t *testing.T) {
+	e := newEnv(t) // for its CA and backend; its Router and keys are not used
+	server := startKnot(t, tlsName+". HTTPS 1 . alpn=h2\n")
+	dir := t.TempDir()
+	writeCert(t, dir, "cover", e.cert(publicName))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "ca.pem"), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: e.ca.Cert.Raw}), 0o600))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "tsig"), []byte(knotSecret+"\n"), 0o600))
+	backend := e.tlsBackend(tlsName)
+	addrs := []string{freeAddr(t), freeAddr(t), freeAddr(t)}
+	peers := ""
+	for i, a := range addrs {
+		if i > 0 {
+			peers += ", "
+		}
+		peers += fmt.Sprintf("%q", "https://"+a+"/ech-config-list")
+	}
+
+	clk := time.Now().UTC().Truncate(time.Second)
+	now := func() time.Time { return clk }
+	var srvs []*Server
+	for i, a := range addrs {
+		config := fmt.Sprintf(`{
+  "keys": {"dir": "keys", "reload": "0s",
+    "auto": {"rotate": "24h", "ttl": "1m", "retire": "48h", "peers": [%s], "peer_ca": "ca.pem"},
+    "publish": {"rfc2136": {"server": %q, "zone": "example", "key_name": "upd", "secret_file": "tsig"}}},
+  "public": {"name": %q, "cert": "cover.crt", "key": "cover.key"},
+  "listeners": [{"address": %q, "routes": [
+    {"name": "tls", "server_names": [%q], "alpn": ["h2"], "mode": "passthrough", "backend": %q}]}]
+}`, peers, server, publicName, a, tlsName, backend)
+		path := filepath.Join(dir, fmt.Sprintf("router%d.json", i))
+		require.NoError(t, os.WriteFile(path, []byte(config), 0o600))
+		cfg, err := LoadConfig(path)
+		require.NoError(t, err)
+		srv, err := New(cfg, slog.New(captureHandler{c: make(chan logLine, 1000)}))
+		require.NoError(t, err)
+		require.NoError(t, srv.Listen())
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan struct{})
+		go func() {
+			srv.Run(ctx, nil)
+			close(done)
+		}()
+		t.Cleanup(func() {
+			cancel()
+			<-done
+		})
+		// Reloads are called below, never by a timer ("reload": "0s"),
+		// so the clock can be set between them.
+		srv.Keys.Manager.Now = now
+		srvs = append(srvs, srv)
+	}
+	reloadAll := func() {
+		t.Helper()
+		for i, s := range srvs {
+			_, err := s.Keys.Reload()
+			require.NoError(t, err, "router %d", i)
+		}
+	}
+	failed := 0
+	connect := func(i int, list ech.ConfigList) error {
+		_, _, state, err := exchange(addrs[i], e.clientConfig(tlsName, list, "h2"))
+		if err == nil && !state.ECHAccepted {
+			err = errors.New("ECH not accepted")
+		}
+		return err
+	}
+	checkAll := func(what string, list ech.ConfigList) {
+		t.Helper()
+		for i := range srvs {
+			if err := connect(i, list); err != nil {
+				failed++
+				t.Errorf("%s, router %d: %v", what, i, err)
+			}
+		}
+	}
+
+	reloadAll()
+	l1 := httpsECH(t, server, tlsName)
+	require.NotNil(t, l1, "the first key is published once every router decrypts it")
+	m1, err := srvs[0].Keys.Manager.ConfigList()
+	require.NoError(t, err)
+	assert.Equal(t, m1, l1)
+	checkAll("first key from DNS", l1)
+
+	// Rotation.
+	clk = clk.Add(24 * time.Hour)
+	start := time.Now()
+	reloadAll()
+	l2 := httpsECH(t, server, tlsName)
+	t.Logf("rotation to published record, three routers reloading once: %v", time.Since(start))
+	require.NotEqual(t, l1, l2, "the new key is published")
+	checkAll("new key from DNS", l2)
+	checkAll("old key before retirement", l1)
+
+	// Retirement.
+	clk = clk.Add(24 * time.Hour)
+	reloadAll()
+	reloadAll()
+	for i := range srvs {
+		err := connect(i, l1)
+		var rej *tls.ECHRejectionError
+		require.True(t, errors.As(err, &rej), "router %d: the old key is deleted: %v", i, err)
+		retry := ech.ConfigList(rej.RetryConfigList)
+		require.NoError(t, connect(i, retry), "router %d: retry configs work", i)
+	}
+	checkAll("config from DNS after retirement", httpsECH(t, server, tlsName))
+	assert.Zero(t, failed, "failed handshakes")
+}

@@ -1,0 +1,668 @@
+// Package router is a split-mode ECH client-facing server: it reads each
+// ClientHello with [ech.NewConn] and sends the connection where its inner
+// name (and, optionally, its ALPN) says.
+//
+//	client ──TLS, outer SNI = public name──▶ router ─┬─ passthrough ─▶ ECH-aware TLS backend
+//	                                                  ├─ terminate ───▶ plaintext backend
+//	                                                  └─ public name ─▶ router's own HTTPS
+//
+// A passthrough route forwards the rebuilt ClientHelloInner and the rest of
+// the stream to a TLS server that implements the backend side of ECH (Go's
+// crypto/tls does), which answers the client itself. A terminate route
+// completes the handshake in the router, acting as the ECH backend with the
+// route's certificate, and forwards plaintext to a server that knows
+// nothing of ECH (Dovecot, Postfix). Either may send a PROXY protocol v2
+// header first, so the backend sees the client's address.
+//
+// A hello whose ECH did not decrypt is routed by its outer name, as a hello
+// without ECH: a GREASE client names the real server in the clear. The
+// router serves the public name itself: a client with a stale config names
+// the public name in the clear, completes its handshake there and gets
+// retry configs, and the current ECHConfigList is published over HTTPS at
+// /.well-known/origin-svcb and /ech-config-list.
+//
+// [Router] is the engine, driven by Go values; [Config] and [Server] are the
+// configuration file and the program around it (cmd/ech-router).
+package router
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/echkit/ech"
+)
+
+// Mode is what a route does with a connection.
+type Mode uint8
+
+const (
+	// ModePassthrough forwards the ClientHello the router replays and the
+	// rest of the stream to a TLS backend, which completes the handshake.
+	ModePassthrough Mode = iota + 1
+	// ModeTerminate completes the handshake in the router with the route's
+	// certificate and forwards plaintext to the backend.
+	ModeTerminate
+)
+
+// String returns "passthrough" or "terminate".
+func (m Mode) String() string {
+	switch m {
+	case ModePassthrough:
+		return "passthrough"
+	case ModeTerminate:
+		return "terminate"
+	}
+	return fmt.Sprintf("Mode(%d)", uint8(m))
+}
+
+// Route says where connections for some names go.
+type Route struct {
+	// Name identifies the route in logs.
+	Name string
+	// ServerNames are the names the route serves, matched against the
+	// server_name of the hello the router replays (the inner name when
+	// ECH was accepted): an exact name, "*.example.com" for one more
+	// label, or "*" for any name. Matching ignores case.
+	ServerNames []string
+	// ALPN, if not empty, restricts the route to hellos offering one of
+	// these protocols. A terminate route also negotiates them, in this
+	// order of preference.
+	ALPN []string
+	// Mode is ModePassthrough or ModeTerminate.
+	Mode Mode
+	// Backend is the backend's TCP address, host:port.
+	Backend string
+	// Certificate is the certificate a terminate route presents for
+	// ServerNames.
+	Certificate *tls.Certificate
+	// GetCertificate, if not nil, is used instead of Certificate, as
+	// [tls.Config.GetCertificate]: for a certificate that is reloaded.
+	GetCertificate func(*tls.ClientHelloInfo) (*tls.Certificate, error)
+	// ProxyProtocol makes the router send a PROXY protocol v2 header to
+	// the backend before any other byte.
+	ProxyProtocol bool
+	// IdleTimeout closes a forwarded connection on which nothing moved
+	// either way for this long. Zero means the Router's.
+	IdleTimeout time.Duration
+	// FinTimeout closes a forwarded connection this long after one side
+	// closed its half, if the other has not. Zero means the Router's.
+	FinTimeout time.Duration
+}
+
+// Listener is what [Router.ServeListener] serves on one net.Listener.
+type Listener struct {
+	// Routes are tried in order, the first matching route winning.
+	Routes []Route
+	// MaxConnections caps the connections of the listener in progress at
+	// once; beyond it a new connection is closed at once, and logged.
+	// Zero means no cap.
+	MaxConnections int
+}
+
+// matches reports whether r serves a hello for name offering alpn.
+func (r *Route) matches(name string, alpn []string) bool {
+	if len(r.ALPN) > 0 && !offersAny(alpn, r.ALPN) {
+		return false
+	}
+	for _, pat := range r.ServerNames {
+		if matchName(pat, name) {
+			return true
+		}
+	}
+	return false
+}
+
+func offersAny(offered, want []string) bool {
+	for _, p := range offered {
+		for _, w := range want {
+			if p == w {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// matchName matches name against an exact name, "*.suffix" (one label
+// more) or "*".
+func matchName(pattern, name string) bool {
+	if pattern == "*" {
+		return name != ""
+	}
+	if suffix, ok := strings.CutPrefix(pattern, "*."); ok {
+		label, rest, found := strings.Cut(name, ".")
+		return found && label != "" && strings.EqualFold(rest, suffix)
+	}
+	return strings.EqualFold(pattern, name)
+}
+
+// Defaults of [Router]'s durations.
+const (
+	DefaultHandshakeTimeout = 10 * time.Second
+	DefaultDialTimeout      = 10 * time.Second
+	DefaultRegenInterval    = time.Hour
+)
+
+// ErrClosed is returned by [Router.Serve] after [Router.Shutdown] or
+// [Router.Close].
+var ErrClosed = errors.New("router: closed")
+
+// errNoRoute is logged for a hello whose name no route serves.
+var errNoRoute = errors.New("router: no route for this server name")
+
+// Router accepts TLS connections, reads each ClientHello with
+// [ech.NewConn], and routes the connection by its inner name and ALPN. Set
+// its fields, then call [Router.Serve] for each listener. It logs one line
+// per connection, at info level or, when the backend failed it (a dial
+// error, a reset), at warn level.
+type Router struct {
+	// Keys are the ECH keys. Replacing them (see [KeyDir]) affects new
+	// connections only.
+	Keys *ech.KeySet
+	// PublicName is the public_name of the keys' configs. The router
+	// serves it: hellos for this name (with ECH that did not decrypt, a
+	// stale config, they get retry configs) and hellos without
+	// server_name complete their handshake here. A hello whose ECH did not
+	// decrypt for another name is routed by that name.
+	PublicName string
+	// PublicCertificate is the certificate for PublicName. It must be one
+	// that clients trust: they accept retry configs only from a server
+	// that proves it is the public name (RFC 9849, Section 6.1.6).
+	PublicCertificate *tls.Certificate
+	// GetPublicCertificate, if not nil, is used instead of
+	// PublicCertificate, as [tls.Config.GetCertificate]: for a
+	// certificate that is reloaded.
+	GetPublicCertificate func(*tls.ClientHelloInfo) (*tls.Certificate, error)
+	// RegenInterval is the regeninterval published at
+	// /.well-known/origin-svcb: how often the key set may change. Zero
+	// means DefaultRegenInterval.
+	RegenInterval time.Duration
+	// HandshakeTimeout bounds reading the ClientHello and, for handshakes
+	// the router completes, the handshake. Zero means
+	// DefaultHandshakeTimeout.
+	HandshakeTimeout time.Duration
+	// DialTimeout bounds connecting to a backend. Zero means
+	// DefaultDialTimeout.
+	DialTimeout time.Duration
+	// IdleTimeout and FinTimeout are the defaults of the routes' (see
+	// [Route]). Zero means DefaultIdleTimeout and DefaultFinTimeout.
+	IdleTimeout, FinTimeout time.Duration
+	// PublicTimeout bounds reading each request, headers and body, and
+	// writing its response on the public name's HTTPS server; an idle
+	// connection is closed after 6 times as long. Zero means
+	// DefaultPublicTimeout.
+	PublicTimeout time.Duration
+	// Logger receives the connection log; nil means slog.Default().
+	Logger *slog.Logger
+	// HideInnerNames keeps the names a client sent encrypted out of the
+	// log: the inner server_name of a hello whose ECH was accepted.
+	HideInnerNames bool
+	// Metrics, if not nil, records each connection (see [NewMetrics]).
+	Metrics *Metrics
+
+	mu        sync.Mutex
+	closed    bool
+	listeners map[net.Listener]struct{}
+	conns     map[net.Conn]struct{}
+	active    sync.WaitGroup
+	web       *webServer // serves the public name, made by the first Serve
+}
+
+// Serve accepts connections on ln and routes each with routes, the first
+// matching route winning. It returns [ErrClosed] after [Router.Shutdown] or
+// [Router.Close], else the error that stopped ln. ln is closed on return.
+// Temporary accept errors (out of file descriptors) are retried.
+func (r *Router) Serve(ln net.Listener, routes []Route) error {
+	return r.ServeListener(ln, Listener{Routes: routes})
+}
+
+// ServeListener is [Router.Serve] with the settings of l.
+func (r *Router) ServeListener(ln net.Listener, l Listener) error {
+	routes := l.Routes
+	if r.Keys == nil || r.PublicCertificate == nil && r.GetPublicCertificate == nil || r.PublicName == "" {
+		ln.Close()
+		return errors.New("router: Keys, PublicName and PublicCertificate are required")
+	}
+	for i, rt := range routes {
+		if rt.Mode == ModeTerminate && rt.Certificate == nil && rt.GetCertificate == nil {
+			ln.Close()
+			return fmt.Errorf("router: route %q: terminate needs a certificate", rt.Name)
+		}
+		if rt.Mode != ModeTerminate && rt.Mode != ModePassthrough {
+			ln.Close()
+			return fmt.Errorf("router: route %d: bad mode %v", i, rt.Mode)
+		}
+	}
+	if !r.track(ln) {
+		ln.Close()
+		return ErrClosed
+	}
+	defer r.untrack(ln)
+	addr := ln.Addr().String()
+	var (
+		tempDelay time.Duration // the backoff after a temporary accept error
+		failures  int           // accept errors in this burst
+		inFlight  atomic.Int64  // connections of ln in progress
+		refused   int64         // connections refused over MaxConnections
+	)
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			if r.isClosed() {
+				return ErrClosed
+			}
+			if !temporaryAcceptError(err) {
+				return err
+			}
+			// As net/http's Server does: back off from 5ms, doubling up
+			// to 1s, and go on accepting. One log line per burst.
+			if failures == 0 {
+				r.logger().Warn("accept failed, retrying", slog.String("address", ln.Addr().String()),
+					slog.String("error", err.Error()))
+			}
+			failures++
+			tempDelay = min(max(2*tempDelay, 5*time.Millisecond), time.Second)
+			time.Sleep(tempDelay)
+			continue
+		}
+		if failures > 0 {
+			r.logger().Info("accepting again", slog.String("address", ln.Addr().String()),
+				slog.Int("failed_accepts", failures))
+			failures = 0
+		}
+		tempDelay = 0
+		if l.MaxConnections > 0 && inFlight.Load() >= int64(l.MaxConnections) {
+			refused++
+			r.Metrics.Refused(addr, "max_connections")
+			r.logger().Warn("connection refused: max_connections reached",
+				slog.String("address", ln.Addr().String()), slog.String("client", conn.RemoteAddr().String()),
+				slog.Int("max_connections", l.MaxConnections), slog.Int64("refused", refused))
+			conn.Close()
+			continue
+		}
+		if !r.trackConn(conn) {
+			conn.Close()
+			return ErrClosed
+		}
+		inFlight.Add(1)
+		r.Metrics.Active(addr, 1)
+		go func() {
+			defer inFlight.Add(-1)
+			defer r.Metrics.Active(addr, -1)
+			defer r.untrackConn(conn)
+			r.handle(conn, addr, routes)
+		}()
+	}
+}
+
+// temporaryAcceptError reports whether an accept error is one to retry:
+// running out of file descriptors or buffers, a connection aborted before
+// it was accepted, or a timeout.
+func temporaryAcceptError(err error) bool {
+	for _, errno := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.ECONNABORTED} {
+		if errors.Is(err, errno) {
+			return true
+		}
+	}
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+func (r *Router) track(ln net.Listener) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return false
+	}
+	if r.listeners == nil {
+		r.listeners = make(map[net.Listener]struct{})
+	}
+	r.listeners[ln] = struct{}{}
+	if r.web == nil {
+		r.web = newWebServer(r.Handler(), ln.Addr(), orDefault(r.PublicTimeout, DefaultPublicTimeout), r.logger())
+	}
+	return true
+}
+
+func (r *Router) untrack(ln net.Listener) {
+	r.mu.Lock()
+	delete(r.listeners, ln)
+	r.mu.Unlock()
+	ln.Close()
+}
+
+func (r *Router) trackConn(c net.Conn) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return false
+	}
+	if r.conns == nil {
+		r.conns = make(map[net.Conn]struct{})
+	}
+	r.conns[c] = struct{}{}
+	r.active.Add(1)
+	return true
+}
+
+func (r *Router) untrackConn(c net.Conn) {
+	c.Close()
+	r.mu.Lock()
+	delete(r.conns, c)
+	r.mu.Unlock()
+	r.active.Done()
+}
+
+func (r *Router) isClosed() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.closed
+}
+
+// Shutdown stops accepting, then waits for the connections in progress to
+// end by themselves until ctx is done, when it closes those left. It
+// returns ctx's error if it had to close any.
+func (r *Router) Shutdown(ctx context.Context) error {
+	r.stop()
+	done := make(chan struct{})
+	go func() { r.active.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		r.closeConns()
+		<-done
+		return ctx.Err()
+	}
+}
+
+// Close stops accepting and closes every connection at once.
+func (r *Router) Close() error {
+	r.stop()
+	r.closeConns()
+	r.active.Wait()
+	return nil
+}
+
+// stop closes the listeners and the public name's idle connections.
+func (r *Router) stop() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.closed = true
+	for ln := range r.listeners {
+		ln.Close()
+	}
+	r.web.close()
+}
+
+func (r *Router) closeConns() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for c := range r.conns {
+		c.Close()
+	}
+}
+
+func (r *Router) logger() *slog.Logger {
+	if r.Logger != nil {
+		return r.Logger
+	}
+	return slog.Default()
+}
+
+func orDefault(d, def time.Duration) time.Duration {
+	if d > 0 {
+		return d
+	}
+	return def
+}
+
+// connLog is what the log line of one connection says.
+type connLog struct {
+	start      time.Time
+	hello      time.Duration // from accepting to the hello read
+	listener   string
+	echLabel   string // the ECH outcome as the metrics label it
+	client     string
+	status     ech.Status
+	configID   int  // -1 when the client sent no ECH
+	refused    bool // NewConn refused the hello
+	outerName  string
+	innerName  string
+	alpn       []string
+	negotiated string
+	route      string
+	mode       string
+	in, out    int64 // bytes forwarded from and to the client
+	err        error
+}
+
+func (r *Router) log(l *connLog) {
+	status := l.status.String()
+	if l.refused {
+		// NOTE: ech.NewConn returns no Conn with its error, so whether
+		// the refused hello carried ECH is unknown.
+		status = "unknown"
+	}
+	attrs := []slog.Attr{
+		slog.String("client", l.client),
+		slog.String("ech", status),
+	}
+	if l.configID >= 0 {
+		attrs = append(attrs, slog.Int("config_id", l.configID))
+	}
+	attrs = append(attrs,
+		slog.String("outer_sni", l.outerName),
+	)
+	if !r.HideInnerNames {
+		attrs = append(attrs, slog.String("inner_sni", l.innerName))
+	}
+	attrs = append(attrs, slog.String("alpn", strings.Join(l.alpn, ",")))
+	if l.negotiated != "" {
+		attrs = append(attrs, slog.String("alpn_negotiated", l.negotiated))
+	}
+	attrs = append(attrs,
+		slog.String("route", l.route),
+		slog.String("mode", l.mode),
+		slog.Int64("bytes_in", l.in),
+		slog.Int64("bytes_out", l.out),
+		slog.Duration("duration", time.Since(l.start)),
+	)
+	level := slog.LevelInfo
+	if l.err != nil {
+		attrs = append(attrs, slog.String("error", l.err.Error()))
+		if errors.Is(l.err, errBackend) {
+			// The backend failed the client: the operator should know.
+			level = slog.LevelWarn
+		}
+	}
+	r.logger().LogAttrs(context.Background(), level, "connection", attrs...)
+	if r.Metrics != nil {
+		if errors.Is(l.err, errBackend) {
+			r.Metrics.DialFailure(l.route)
+		}
+		r.Metrics.Connection(l.listener, l.route, l.echLabel, l.hello, l.in, l.out)
+	}
+}
+
+// handle reads the ClientHello of conn and routes the connection.
+func (r *Router) handle(conn net.Conn, listener string, routes []Route) {
+	l := &connLog{start: time.Now(), listener: listener, client: conn.RemoteAddr().String(), configID: -1, echLabel: echRefused}
+	defer func() { r.log(l) }()
+
+	// NewConn reads the TCP connection itself, so that ech.Conn's
+	// WriteTo and ReadFrom hand it to io.Copy and the kernel's splice.
+	ctx, cancel := context.WithTimeout(context.Background(), orDefault(r.HandshakeTimeout, DefaultHandshakeTimeout))
+	c, err := ech.NewConn(ctx, conn, ech.WithKeySet(r.Keys))
+	cancel()
+	l.hello = time.Since(l.start)
+	if err != nil {
+		l.err, l.refused = err, true
+		return
+	}
+	l.echLabel = echLabel(c, r.PublicName)
+	l.status, l.outerName, l.alpn = c.Status(), c.OuterServerName(), c.ALPNProtos()
+	if id, ok := c.ConfigID(); ok {
+		l.configID = int(id)
+	}
+	if c.ECHAccepted() {
+		l.innerName = c.ServerName()
+	}
+
+	// RFC 9849, Section 7.1: a hello whose ECH did not decrypt (GREASE, an
+	// unknown config_id, a stale key) is routed by its outer name exactly
+	// like a hello without ECH. A GREASE client has no config and names
+	// the real server in the clear; only a hello for the public name (a
+	// client with a stale config) or for no name is served by the public
+	// name's server, which sends retry configs (Section 6.1.6). No route
+	// may take the public name, not even "*".
+	// The name routes and goes to the backend in the PROXY header: it
+	// must be a DNS name. A final dot is dropped (RFC 6066, Section 3,
+	// forbids it; some clients send it).
+	name := strings.TrimSuffix(c.ServerName(), ".")
+	if c.ServerName() != "" {
+		if err := checkServerName(name); err != nil {
+			sendAlert(c, alertUnrecognizedName)
+			l.err = err
+			return
+		}
+	}
+	if name == "" || strings.EqualFold(name, r.PublicName) {
+		l.route, l.mode = "public", "terminate"
+		cc := &countingConn{Conn: c}
+		l.negotiated, l.err = r.servePublic(c, cc)
+		l.in, l.out = cc.read.Load(), cc.written.Load()
+		return
+	}
+	for i := range routes {
+		rt := &routes[i]
+		if !rt.matches(name, l.alpn) {
+			continue
+		}
+		l.route, l.mode = rt.Name, rt.Mode.String()
+		if rt.Mode == ModePassthrough {
+			l.in, l.out, l.err = r.passthrough(c, name, rt)
+		} else {
+			l.negotiated, l.in, l.out, l.err = r.terminate(c, name, rt)
+		}
+		return
+	}
+	sendAlert(c, alertUnrecognizedName)
+	l.err = errNoRoute
+}
+
+// TLS alerts the router writes itself (RFC 8446, Section 6).
+const (
+	recordTypeAlert       uint8 = 21
+	alertLevelFatal       uint8 = 2
+	alertUnrecognizedName uint8 = 112
+)
+
+// sendAlert writes a fatal alert record, with TLS 1.2's record version as
+// before a version is negotiated.
+func sendAlert(w io.Writer, desc uint8) {
+	w.Write([]byte{recordTypeAlert, 3, 3, 0, 2, alertLevelFatal, desc})
+}
+
+// dial connects to a route's backend and sends the PROXY header if the
+// route asks for one.
+func (r *Router) dial(c *ech.Conn, name string, rt *Route, alpn string, tlsVersion uint16) (net.Conn, error) {
+	d := net.Dialer{Timeout: orDefault(r.DialTimeout, DefaultDialTimeout)}
+	backend, err := d.Dial("tcp", rt.Backend)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", errBackend, err)
+	}
+	if rt.ProxyProtocol {
+		hdr, err := appendProxyHeader(nil, c.RemoteAddr(), c.LocalAddr(), name, alpn, tlsVersion)
+		if err == nil {
+			_, err = backend.Write(hdr)
+		}
+		if err != nil {
+			backend.Close()
+			return nil, fmt.Errorf("router: PROXY header: %w", err)
+		}
+	}
+	return backend, nil
+}
+
+func (r *Router) passthrough(c *ech.Conn, name string, rt *Route) (in, out int64, err error) {
+	backend, err := r.dial(c, name, rt, "", 0)
+	if err != nil {
+		abort(c.NetConn()) // the backend failed: the client gets a reset
+		return 0, 0, err
+	}
+	return r.pipe(c, c.NetConn(), backend, rt)
+}
+
+func (r *Router) terminate(c *ech.Conn, name string, rt *Route) (proto string, in, out int64, err error) {
+	cfg := &tls.Config{
+		NextProtos:     rt.ALPN,
+		MinVersion:     tls.VersionTLS12,
+		GetCertificate: rt.GetCertificate,
+	}
+	if cfg.GetCertificate == nil {
+		cfg.Certificates = []tls.Certificate{*rt.Certificate}
+	}
+	tc := tls.Server(c, cfg)
+	ctx, cancel := context.WithTimeout(context.Background(), orDefault(r.HandshakeTimeout, DefaultHandshakeTimeout))
+	err = tc.HandshakeContext(ctx)
+	cancel()
+	if err != nil {
+		return "", 0, 0, err
+	}
+	proto = tc.ConnectionState().NegotiatedProtocol
+	backend, err := r.dial(c, name, rt, proto, tc.ConnectionState().Version)
+	if err != nil {
+		abort(c.NetConn()) // the backend failed: the client gets a reset
+		return proto, 0, 0, err
+	}
+	in, out, err = r.pipe(tc, c.NetConn(), backend, rt)
+	return proto, in, out, err
+}
+
+// pipe forwards between client, whose TCP connection is clientTCP, and
+// backend with rt's timeouts.
+func (r *Router) pipe(client, clientTCP, backend net.Conn, rt *Route) (in, out int64, err error) {
+	p := &pipe{
+		client: client, backend: backend, clientTCP: clientTCP,
+		idle: orDefault(rt.IdleTimeout, orDefault(r.IdleTimeout, DefaultIdleTimeout)),
+		fin:  orDefault(rt.FinTimeout, orDefault(r.FinTimeout, DefaultFinTimeout)),
+	}
+	return p.run()
+}
+
+// countingConn counts the bytes read from and written to the client.
+type countingConn struct {
+	net.Conn
+	read, written atomic.Int64
+}
+
+func (c *countingConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	c.read.Add(int64(n))
+	return n, err
+}
+
+func (c *countingConn) Write(p []byte) (int, error) {
+	n, err := c.Conn.Write(p)
+	c.written.Add(int64(n))
+	return n, err
+}
+
+// CloseWrite half-closes the wrapped connection when it can.
+func (c *countingConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return c.Conn.Close()
+}

@@ -1,0 +1,451 @@
+package router
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/echkit/ech"
+	"github.com/echkit/ech/echkeys"
+)
+
+// Server is a [Router] set up from a [Config]: its keys loaded and watched,
+// its certificates loaded, its listeners open. It is what cmd/ech-router
+// runs.
+type Server struct {
+	// Router is the engine; its fields may be read but should not be
+	// changed once Run has started.
+	Router *Router
+	// Keys reloads Router.Keys.
+	Keys *KeyDir
+
+	certs map[[2]string]*certFile
+
+	config    *Config
+	logger    *slog.Logger
+	listeners []Listener
+
+	mu        sync.Mutex
+	lns       []net.Listener
+	metricsLn net.Listener
+}
+
+// New loads the keys and certificates that cfg names and returns a Server
+// ready to [Server.Listen].
+func New(cfg *Config, logger *slog.Logger) (*Server, error) {
+	if logger == nil {
+		logger = slog.Default()
+	}
+	ks, err := ech.NewKeySet()
+	if err != nil {
+		return nil, err
+	}
+	kd := &KeyDir{Dir: cfg.path(cfg.Keys.Dir), Set: ks, Logger: logger, PublicName: cfg.Public.Name}
+	if cfg.Keys.Auto != nil {
+		if kd.Manager, err = newManager(cfg, ks, logger); err != nil {
+			return nil, err
+		}
+	}
+	if _, err := kd.Reload(); err != nil {
+		return nil, err
+	}
+	s := &Server{Keys: kd, config: cfg, logger: logger, certs: make(map[[2]string]*certFile)}
+	certFor := func(certPath, keyPath, name string) *certFile {
+		k := [2]string{cfg.path(certPath), cfg.path(keyPath)}
+		f := s.certs[k]
+		if f == nil {
+			f = &certFile{certPath: k[0], keyPath: k[1]}
+			s.certs[k] = f
+		}
+		if !strings.Contains(name, "*") && !slices.Contains(f.names, name) {
+			f.names = append(f.names, name)
+		}
+		return f
+	}
+	pub := certFor(cfg.Public.Cert, cfg.Public.Key, cfg.Public.Name)
+	s.Router = &Router{
+		Keys:                 ks,
+		PublicName:           cfg.Public.Name,
+		GetPublicCertificate: pub.get,
+		RegenInterval:        cfg.reload,
+		HandshakeTimeout:     cfg.handshakeTimeout,
+		DialTimeout:          cfg.dialTimeout,
+		Logger:               logger,
+		HideInnerNames:       cfg.LogInnerNames != nil && !*cfg.LogInnerNames,
+	}
+	if cfg.Metrics != "" {
+		s.Router.Metrics = NewMetrics()
+		s.Router.Metrics.Keys(ks)
+	}
+	for _, l := range cfg.Listeners {
+		var routes []Route
+		for _, rc := range l.Routes {
+			rt := Route{
+				Name:          rc.Name,
+				ServerNames:   rc.ServerNames,
+				ALPN:          rc.ALPN,
+				Mode:          ModePassthrough,
+				Backend:       rc.Backend,
+				ProxyProtocol: rc.ProxyProtocol,
+				IdleTimeout:   rc.idleTimeout,
+				FinTimeout:    rc.finTimeout,
+			}
+			if rc.Mode == "terminate" {
+				rt.Mode = ModeTerminate
+				var f *certFile
+				for _, n := range rc.ServerNames {
+					f = certFor(rc.Cert, rc.Key, n)
+				}
+				rt.GetCertificate = f.get
+			}
+			routes = append(routes, rt)
+		}
+		s.listeners = append(s.listeners, Listener{Routes: routes, MaxConnections: l.MaxConnections})
+	}
+	for _, f := range s.sortedCerts() {
+		c, err := f.load(logger, time.Now())
+		if err != nil {
+			return nil, err
+		}
+		f.cert.Store(c)
+		s.recordCert(f, c)
+	}
+	if s.Router.RegenInterval == 0 {
+		s.Router.RegenInterval = DefaultRegenInterval
+	}
+	return s, nil
+}
+
+// certFile is a certificate and its key, in PEM files reloaded with the
+// keys.
+type certFile struct {
+	certPath, keyPath string
+	names             []string // the names it must be valid for
+	cert              atomic.Pointer[tls.Certificate]
+}
+
+// certExpiryWarning is how long before its expiry a certificate is warned
+// about.
+const certExpiryWarning = 14 * 24 * time.Hour
+
+// load reads the files and checks the certificate is for f.names. It logs
+// warnings for a certificate that expires within certExpiryWarning of now
+// (or has expired) and for a key file anyone may read.
+func (f *certFile) load(logger *slog.Logger, now time.Time) (*tls.Certificate, error) {
+	c, err := tls.LoadX509KeyPair(f.certPath, f.keyPath)
+	if err != nil {
+		return nil, fmt.Errorf("router: certificate %s: %w", f.certPath, err)
+	}
+	for _, n := range f.names {
+		if err := c.Leaf.VerifyHostname(n); err != nil {
+			return nil, fmt.Errorf("router: certificate %s is not for %s: %w", f.certPath, n, err)
+		}
+	}
+	switch left := c.Leaf.NotAfter.Sub(now); {
+	case left <= 0:
+		logger.Warn("certificate has expired", slog.String("file", f.certPath), slog.Time("not_after", c.Leaf.NotAfter))
+	case left < certExpiryWarning:
+		logger.Warn("certificate expires soon", slog.String("file", f.certPath), slog.Time("not_after", c.Leaf.NotAfter))
+	}
+	warnIfWorldReadable(logger, f.keyPath)
+	return &c, nil
+}
+
+func (f *certFile) get(*tls.ClientHelloInfo) (*tls.Certificate, error) { return f.cert.Load(), nil }
+
+func (s *Server) sortedCerts() []*certFile {
+	out := make([]*certFile, 0, len(s.certs))
+	for _, f := range s.certs {
+		out = append(out, f)
+	}
+	slices.SortFunc(out, func(a, b *certFile) int { return strings.Compare(a.certPath, b.certPath) })
+	return out
+}
+
+// Reload loads the keys and the certificates again. A file that fails to
+// load is logged as an error and the one loaded before stays in use.
+func (s *Server) Reload() {
+	ok := true
+	if _, err := s.Keys.Reload(); err != nil {
+		ok = false
+		s.logger.Error("keys not reloaded", slog.String("dir", s.Keys.Dir), slog.String("error", err.Error()))
+	}
+	for _, f := range s.sortedCerts() {
+		c, err := f.load(s.logger, time.Now())
+		if err != nil {
+			ok = false
+			s.logger.Error("certificate not reloaded", slog.String("file", f.certPath), slog.String("error", err.Error()))
+			continue
+		}
+		if old := f.cert.Swap(c); !slices.EqualFunc(old.Certificate, c.Certificate, bytes.Equal) {
+			s.logger.Info("certificate loaded", slog.String("file", f.certPath), slog.Time("not_after", c.Leaf.NotAfter))
+		}
+		s.recordCert(f, c)
+	}
+	s.Router.Metrics.Reload(ok)
+	s.Router.Metrics.Keys(s.Router.Keys)
+}
+
+// recordCert gives the metrics the expiry of c under each name of f.
+func (s *Server) recordCert(f *certFile, c *tls.Certificate) {
+	for _, n := range f.names {
+		s.Router.Metrics.Certificate(n, c.Leaf)
+	}
+}
+
+// serveMetrics serves the metrics on the configured address until ctx is
+// done. The server is bounded like the public name's.
+func (s *Server) serveMetrics(ctx context.Context, ln net.Listener) {
+	m := s.Router.Metrics
+	m.SetReady(func() bool {
+		s.mu.Lock()
+		up := len(s.lns) == len(s.config.Listeners)
+		s.mu.Unlock()
+		return up && s.Router.Keys.Len() > 0
+	})
+	srv := &http.Server{
+		Handler:           m.Handler(),
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       10 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       time.Minute,
+		MaxHeaderBytes:    8 << 10,
+		ErrorLog:          slog.NewLogLogger(s.logger.Handler(), slog.LevelDebug),
+	}
+	go func() {
+		<-ctx.Done()
+		srv.Close()
+	}()
+	s.logger.Info("metrics", slog.String("address", ln.Addr().String()))
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		s.logger.Error("metrics server stopped", slog.String("error", err.Error()))
+	}
+}
+
+// MetricsAddr returns the address the metrics server listens on, once
+// [Server.Listen] has opened it, or nil.
+func (s *Server) MetricsAddr() net.Addr {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.metricsLn == nil {
+		return nil
+	}
+	return s.metricsLn.Addr()
+}
+
+// watch reloads every interval (if positive) and whenever trigger
+// receives, until ctx is done.
+func (s *Server) watch(ctx context.Context, interval time.Duration, trigger <-chan struct{}) {
+	var tick <-chan time.Time
+	if interval > 0 {
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		tick = t.C
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick:
+		case <-trigger:
+		}
+		s.Reload()
+	}
+}
+
+// CheckFiles reports every file cfg names that cannot be read: the key
+// directory and the certificate and key files.
+func CheckFiles(cfg *Config) error {
+	var errs []error
+	check := func(what, p string, dir bool) {
+		fi, err := os.Stat(cfg.path(p))
+		switch {
+		case err != nil:
+			errs = append(errs, fmt.Errorf("%s: %w", what, err))
+		case fi.IsDir() != dir:
+			errs = append(errs, fmt.Errorf("%s: %s is not a %s", what, cfg.path(p), map[bool]string{true: "directory", false: "file"}[dir]))
+		}
+	}
+	check("keys.dir", cfg.Keys.Dir, true)
+	check("public.cert", cfg.Public.Cert, false)
+	check("public.key", cfg.Public.Key, false)
+	for i, l := range cfg.Listeners {
+		for j, r := range l.Routes {
+			if r.Mode == "terminate" {
+				check(fmt.Sprintf("listeners[%d].routes[%d].cert", i, j), r.Cert, false)
+				check(fmt.Sprintf("listeners[%d].routes[%d].key", i, j), r.Key, false)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Listen opens every listener of the configuration.
+func (s *Server) Listen() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.lns != nil {
+		return nil
+	}
+	for _, l := range s.config.Listeners {
+		ln, err := net.Listen("tcp", l.Address)
+		if err != nil {
+			for _, o := range s.lns {
+				o.Close()
+			}
+			s.lns = nil
+			return fmt.Errorf("router: %w", err)
+		}
+		s.lns = append(s.lns, ln)
+	}
+	if s.config.Metrics != "" {
+		ln, err := net.Listen("tcp", s.config.Metrics)
+		if err != nil {
+			for _, o := range s.lns {
+				o.Close()
+			}
+			s.lns = nil
+			return fmt.Errorf("router: metrics: %w", err)
+		}
+		s.metricsLn = ln
+	}
+	return nil
+}
+
+// Addrs returns the addresses of the open listeners, in the order of the
+// configuration.
+func (s *Server) Addrs() []net.Addr {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]net.Addr, len(s.lns))
+	for i, ln := range s.lns {
+		out[i] = ln.Addr()
+	}
+	return out
+}
+
+// Run listens (if [Server.Listen] has not been called), serves, and reloads
+// the keys and certificates (see [Server.Reload]) on the configured
+// interval and whenever reload receives. When
+// ctx is done it shuts down gracefully: it stops accepting and waits up to
+// the configured shutdown_timeout for connections to end.
+func (s *Server) Run(ctx context.Context, reload <-chan struct{}) error {
+	if err := s.Listen(); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	lns := s.lns
+	s.mu.Unlock()
+
+	watchCtx, stopWatch := context.WithCancel(ctx)
+	defer stopWatch()
+	go s.watch(watchCtx, s.config.reload, reload)
+	s.mu.Lock()
+	metricsLn := s.metricsLn
+	s.mu.Unlock()
+	if metricsLn != nil {
+		go s.serveMetrics(watchCtx, metricsLn)
+	}
+
+	errc := make(chan error, len(lns))
+	for i, ln := range lns {
+		s.logger.Info("listening", slog.String("address", ln.Addr().String()), slog.Int("routes", len(s.listeners[i].Routes)))
+		go func() { errc <- s.Router.ServeListener(ln, s.listeners[i]) }()
+	}
+	var err error
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+		// A listener failed: stop them all.
+	}
+	s.logger.Info("shutting down", slog.Duration("timeout", s.config.shutdownTimeout))
+	sctx, cancel := context.WithTimeout(context.Background(), s.config.shutdownTimeout)
+	defer cancel()
+	if serr := s.Router.Shutdown(sctx); serr != nil {
+		s.logger.Warn("connections closed at shutdown timeout")
+	}
+	if errors.Is(err, ErrClosed) {
+		err = nil
+	}
+	return err
+}
+
+// newManager makes the [echkeys.Manager] of keys.auto and its Publisher of
+// keys.publish.
+func newManager(cfg *Config, ks *ech.KeySet, logger *slog.Logger) (*echkeys.Manager, error) {
+	a := cfg.Keys.Auto
+	m := &echkeys.Manager{
+		Dir:         cfg.path(cfg.Keys.Dir),
+		PublicName:  cfg.Public.Name,
+		ReadOnly:    a.ReadOnly,
+		Rotate:      cfg.rotate,
+		Retire:      cfg.retire,
+		Propagation: cfg.propagation,
+		TTL:         cfg.ttl,
+		LockTimeout: cfg.lockTimeout,
+		Peers:       a.Peers,
+		KeySet:      ks,
+		Logger:      logger,
+	}
+	if a.PeerCA != "" {
+		pemData, err := os.ReadFile(cfg.path(a.PeerCA))
+		if err != nil {
+			return nil, fmt.Errorf("router: keys.auto.peer_ca: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pemData) {
+			return nil, fmt.Errorf("router: keys.auto.peer_ca: no certificate in %s", cfg.path(a.PeerCA))
+		}
+		m.PeerTLSConfig = &tls.Config{RootCAs: pool}
+	}
+	p := cfg.Keys.Publish
+	if p == nil {
+		return m, nil
+	}
+	secret, err := os.ReadFile(cfg.path(p.RFC2136.SecretFile))
+	if err != nil {
+		return nil, fmt.Errorf("router: keys.publish.rfc2136.secret_file: %w", err)
+	}
+	pub := &echkeys.Publisher{
+		Provider: &echkeys.RFC2136{
+			Server:    p.RFC2136.Server,
+			Zone:      p.RFC2136.Zone,
+			KeyName:   p.RFC2136.KeyName,
+			Secret:    strings.TrimSpace(string(secret)),
+			Algorithm: p.RFC2136.Algorithm,
+		},
+		Logger: logger,
+	}
+	for _, n := range p.Names {
+		pub.Names = append(pub.Names, echkeys.Name{Name: n.Name, ALPN: n.ALPN, Create: n.Create})
+	}
+	if len(p.Names) == 0 {
+		// Every exact server name of the routes, with its route's ALPN.
+		seen := make(map[string]bool)
+		for _, l := range cfg.Listeners {
+			for _, r := range l.Routes {
+				for _, n := range r.ServerNames {
+					if strings.Contains(n, "*") || seen[strings.ToLower(n)] {
+						continue
+					}
+					seen[strings.ToLower(n)] = true
+					pub.Names = append(pub.Names, echkeys.Name{Name: n, ALPN: r.ALPN})
+				}
+			}
+		}
+	}
+	m.Publisher = pub
+	return m, nil
+}
