@@ -1,0 +1,223 @@
+package echquic
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"time"
+
+	"github.com/echkit/ech"
+)
+
+// TLS codepoints (RFC 8446).
+const (
+	recordTypeAlert     = 21
+	recordTypeHandshake = 22
+	recordHeaderLen     = 5
+	handshakeHeaderLen  = 4
+	maxPlaintext        = 1 << 14
+	typeClientHello     = 1
+	typeServerHello     = 2
+	recordVersion       = 0x0301 // legacy_record_version of a first ClientHello
+)
+
+// TLS alerts this package sends itself (RFC 8446, Section 6).
+const (
+	alertUnexpectedMessage = 10
+	alertIllegalParameter  = 47
+	alertDecodeError       = 50
+	alertDecryptError      = 51
+	alertInternalError     = 80
+	alertMissingExtension  = 109
+	alertUnrecognizedName  = 112
+)
+
+// hrrRandom is ServerHello.random of a HelloRetryRequest
+// (RFC 8446, Section 4.1.3).
+var hrrRandom = [32]byte{
+	0xcf, 0x21, 0xad, 0x74, 0xe5, 0x9a, 0x61, 0x11, 0xbe, 0x1d, 0x8c, 0x02, 0x1e, 0x65, 0xb8, 0x91,
+	0xc2, 0xa2, 0x11, 0x16, 0x7a, 0xbb, 0x8c, 0x5e, 0x07, 0x9e, 0x09, 0xe2, 0xc8, 0xa8, 0x33, 0x9c,
+}
+
+// memConn is the in-memory [net.Conn] that [ech.NewConn] reads a
+// ClientHello from: Read serves the records in r, Write keeps what the Conn
+// sends to the client (an alert), so that no goroutine is involved.
+type memConn struct {
+	r, w   []byte
+	remote net.Addr
+}
+
+var _ net.Conn = (*memConn)(nil)
+
+func (m *memConn) Read(p []byte) (int, error) {
+	if len(m.r) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(p, m.r)
+	m.r = m.r[n:]
+	return n, nil
+}
+
+func (m *memConn) Write(p []byte) (int, error) {
+	m.w = append(m.w, p...)
+	return len(p), nil
+}
+
+func (m *memConn) Close() error                     { return nil }
+func (m *memConn) LocalAddr() net.Addr              { return m.remote }
+func (m *memConn) RemoteAddr() net.Addr             { return m.remote }
+func (m *memConn) SetDeadline(time.Time) error      { return nil }
+func (m *memConn) SetReadDeadline(time.Time) error  { return nil }
+func (m *memConn) SetWriteDeadline(time.Time) error { return nil }
+
+// alert returns the last alert the Conn wrote, if any.
+func (m *memConn) alert() (uint8, bool) {
+	w := m.w
+	for len(w) >= recordHeaderLen {
+		n := int(w[3])<<8 | int(w[4])
+		if len(w) < recordHeaderLen+n {
+			break
+		}
+		if w[0] == recordTypeAlert && n == 2 {
+			return w[recordHeaderLen+1], true
+		}
+		w = w[recordHeaderLen+n:]
+	}
+	return 0, false
+}
+
+// appendRecords appends msg as TLS handshake records of at most 2^14 bytes.
+func appendRecords(dst, msg []byte) []byte {
+	for len(msg) > 0 {
+		n := min(len(msg), maxPlaintext)
+		dst = append(dst, recordTypeHandshake, recordVersion>>8, recordVersion&0xff, byte(n>>8), byte(n))
+		dst = append(dst, msg[:n]...)
+		msg = msg[n:]
+	}
+	return dst
+}
+
+// readMessage reads handshake records from r and appends the handshake
+// message they carry to dst.
+func readMessage(r io.Reader, dst []byte, limit int) ([]byte, error) {
+	var hdr [recordHeaderLen]byte
+	start := len(dst)
+	for {
+		if _, err := io.ReadFull(r, hdr[:]); err != nil {
+			return nil, err
+		}
+		n := int(hdr[3])<<8 | int(hdr[4])
+		if hdr[0] != recordTypeHandshake || n == 0 || n > maxPlaintext || len(dst)-start+n > limit+handshakeHeaderLen {
+			return nil, fmt.Errorf("%w: unexpected record from ech.Conn", errHello)
+		}
+		dst = append(dst, make([]byte, n)...)
+		if _, err := io.ReadFull(r, dst[len(dst)-n:]); err != nil {
+			return nil, err
+		}
+		msg := dst[start:]
+		if len(msg) >= handshakeHeaderLen {
+			l := int(msg[1])<<16 | int(msg[2])<<8 | int(msg[3])
+			if len(msg) == handshakeHeaderLen+l {
+				return dst, nil
+			}
+			if len(msg) > handshakeHeaderLen+l {
+				return nil, fmt.Errorf("%w: trailing data after the ClientHello", errHello)
+			}
+		}
+	}
+}
+
+var errHello = errors.New("echquic: ClientHello refused")
+
+// alertError is the error of a ClientHello refused with a TLS alert. The
+// client got a CONNECTION_CLOSE of type 0x1c with error code 0x100+Alert
+// (RFC 9001, Section 4.8).
+type alertError struct {
+	Alert uint8
+	Err   error // the error of package ech, wrapping one of its sentinels
+}
+
+func (e *alertError) Error() string {
+	return fmt.Sprintf("echquic: ClientHello refused with alert %d: %v", e.Alert, e.Err)
+}
+
+func (e *alertError) Unwrap() error { return e.Err }
+
+// alertFor returns the TLS alert for an error of package ech: the one the
+// Conn wrote, else the one the error names, else a mapping of the sentinels.
+func alertFor(mc *memConn, err error) uint8 {
+	if a, ok := mc.alert(); ok {
+		return a
+	}
+	var ae tls.AlertError
+	if errors.As(err, &ae) {
+		return uint8(ae)
+	}
+	switch {
+	case errors.Is(err, ech.ErrIllegalParameter):
+		return alertIllegalParameter
+	case errors.Is(err, ech.ErrDecodeError), errors.Is(err, ech.ErrHelloTooLarge):
+		return alertDecodeError
+	case errors.Is(err, ech.ErrMissingExtension):
+		return alertMissingExtension
+	case errors.Is(err, ech.ErrDecryptError):
+		return alertDecryptError
+	case errors.Is(err, ech.ErrNotTLS), errors.Is(err, ech.ErrUnexpectedMessage):
+		return alertUnexpectedMessage
+	}
+	return alertInternalError
+}
+
+// helloState drives [ech.NewConn] over the ClientHellos of one connection.
+type helloState struct {
+	mc   memConn
+	conn *ech.Conn
+}
+
+// first decrypts the first ClientHello msg (a whole handshake message). It
+// returns the message to pass on: the ClientHelloInner when ECH was
+// accepted, else nil (the hello goes on as received).
+func (h *helloState) first(msg []byte, remote net.Addr, opts []ech.Option, limit int) ([]byte, error) {
+	h.mc = memConn{r: appendRecords(nil, msg), remote: remote}
+	c, err := ech.NewConn(context.Background(), &h.mc, opts...)
+	if err != nil {
+		return nil, &alertError{Alert: alertFor(&h.mc, err), Err: err}
+	}
+	h.conn = c
+	if c.Status() != ech.StatusAccepted {
+		return nil, nil
+	}
+	inner, err := readMessage(c, make([]byte, 0, len(msg)+64), limit)
+	if err != nil {
+		return nil, &alertError{Alert: alertInternalError, Err: err}
+	}
+	return inner, nil
+}
+
+// second decrypts the ClientHello the client sent after a
+// HelloRetryRequest, with the HPKE context of the first (RFC 9849,
+// Section 7.1.1), and returns its ClientHelloInner.
+//
+// NOTE: the proxy does not decrypt the backend's Initial packets: it learns
+// of the HelloRetryRequest from the client sending a second ClientHello,
+// which a client does only after one, and tells the Conn with a stand-in
+// HelloRetryRequest header.
+func (h *helloState) second(msg []byte, limit int) ([]byte, error) {
+	var hrr [recordHeaderLen + handshakeHeaderLen + 2 + 32]byte
+	n := len(hrr) - recordHeaderLen
+	copy(hrr[:], []byte{recordTypeHandshake, 3, 3, byte(n >> 8), byte(n), typeServerHello, 0, 0, byte(n - handshakeHeaderLen), 3, 3})
+	copy(hrr[recordHeaderLen+handshakeHeaderLen+2:], hrrRandom[:])
+	if _, err := h.conn.Write(hrr[:]); err != nil {
+		return nil, &alertError{Alert: alertInternalError, Err: err}
+	}
+	h.mc.w = h.mc.w[:0]
+	h.mc.r = appendRecords(nil, msg)
+	inner, err := readMessage(h.conn, make([]byte, 0, len(msg)+64), limit)
+	if err != nil {
+		return nil, &alertError{Alert: alertFor(&h.mc, err), Err: err}
+	}
+	return inner, nil
+}
