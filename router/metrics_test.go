@@ -81,8 +81,7 @@ func TestMetrics(t *testing.T) {
 	m.Reload(false)
 	a, err := ech.GenerateKey("cover.example", &ech.KeyOptions{ConfigID: 7})
 	require.NoError(t, err)
-	a.SendAsRetry = true
-	b, err := ech.GenerateKey("cover.example", &ech.KeyOptions{ConfigID: 9})
+	b, err := ech.GenerateKey("cover.example", &ech.KeyOptions{ConfigID: 9, NoRetry: true})
 	require.NoError(t, err)
 	ks, err := ech.NewKeySet(a, b)
 	require.NoError(t, err)
