@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/echkit/ech"
+	"github.com/echkit/ech/echquic"
 )
 
 // Config is the router's configuration file, in JSON:
@@ -27,9 +28,16 @@ import (
 //	    {"address": ":443", "routes": [
 //	      {"name": "web", "server_names": ["www.example"], "mode": "passthrough",
 //	       "backend": "10.0.0.2:443", "proxy_protocol": true}
+//	    ]},
+//	    {"address": ":443", "network": "udp", "public_quic_backend": "10.0.0.9:443", "routes": [
+//	      {"name": "h3", "server_names": ["www.example"], "alpn": ["h3"], "mode": "passthrough",
+//	       "backend": "10.0.0.2:443"}
 //	    ]}
 //	  ]
 //	}
+//
+// A listener with "network": "udp" serves QUIC (see [Router.QUICProxy]):
+// its routes are passthrough, to QUIC servers at backend.
 //
 // Relative paths are taken from the directory of the file. Durations are
 // Go durations ("90s", "5m", "1h").
@@ -143,15 +151,28 @@ type PublicConfig struct {
 
 // ListenerConfig is one listening address and its routes, tried in order.
 type ListenerConfig struct {
-	Address string        `json:"address"`
+	Address string `json:"address"`
+	// Network is "tcp", the default, for TLS, or "udp" for QUIC. A TCP
+	// and a UDP listener may share an address, as ":443".
+	Network string        `json:"network,omitempty"`
 	Routes  []RouteConfig `json:"routes"`
 	// IdleTimeout and FinTimeout are the defaults of the listener's
-	// routes: "1h" and "30s" when not set (see [Route]).
+	// routes: "1h" and "30s" when not set (see [Route]). On UDP,
+	// IdleTimeout ends a QUIC flow that forwarded nothing for that long,
+	// "30s" when not set; it is set on the listener only, and there is
+	// no FinTimeout.
 	IdleTimeout string `json:"idle_timeout,omitempty"`
 	FinTimeout  string `json:"fin_timeout,omitempty"`
 	// MaxConnections caps the connections in progress; 0, the default,
-	// means no cap.
+	// means no cap on TCP and [echquic.DefaultMaxFlows] flows on UDP.
 	MaxConnections int `json:"max_connections,omitempty"`
+	// PublicQUICBackend, on a UDP listener only, is the host:port of a
+	// QUIC server for the public name (one configured with
+	// [ech.KeySet.PublicNameConfig], which sends retry configs): it gets
+	// the QUIC connections for the public name or for no name, as from a
+	// client with a stale config. When empty they are refused with
+	// unrecognized_name.
+	PublicQUICBackend string `json:"public_quic_backend,omitempty"`
 
 	idleTimeout, finTimeout time.Duration
 }
@@ -291,7 +312,32 @@ func (c *Config) check(at func(path string, err error) error) error {
 		if err := checkHostPort(l.Address); err != nil {
 			return at(p+".address", err)
 		}
-		if l.idleTimeout, err = dur(p+".idle_timeout", l.IdleTimeout, DefaultIdleTimeout); err != nil {
+		udp := false
+		switch l.Network {
+		case "", "tcp":
+			if l.PublicQUICBackend != "" {
+				return at(p+".public_quic_backend", errors.New(`only a listener with "network": "udp" has one`))
+			}
+		case "udp":
+			udp = true
+			if l.FinTimeout != "" {
+				return at(p+".fin_timeout", errors.New("a UDP listener has none: QUIC has no half-closed connections to time"))
+			}
+			if l.PublicQUICBackend != "" {
+				if err := checkHostPort(l.PublicQUICBackend); err != nil {
+					return at(p+".public_quic_backend", err)
+				}
+			}
+		default:
+			return at(p+".network", fmt.Errorf(`%q is not "tcp" or "udp"`, l.Network))
+		}
+		idle := DefaultIdleTimeout
+		if udp {
+			// A QUIC flow left by its client is not closed: it waits for
+			// its idle timeout, so the default is QUIC's, not TCP's.
+			idle = echquic.DefaultIdleTimeout
+		}
+		if l.idleTimeout, err = dur(p+".idle_timeout", l.IdleTimeout, idle); err != nil {
 			return err
 		}
 		if l.finTimeout, err = dur(p+".fin_timeout", l.FinTimeout, DefaultFinTimeout); err != nil {
@@ -300,14 +346,23 @@ func (c *Config) check(at func(path string, err error) error) error {
 		if l.MaxConnections < 0 {
 			return at(p+".max_connections", errors.New("must not be negative"))
 		}
-		if slices.Contains(addrs, l.Address) {
+		key := l.Address
+		if udp {
+			key = "udp " + key
+		}
+		if slices.Contains(addrs, key) {
 			return at(p+".address", fmt.Errorf("%q is already a listener", l.Address))
 		}
-		addrs = append(addrs, l.Address)
+		addrs = append(addrs, key)
 		var names []string
 		for j := range l.Routes {
 			r := &l.Routes[j]
 			rp := fmt.Sprintf("%s.routes[%d]", p, j)
+			if udp {
+				if err := checkQUICRoute(rp, *r, at); err != nil {
+					return err
+				}
+			}
 			if err := c.checkRoute(rp, *r, at); err != nil {
 				return err
 			}
@@ -432,6 +487,21 @@ func (c *Config) checkRoute(p string, r RouteConfig, at func(string, error) erro
 	}
 	if err := checkHostPort(r.Backend); err != nil {
 		return at(p+".backend", err)
+	}
+	return nil
+}
+
+// checkQUICRoute checks what a route of a UDP listener cannot have.
+func checkQUICRoute(p string, r RouteConfig, at func(string, error) error) error {
+	switch {
+	case r.Mode == "terminate":
+		return at(p+".mode", errors.New(`a route of a UDP listener is "passthrough": the router does not terminate QUIC, its backend is a QUIC server`))
+	case r.ProxyProtocol:
+		return at(p+".proxy_protocol", errors.New("a route of a UDP listener has no PROXY header"))
+	case r.IdleTimeout != "":
+		return at(p+".idle_timeout", errors.New("set it on the UDP listener: its QUIC flows share one idle timeout"))
+	case r.FinTimeout != "":
+		return at(p+".fin_timeout", errors.New("a UDP listener has none: QUIC has no half-closed connections to time"))
 	}
 	return nil
 }

@@ -107,6 +107,68 @@ func TestParseConfigErrors(t *testing.T) {
 	}
 }
 
+const quicConfig = `{
+  "keys": {"dir": "keys"},
+  "public": {"name": "cover.example", "cert": "cover.crt", "key": "cover.key"},
+  "listeners": [
+    {"address": ":443", "routes": [
+      {"name": "web", "server_names": ["www.example"], "mode": "passthrough", "backend": "10.0.0.2:443"}
+    ]},
+    {"address": ":443", "network": "udp", "public_quic_backend": "10.0.0.9:443", "routes": [
+      {"name": "h3", "server_names": ["www.example"], "alpn": ["h3"],
+       "mode": "passthrough", "backend": "10.0.0.2:443"}
+    ]}
+  ]
+}
+`
+
+func TestParseConfigQUIC(t *testing.T) {
+	t.Parallel()
+	c, err := ParseConfig("router.json", []byte(quicConfig))
+	require.NoError(t, err, "a TCP and a UDP listener share :443")
+	require.Len(t, c.Listeners, 2)
+	assert.Equal(t, "", c.Listeners[0].Network)
+	assert.Equal(t, "udp", c.Listeners[1].Network)
+	assert.Equal(t, "10.0.0.9:443", c.Listeners[1].PublicQUICBackend)
+	assert.Equal(t, DefaultIdleTimeout, c.Listeners[0].idleTimeout)
+	assert.Equal(t, 30*time.Second, c.Listeners[1].idleTimeout, "QUIC's idle timeout by default")
+	assert.Equal(t, 30*time.Second, c.Listeners[1].Routes[0].idleTimeout)
+}
+
+func TestParseConfigQUICErrors(t *testing.T) {
+	t.Parallel()
+	edit := func(old, new string) string {
+		require.Contains(t, quicConfig, old)
+		return strings.Replace(quicConfig, old, new, 1)
+	}
+	for _, tc := range []struct {
+		name, config, want string
+	}{
+		{"terminate on UDP", edit(`"mode": "passthrough", "backend": "10.0.0.2:443"}
+    ]}
+  ]`, `"mode": "terminate", "backend": "10.0.0.2:443", "cert": "c.crt", "key": "c.key"}
+    ]}
+  ]`), `router.json:10: listeners[1].routes[0].mode: a route of a UDP listener is "passthrough"`},
+		{"bad network", edit(`"network": "udp"`, `"network": "quic"`), `router.json:8: listeners[1].network: "quic" is not "tcp" or "udp"`},
+		{"duplicate UDP listener", edit(`"address": ":443", "routes"`, `"address": ":443", "network": "udp", "routes"`), `router.json:8: listeners[1].address: ":443" is already a listener`},
+		{"public backend on TCP", edit(`"address": ":443", "routes"`, `"address": ":443", "public_quic_backend": "10.0.0.9:443", "routes"`), `router.json:5: listeners[0].public_quic_backend: only a listener with "network": "udp" has one`},
+		{"bad public backend", edit(`"10.0.0.9:443"`, `"10.0.0.9"`), `router.json:8: listeners[1].public_quic_backend: "10.0.0.9" is not host:port`},
+		{"PROXY header on UDP", edit(`"alpn": ["h3"],`, `"alpn": ["h3"], "proxy_protocol": true,`), `router.json:9: listeners[1].routes[0].proxy_protocol: a route of a UDP listener has no PROXY header`},
+		{"route idle timeout on UDP", edit(`"alpn": ["h3"],`, `"alpn": ["h3"], "idle_timeout": "1m",`), `router.json:9: listeners[1].routes[0].idle_timeout: set it on the UDP listener`},
+		{"fin timeout on UDP", edit(`"network": "udp",`, `"network": "udp", "fin_timeout": "1s",`), `router.json:8: listeners[1].fin_timeout: a UDP listener has none`},
+		{"public name on UDP", edit(`"server_names": ["www.example"], "alpn"`, `"server_names": ["cover.example"], "alpn"`), `router.json:9: listeners[1].routes[0].server_names[0]: "cover.example" is the public name`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := ParseConfig("router.json", []byte(tc.config))
+			require.Error(t, err)
+			var ce *ConfigError
+			require.ErrorAs(t, err, &ce)
+			assert.Contains(t, err.Error(), tc.want)
+			assert.True(t, strings.HasPrefix(err.Error(), tc.want[:strings.Index(tc.want, ": ")]), "error starts with file:line: %v", err)
+		})
+	}
+}
+
 func TestLoadConfigMissingFile(t *testing.T) {
 	t.Parallel()
 	_, err := LoadConfig(filepath.Join(t.TempDir(), "none.json"))

@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"slices"
 	"strings"
@@ -19,6 +20,7 @@ import (
 
 	"github.com/echkit/ech"
 	"github.com/echkit/ech/echkeys"
+	"github.com/echkit/ech/echquic"
 )
 
 // Server is a [Router] set up from a [Config]: its keys loaded and watched,
@@ -37,8 +39,12 @@ type Server struct {
 	logger    *slog.Logger
 	listeners []Listener
 
-	mu        sync.Mutex
+	mu sync.Mutex
+	// lns and pcs are the open listeners, in the order of the
+	// configuration: lns[i] for TCP, pcs[i] for UDP, the other nil.
 	lns       []net.Listener
+	pcs       []net.PacketConn
+	open      bool
 	metricsLn net.Listener
 }
 
@@ -211,7 +217,7 @@ func (s *Server) serveMetrics(ctx context.Context, ln net.Listener) {
 	m := s.Router.Metrics
 	m.SetReady(func() bool {
 		s.mu.Lock()
-		up := len(s.lns) == len(s.config.Listeners)
+		up := s.open
 		s.mu.Unlock()
 		return up && s.Router.Keys.Len() > 0
 	})
@@ -278,46 +284,67 @@ func CheckFiles(cfg *Config) error {
 	return errors.Join(errs...)
 }
 
-// Listen opens every listener of the configuration.
+// Listen opens every listener of the configuration: a TCP listener, or a
+// UDP socket for a listener with "network": "udp".
 func (s *Server) Listen() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.lns != nil {
+	if s.open {
 		return nil
 	}
-	for _, l := range s.config.Listeners {
-		ln, err := net.Listen("tcp", l.Address)
-		if err != nil {
-			for _, o := range s.lns {
-				o.Close()
+	closeAll := func() {
+		for i := range s.lns {
+			if s.lns[i] != nil {
+				s.lns[i].Close()
 			}
-			s.lns = nil
+			if s.pcs[i] != nil {
+				s.pcs[i].Close()
+			}
+		}
+		s.lns, s.pcs = nil, nil
+	}
+	for _, l := range s.config.Listeners {
+		var (
+			ln  net.Listener
+			pc  net.PacketConn
+			err error
+		)
+		if l.Network == "udp" {
+			pc, err = net.ListenPacket("udp", l.Address)
+		} else {
+			ln, err = net.Listen("tcp", l.Address)
+		}
+		if err != nil {
+			closeAll()
 			return fmt.Errorf("router: %w", err)
 		}
 		s.lns = append(s.lns, ln)
+		s.pcs = append(s.pcs, pc)
 	}
 	if s.config.Metrics != "" {
 		ln, err := net.Listen("tcp", s.config.Metrics)
 		if err != nil {
-			for _, o := range s.lns {
-				o.Close()
-			}
-			s.lns = nil
+			closeAll()
 			return fmt.Errorf("router: metrics: %w", err)
 		}
 		s.metricsLn = ln
 	}
+	s.open = true
 	return nil
 }
 
 // Addrs returns the addresses of the open listeners, in the order of the
-// configuration.
+// configuration: a [*net.TCPAddr] for TCP, a [*net.UDPAddr] for UDP.
 func (s *Server) Addrs() []net.Addr {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	out := make([]net.Addr, len(s.lns))
 	for i, ln := range s.lns {
-		out[i] = ln.Addr()
+		if ln != nil {
+			out[i] = ln.Addr()
+		} else {
+			out[i] = s.pcs[i].LocalAddr()
+		}
 	}
 	return out
 }
@@ -332,7 +359,7 @@ func (s *Server) Run(ctx context.Context, reload <-chan struct{}) error {
 		return err
 	}
 	s.mu.Lock()
-	lns := s.lns
+	lns, pcs := s.lns, s.pcs
 	s.mu.Unlock()
 
 	watchCtx, stopWatch := context.WithCancel(ctx)
@@ -345,8 +372,38 @@ func (s *Server) Run(ctx context.Context, reload <-chan struct{}) error {
 		go s.serveMetrics(watchCtx, metricsLn)
 	}
 
+	// Every UDP listener's proxy, made before any listener is served.
+	proxies := make([]*echquic.Proxy, len(lns))
+	for i, ln := range lns {
+		if ln != nil {
+			continue
+		}
+		lc := s.config.Listeners[i]
+		p, err := s.Router.QUICProxy(QUICListener{
+			Listener:      s.listeners[i],
+			PublicBackend: lc.PublicQUICBackend,
+			IdleTimeout:   lc.idleTimeout,
+		})
+		if err != nil {
+			for j := range lns {
+				if lns[j] != nil {
+					lns[j].Close()
+				} else {
+					pcs[j].Close()
+				}
+			}
+			return err
+		}
+		proxies[i] = p
+	}
 	errc := make(chan error, len(lns))
 	for i, ln := range lns {
+		if p := proxies[i]; p != nil {
+			pc := pcs[i]
+			s.logger.Info("listening", slog.String("address", pc.LocalAddr().String()), slog.String("network", "udp"), slog.Int("routes", len(s.listeners[i].Routes)))
+			go func() { errc <- p.Serve(pc) }()
+			continue
+		}
 		s.logger.Info("listening", slog.String("address", ln.Addr().String()), slog.Int("routes", len(s.listeners[i].Routes)))
 		go func() { errc <- s.Router.ServeListener(ln, s.listeners[i]) }()
 	}
@@ -355,6 +412,13 @@ func (s *Server) Run(ctx context.Context, reload <-chan struct{}) error {
 	case <-ctx.Done():
 	case err = <-errc:
 		// A listener failed: stop them all.
+	}
+	// NOTE: QUIC flows are cut at once, not drained: the proxy forwards
+	// datagrams and cannot tell when a QUIC connection ends.
+	for _, p := range proxies {
+		if p != nil {
+			p.Close()
+		}
 	}
 	s.logger.Info("shutting down", slog.Duration("timeout", s.config.shutdownTimeout))
 	sctx, cancel := context.WithTimeout(context.Background(), s.config.shutdownTimeout)
@@ -434,4 +498,148 @@ func newManager(cfg *Config, ks *ech.KeySet, logger *slog.Logger) (*echkeys.Mana
 	}
 	m.Publisher = pub
 	return m, nil
+}
+
+// QUICListener is what a [Router.QUICProxy] serves on one UDP socket.
+type QUICListener struct {
+	// Listener has the routes, tried in order, the first matching route
+	// winning; each must be ModePassthrough, its Backend a QUIC server's
+	// UDP host:port, its ProxyProtocol false. Its MaxConnections caps the
+	// flows at once (zero means [echquic.DefaultMaxFlows]).
+	Listener
+	// PublicBackend, if not empty, is the host:port of a QUIC server for
+	// the public name (see [ech.KeySet.PublicNameConfig]): it gets the
+	// connections whose server_name is the public name or empty, as a
+	// client with a stale config sends. When empty they are refused with
+	// unrecognized_name.
+	PublicBackend string
+	// IdleTimeout ends a flow that forwarded nothing for that long; zero
+	// means [DefaultIdleTimeout].
+	IdleTimeout time.Duration
+}
+
+// errNoPublicQUIC is logged for a QUIC hello for the public name when no
+// public QUIC backend is set.
+var errNoPublicQUIC = errors.New("router: no QUIC backend for the public name")
+
+// QUICProxy returns an [echquic.Proxy] that routes QUIC connections as
+// [Router.ServeListener] routes TLS: with r.Keys (reloaded in place, so it
+// follows rotations), by the inner server name and ALPN when ECH was
+// accepted, else by the name in the clear; the public name, which no route
+// takes, goes to l.PublicBackend. It logs one "connection" line per QUIC connection, when it is routed,
+// with "network" "udp" and no byte counts. The caller serves the proxy with
+// [echquic.Proxy.Serve] and closes it with [echquic.Proxy.Close]:
+// [Router.Shutdown] and [Router.Close] do not.
+func (r *Router) QUICProxy(l QUICListener) (*echquic.Proxy, error) {
+	if r.Keys == nil || r.PublicName == "" {
+		return nil, errors.New("router: Keys and PublicName are required")
+	}
+	backends := make([]*net.UDPAddr, len(l.Routes))
+	for i, rt := range l.Routes {
+		if rt.Mode != ModePassthrough {
+			return nil, fmt.Errorf("router: route %q: a QUIC route is passthrough, not %v", rt.Name, rt.Mode)
+		}
+		if rt.ProxyProtocol {
+			return nil, fmt.Errorf("router: route %q: a QUIC route has no PROXY header", rt.Name)
+		}
+		// An address needs no lookup; a host name is looked up for each
+		// connection, so that it may change.
+		if ap, err := netip.ParseAddrPort(rt.Backend); err == nil {
+			backends[i] = net.UDPAddrFromAddrPort(ap)
+		}
+	}
+	route := func(info echquic.Info) (net.Addr, error) {
+		lg := &quicLog{info: info}
+		defer r.logQUIC(lg)
+		host := strings.TrimSuffix(info.ServerName, ".")
+		if info.ServerName != "" {
+			if err := checkServerName(host); err != nil {
+				lg.err = err
+				return nil, err
+			}
+		}
+		// As on TCP (see Router.handle): only a hello for the public name
+		// or for no name goes to the public name's server, which sends
+		// retry configs; a hello whose ECH did not decrypt is routed by
+		// its name in the clear.
+		if host == "" || strings.EqualFold(host, r.PublicName) {
+			lg.route = "public"
+			if l.PublicBackend == "" {
+				lg.err = errNoPublicQUIC
+				return nil, lg.err
+			}
+			a, err := net.ResolveUDPAddr("udp", l.PublicBackend)
+			if err != nil {
+				lg.err = fmt.Errorf("%w: %w", errBackend, err)
+			}
+			return a, lg.err
+		}
+		for i := range l.Routes {
+			rt := &l.Routes[i]
+			if !rt.matches(host, info.ALPNProtos) {
+				continue
+			}
+			lg.route = rt.Name
+			if backends[i] != nil {
+				return backends[i], nil
+			}
+			a, err := net.ResolveUDPAddr("udp", rt.Backend)
+			if err != nil {
+				lg.err = fmt.Errorf("%w: %w", errBackend, err)
+			}
+			return a, lg.err
+		}
+		lg.err = errNoRoute
+		return nil, errNoRoute
+	}
+	return &echquic.Proxy{
+		Route:            route,
+		ECHOptions:       []ech.Option{ech.WithKeySet(r.Keys)},
+		IdleTimeout:      l.IdleTimeout,
+		HandshakeTimeout: orDefault(r.HandshakeTimeout, DefaultHandshakeTimeout),
+		MaxFlows:         l.MaxConnections,
+		Logger:           r.logger(),
+	}, nil
+}
+
+// quicLog is what the log line of one QUIC connection says.
+type quicLog struct {
+	info  echquic.Info
+	route string
+	err   error
+}
+
+// logQUIC logs a routed or refused QUIC connection with the attributes of
+// a TCP connection's line, those it knows.
+func (r *Router) logQUIC(l *quicLog) {
+	client := ""
+	if l.info.RemoteAddr != nil {
+		client = l.info.RemoteAddr.String()
+	}
+	attrs := []slog.Attr{
+		slog.String("client", client),
+		slog.String("network", "udp"),
+		slog.String("ech", l.info.Status.String()),
+		slog.String("outer_sni", l.info.OuterServerName),
+	}
+	if !r.HideInnerNames {
+		inner := ""
+		if l.info.Status == ech.StatusAccepted {
+			inner = l.info.ServerName
+		}
+		attrs = append(attrs, slog.String("inner_sni", inner))
+	}
+	attrs = append(attrs,
+		slog.String("alpn", strings.Join(l.info.ALPNProtos, ",")),
+		slog.String("route", l.route),
+		slog.String("mode", ModePassthrough.String()),
+	)
+	level := slog.LevelInfo
+	if l.err != nil {
+		attrs = append(attrs, slog.String("error", l.err.Error()))
+		if errors.Is(l.err, errBackend) {
+			level = slog.LevelWarn
+		}
+	}
+	r.logger().LogAttrs(context.Background(), level, "connection", attrs...)
 }
