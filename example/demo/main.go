@@ -2,7 +2,8 @@
 // with nothing to prepare: it generates an ECH key, starts the router of
 // package router with two routes (one passed through to an ECH-aware
 // crypto/tls backend, one terminated by the router and forwarded as
-// plaintext, with a PROXY v2 header, to a small TCP service), runs clients
+// plaintext, with a PROXY v2 header, to a small TCP service) and, on a UDP
+// socket, one QUIC route to an HTTP/3 server of quic-go, runs clients
 // against it and prints what each one showed on the wire and reached.
 // BoringSSL's bssl-tool and NSS's tstclnt are run too when they are on PATH.
 // It exits 0 when every row is as expected, 1 otherwise.
@@ -31,6 +32,9 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/quic-go/quic-go"
+	"github.com/quic-go/quic-go/http3"
+
 	"github.com/echkit/ech"
 	"github.com/echkit/ech/echclient"
 	"github.com/echkit/ech/internal/testpki"
@@ -49,6 +53,7 @@ const (
 const (
 	tlsBackend   = "tls-backend"
 	plainBackend = "plain-service"
+	h3Backend    = "h3-backend"
 	publicSite   = "router (public name)"
 )
 
@@ -66,6 +71,7 @@ type demo struct {
 	list    ech.ConfigList // the published ECHConfigList
 	stale   ech.ConfigList // a list for a key the router no longer has
 	addr    string         // the router
+	udpAddr string         // the router's QUIC side
 	records chan map[string]string
 }
 
@@ -84,6 +90,7 @@ func run(w io.Writer) int {
 		d.goClient("Go, stale ECH config", tlsName, d.stale, want{publicName, tlsName, "rejected, retried: accepted", tlsBackend}),
 		d.goWellKnown(want{publicName, plainName, "accepted", plainBackend}),
 		d.goClient("Go, no ECH", tlsName, nil, want{tlsName, "-", "not offered", tlsBackend}),
+		d.h3Client("quic-go HTTP/3, ECH", want{publicName, tlsName, "accepted", h3Backend}),
 	}
 	var skipped []string
 	if path, err := exec.LookPath("bssl-tool"); err == nil {
@@ -198,6 +205,11 @@ func setup(w io.Writer) (*demo, func(), error) {
 		return fail(err)
 	}
 	cleanups = append(cleanups, func() { plainLn.Close() })
+	h3Srv, h3Addr, err := serveH3Backend(ca)
+	if err != nil {
+		return fail(err)
+	}
+	cleanups = append(cleanups, func() { h3Srv.Close() })
 
 	// The router.
 	pubCert, err := ca.Leaf(publicName)
@@ -226,6 +238,20 @@ func setup(w io.Writer) (*demo, func(), error) {
 	d.addr = ln.Addr().String()
 	go r.Serve(ln, routes)
 	cleanups = append(cleanups, func() { r.Close() })
+	// Its QUIC side: the same keys, on a UDP socket.
+	qp, err := r.QUICProxy(router.QUICListener{Listener: router.Listener{Routes: []router.Route{
+		{Name: "secret-h3", ServerNames: []string{tlsName}, ALPN: []string{http3.NextProtoH3}, Mode: router.ModePassthrough, Backend: h3Addr.String()},
+	}}})
+	if err != nil {
+		return fail(err)
+	}
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		return fail(err)
+	}
+	d.udpAddr = pc.LocalAddr().String()
+	go qp.Serve(pc)
+	cleanups = append(cleanups, func() { qp.Close() })
 
 	c, _ := ech.ParseConfig(key.Config)
 	fmt.Fprintf(w, "ECH split-mode demo: everything runs in this process, on 127.0.0.1.\n\n")
@@ -233,7 +259,9 @@ func setup(w io.Writer) (*demo, func(), error) {
 	fmt.Fprintf(w, "  DNS record   %s\n", d.list.HTTPSRecord(tlsName, 5*time.Minute))
 	fmt.Fprintf(w, "  router       %s, serves %s itself (retry configs, %s)\n", d.addr, publicName, router.WellKnownPath)
 	fmt.Fprintf(w, "  route        %-15s passthrough -> %s, an ECH-aware crypto/tls server at %s\n", tlsName, tlsBackend, tlsLn.Addr())
-	fmt.Fprintf(w, "  route        %-15s terminate   -> %s, a plaintext TCP service at %s (PROXY v2)\n\n", plainName, plainBackend, plainLn.Addr())
+	fmt.Fprintf(w, "  route        %-15s terminate   -> %s, a plaintext TCP service at %s (PROXY v2)\n", plainName, plainBackend, plainLn.Addr())
+	fmt.Fprintf(w, "  router QUIC  udp %s, the same keys\n", d.udpAddr)
+	fmt.Fprintf(w, "  route        %-15s passthrough -> %s, an HTTP/3 server (quic-go, no ECH keys) at udp %s\n\n", tlsName, h3Backend, h3Addr)
 	return d, cleanup, nil
 }
 
@@ -312,7 +340,7 @@ func (d *demo) fill(r *row, n int) {
 
 // backendOf names the backend from its greeting.
 func backendOf(greeting string) string {
-	for _, b := range []string{tlsBackend, plainBackend} {
+	for _, b := range []string{tlsBackend, plainBackend, h3Backend} {
 		if strings.Contains(greeting, b+":") {
 			return b
 		}
@@ -354,6 +382,42 @@ func (d *demo) goDial(cfg *tls.Config) (string, tls.ConnectionState, error) {
 	conn.SetDeadline(time.Now().Add(5 * time.Second))
 	b, err := io.ReadAll(conn)
 	return strings.TrimSpace(string(b)), conn.ConnectionState(), err
+}
+
+// h3Client does an HTTP/3 GET with quic-go and ECH through the router's
+// QUIC side.
+func (d *demo) h3Client(label string, w want) *row {
+	r := &row{client: label, want: w}
+	var state tls.ConnectionState
+	cfg := &tls.Config{
+		ServerName:                     tlsName,
+		RootCAs:                        d.ca.Pool,
+		EncryptedClientHelloConfigList: d.list,
+		VerifyConnection:               func(cs tls.ConnectionState) error { state = cs; return nil },
+	}
+	tr := &http3.Transport{
+		TLSClientConfig: cfg,
+		Dial: func(ctx context.Context, _ string, tlsCfg *tls.Config, qcfg *quic.Config) (*quic.Conn, error) {
+			return quic.DialAddr(ctx, d.udpAddr, tlsCfg, qcfg)
+		},
+	}
+	defer tr.Close()
+	hc := &http.Client{Timeout: 5 * time.Second, Transport: tr}
+	var body string
+	resp, err := hc.Get("https://" + tlsName + "/")
+	if err == nil {
+		var b []byte
+		b, err = io.ReadAll(resp.Body)
+		resp.Body.Close()
+		body = strings.TrimSpace(string(b))
+	}
+	r.err = err
+	if err == nil && !state.ECHAccepted {
+		r.err = errors.New("client: ECH not accepted")
+	}
+	r.got.backend = backendOf(body)
+	d.fill(r, 1)
+	return r
 }
 
 // goWellKnown fetches the ECHConfigList from the public name over HTTPS, as
@@ -488,6 +552,32 @@ func serveTLSBackend(ca *testpki.CA) (net.Listener, error) {
 		lingerClose(tc)
 	})
 	return ln, nil
+}
+
+// serveH3Backend starts an HTTP/3 server of quic-go with no ECH keys: it
+// completes the handshake of the ClientHelloInner the router forwards,
+// and confirms ECH acceptance by itself, as crypto/tls does on TCP. It
+// greets each client with the name it asked for.
+func serveH3Backend(ca *testpki.CA) (*http3.Server, net.Addr, error) {
+	cert, err := ca.Leaf(tlsName)
+	if err != nil {
+		return nil, nil, err
+	}
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		return nil, nil, err
+	}
+	srv := &http3.Server{
+		TLSConfig: http3.ConfigureTLSConfig(&tls.Config{Certificates: []tls.Certificate{cert}}),
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			fmt.Fprintf(w, "%s: hello, %s\n", h3Backend, r.TLS.ServerName)
+		}),
+	}
+	go func() {
+		srv.Serve(pc)
+		pc.Close()
+	}()
+	return srv, pc.LocalAddr(), nil
 }
 
 // servePlain starts a plaintext TCP service that reads the PROXY v2 header

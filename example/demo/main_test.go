@@ -16,7 +16,7 @@ func TestDemo(t *testing.T) {
 	assert.Contains(t, out.String(), "ok: all")
 	for _, row := range []string{
 		"Go crypto/tls, ECH", "Go, stale ECH config", "Go, config from /.well-known/origin-svcb", "Go, no ECH",
-		"rejected, retried: accepted", "not offered",
+		"quic-go HTTP/3, ECH", "h3-backend", "rejected, retried: accepted", "not offered",
 	} {
 		assert.Contains(t, out.String(), row)
 	}
