@@ -110,12 +110,14 @@ type Conn struct {
 	wmu    sync.Mutex
 	wwatch *serverFlight // non-nil until the server's first message is classified
 
-	status     Status
-	presented  bool
-	configID   uint8
-	serverName string
-	outerName  string
-	alpn       []string
+	status    Status
+	presented bool
+	// outerParsed is set once the ClientHelloOuter parsed, for HelloError.
+	outerParsed bool
+	configID    uint8
+	serverName  string
+	outerName   string
+	alpn        []string
 }
 
 var (
@@ -187,7 +189,8 @@ var aLongTimeAgo = time.Unix(1, 0)
 // alert (decode_error, illegal_parameter, ...) written to conn, and NewConn
 // returns an error wrapping the matching sentinel, such as
 // [ErrIllegalParameter], that also matches [tls.AlertError] with
-// [errors.As]. A hello whose ECH does not decrypt (GREASE, an unknown
+// [errors.As]; the error is a [*HelloError], which says what was known of
+// the hello (whether it offered ECH, its name in the clear). A hello whose ECH does not decrypt (GREASE, an unknown
 // config_id, a stale key) is not an error: see [StatusRejected]. NewConn
 // does not close conn. Without a key option it returns [ErrNoKeys] at
 // once; an empty [KeySet] is allowed.
@@ -248,7 +251,11 @@ func NewConn(ctx context.Context, conn net.Conn, opts ...Option) (*Conn, error) 
 		o.logger.LogAttrs(ctx, slog.LevelInfo, "ech: ClientHello refused",
 			slog.String("remote", addrString(conn.RemoteAddr())), slog.String("error", err.Error()))
 	}
-	return nil, err
+	he := &HelloError{Err: err, Parsed: c.outerParsed}
+	if c.outerParsed {
+		he.ECHPresented, he.OuterServerName = c.presented, c.outerName
+	}
+	return nil, he
 }
 
 func addrString(a net.Addr) string {
@@ -272,6 +279,7 @@ func (c *Conn) readHello(ctx context.Context, o *options, deadline time.Time) er
 		return err
 	}
 	c.outerName, c.serverName = outer.serverName, outer.serverName
+	c.outerParsed, c.presented = true, outer.hasECH
 	c.status = StatusNotOffered
 	if outer.hasECH {
 		accepted, err := c.acceptECH(o, body, sc, deadline)

@@ -61,3 +61,27 @@ var (
 	// call of [NewConn] with neither [WithKeySet] nor [WithKeys].
 	ErrNoKeys = errors.New("ech: no keys")
 )
+
+// HelloError is the error of [NewConn] for a ClientHello it refused (or
+// could not read), with what it had learned of the hello by then, for logs
+// and metrics. It wraps the error that says why, which wraps one of the
+// sentinels above.
+type HelloError struct {
+	// Err is the reason the hello was refused.
+	Err error
+	// Parsed reports whether the ClientHelloOuter parsed; when it did not,
+	// the fields below are zero because nothing is known.
+	Parsed bool
+	// ECHPresented reports whether the ClientHelloOuter carried an
+	// encrypted_client_hello extension.
+	ECHPresented bool
+	// OuterServerName is the server_name of the ClientHelloOuter, the
+	// name the client sent in the clear.
+	OuterServerName string
+}
+
+// Error returns the reason the hello was refused.
+func (e *HelloError) Error() string { return e.Err.Error() }
+
+// Unwrap returns the reason the hello was refused.
+func (e *HelloError) Unwrap() error { return e.Err }

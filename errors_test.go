@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/echkit/ech"
+	"github.com/echkit/ech/echtest"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -86,4 +87,40 @@ func checkError(t *testing.T, err error) {
 		}
 	}
 	t.Fatalf("error wraps no sentinel: %v", err)
+}
+
+func TestHelloError(t *testing.T) {
+	ks := echtest.NewKeySet(t, publicName)
+	innerECH := baseOuter()
+	innerECH.set(tECH, []byte{1}) // ECHClientHelloType inner, from a client
+	badALPN := baseOuter()
+	badALPN.remove(tECH)
+	badALPN.set(tALPN, []byte{0, 5, 3, 'a'}) // a protocol list cut short
+	tests := []struct {
+		name      string
+		in        []byte
+		parsed    bool
+		presented bool
+		sentinel  error
+	}{
+		{"not TLS", []byte("GET / HTTP/1.1\r\n\r\n"), false, false, ech.ErrNotTLS},
+		{"inner ECH from a client", records(innerECH.message(), 1<<14), true, true, ech.ErrIllegalParameter},
+		{"no ECH, bad ALPN", records(badALPN.message(), 1<<14), true, false, ech.ErrDecodeError},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := ech.NewConn(t.Context(), &memConn{data: tc.in}, ech.WithKeySet(ks))
+			var he *ech.HelloError
+			require.ErrorAs(t, err, &he)
+			assert.ErrorIs(t, err, tc.sentinel)
+			assert.Equal(t, tc.parsed, he.Parsed)
+			assert.Equal(t, tc.presented, he.ECHPresented)
+			if tc.parsed {
+				assert.Equal(t, publicName, he.OuterServerName)
+			} else {
+				assert.Empty(t, he.OuterServerName)
+			}
+			assert.Equal(t, he.Err.Error(), err.Error())
+		})
+	}
 }

@@ -6,9 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -17,90 +14,17 @@ import (
 
 	"github.com/echkit/ech"
 	"github.com/echkit/ech/echclient"
+	"github.com/echkit/ech/internal/knottest"
 	"github.com/miekg/dns"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
 
-// testTSIGSecret is the TSIG secret of the test zone (32 bytes, base64).
-const testTSIGSecret = "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0MTI="
-
-// startKnot starts Knot DNS on a loopback port, authoritative for the zone
-// "test." with the records given, accepting updates signed with the TSIG
-// key "upd.", and returns its address. It skips the test when knotd is not
-// installed.
+// startKnot starts Knot DNS for the zone "test." with records (see
+// [knottest.Start]) and returns its address.
 func startKnot(t testing.TB, records string) string {
 	t.Helper()
-	knotd, err := exec.LookPath("knotd")
-	if err != nil {
-		if _, serr := os.Stat("/usr/sbin/knotd"); serr != nil {
-			needs(t, "knotd not installed (Debian package knot)")
-		}
-		knotd = "/usr/sbin/knotd"
-	}
-	dir := t.TempDir()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	addr := ln.Addr().String()
-	ln.Close()
-	host, port, _ := net.SplitHostPort(addr)
-	conf := fmt.Sprintf(`server:
-    listen: %[1]s@%[2]s
-    rundir: %[3]s
-    pidfile: %[3]s/knot.pid
-control:
-    listen: %[3]s/knot.sock
-log:
-  - target: stderr
-    any: info
-database:
-    storage: %[3]s/db
-key:
-  - id: upd.
-    algorithm: hmac-sha256
-    secret: %[4]s
-acl:
-  - id: upd_acl
-    key: upd.
-    action: update
-zone:
-  - domain: test.
-    storage: %[3]s
-    file: test.zone
-    acl: upd_acl
-    zonefile-sync: -1
-    journal-content: none
-`, host, port, dir, testTSIGSecret)
-	zone := "$ORIGIN test.\n$TTL 60\n@ SOA ns.test. admin.test. 1 60 60 600 60\n@ NS ns.test.\nns A 127.0.0.1\n" + records
-	require.NoError(t, os.WriteFile(filepath.Join(dir, "knot.conf"), []byte(conf), 0o600))
-	require.NoError(t, os.WriteFile(filepath.Join(dir, "test.zone"), []byte(zone), 0o600))
-	logf, err := os.Create(filepath.Join(dir, "knot.log"))
-	require.NoError(t, err)
-	cmd := exec.Command(knotd, "-c", filepath.Join(dir, "knot.conf"))
-	cmd.Stdout, cmd.Stderr = logf, logf
-	require.NoError(t, cmd.Start())
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-		logf.Close()
-		if t.Failed() {
-			b, _ := os.ReadFile(filepath.Join(dir, "knot.log"))
-			t.Logf("knotd log:\n%s", b)
-		}
-	})
-	// Wait until it answers, at most ten seconds.
-	c := &dns.Client{Net: "tcp", Timeout: time.Second}
-	q := new(dns.Msg)
-	q.SetQuestion("test.", dns.TypeSOA)
-	for start := time.Now(); ; time.Sleep(20 * time.Millisecond) {
-		r, _, err := c.Exchange(q, addr)
-		if err == nil && r.Rcode == dns.RcodeSuccess && len(r.Answer) > 0 {
-			return addr
-		}
-		if time.Since(start) > 10*time.Second {
-			t.Fatalf("knotd does not answer: %v", err)
-		}
-	}
+	return knottest.Start(t, "test.", records)
 }
 
 // queryECH returns the ech parameter of the HTTPS record at name, asked
@@ -124,7 +48,7 @@ func queryECH(t testing.TB, server, name string) ech.ConfigList {
 }
 
 func testProvider(server string) *RFC2136 {
-	return &RFC2136{Server: server, Zone: "test", KeyName: "upd", Secret: testTSIGSecret, Timeout: 2 * time.Second}
+	return &RFC2136{Server: server, Zone: "test", KeyName: "upd", Secret: knottest.Secret, Timeout: 2 * time.Second}
 }
 
 // TestPublishKnot runs a fleet of three routers with automatic keys that
@@ -373,14 +297,4 @@ func BenchmarkRotateToPublished(b *testing.B) {
 			}
 		}
 	})
-}
-
-// needs skips t for a missing requirement, except under CI, where .ci/run
-// installs every requirement and a missing one is a failure.
-func needs(t testing.TB, args ...any) {
-	t.Helper()
-	if os.Getenv("CI") != "" {
-		t.Fatal(append([]any{"CI must run this test:"}, args...)...)
-	}
-	t.Skip(args...)
 }

@@ -9,19 +9,16 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/echkit/ech"
+	"github.com/echkit/ech/internal/knottest"
 	"github.com/miekg/dns"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
-
-// knotSecret is the TSIG secret of the test zone.
-const knotSecret = "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0MTI="
 
 // freeAddr returns a loopback address with a port that was free.
 func freeAddr(t *testing.T) string {
@@ -32,65 +29,11 @@ func freeAddr(t *testing.T) string {
 	return ln.Addr().String()
 }
 
-// startKnot starts Knot DNS for the zone "example." with records, taking
-// updates signed with the TSIG key "upd.", and returns its address. It skips
-// the test when knotd is not installed (Debian package knot).
+// startKnot starts Knot DNS for the zone "example." with records (see
+// [knottest.Start]) and returns its address.
 func startKnot(t *testing.T, records string) string {
 	t.Helper()
-	knotd, err := exec.LookPath("knotd")
-	if err != nil {
-		if _, serr := os.Stat("/usr/sbin/knotd"); serr != nil {
-			needs(t, "knotd not installed (Debian package knot)")
-		}
-		knotd = "/usr/sbin/knotd"
-	}
-	dir := t.TempDir()
-	addr := freeAddr(t)
-	host, port, _ := net.SplitHostPort(addr)
-	conf := fmt.Sprintf(`server:
-    listen: %[1]s@%[2]s
-    rundir: %[3]s
-    pidfile: %[3]s/knot.pid
-control:
-    listen: %[3]s/knot.sock
-database:
-    storage: %[3]s/db
-key:
-  - id: upd.
-    algorithm: hmac-sha256
-    secret: %[4]s
-acl:
-  - id: upd_acl
-    key: upd.
-    action: update
-zone:
-  - domain: example.
-    storage: %[3]s
-    file: example.zone
-    acl: upd_acl
-    zonefile-sync: -1
-    journal-content: none
-`, host, port, dir, knotSecret)
-	zone := "$ORIGIN example.\n$TTL 60\n@ SOA ns.example. admin.example. 1 60 60 600 60\n@ NS ns.example.\nns A 127.0.0.1\n" + records
-	require.NoError(t, os.WriteFile(filepath.Join(dir, "knot.conf"), []byte(conf), 0o600))
-	require.NoError(t, os.WriteFile(filepath.Join(dir, "example.zone"), []byte(zone), 0o600))
-	cmd := exec.Command(knotd, "-c", filepath.Join(dir, "knot.conf"))
-	require.NoError(t, cmd.Start())
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-	})
-	c := &dns.Client{Net: "tcp", Timeout: time.Second}
-	q := new(dns.Msg)
-	q.SetQuestion("example.", dns.TypeSOA)
-	for start := time.Now(); ; time.Sleep(20 * time.Millisecond) {
-		if r, _, err := c.Exchange(q, addr); err == nil && r.Rcode == dns.RcodeSuccess && len(r.Answer) > 0 {
-			return addr
-		}
-		if time.Since(start) > 10*time.Second {
-			t.Fatalf("knotd does not answer")
-		}
-	}
+	return knottest.Start(t, "example.", records)
 }
 
 // httpsECH returns the ech parameter of the HTTPS record at name.
@@ -124,7 +67,7 @@ func TestAutoKeysFleetKnot(t *testing.T) {
 	dir := t.TempDir()
 	writeCert(t, dir, "cover", e.cert(publicName))
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "ca.pem"), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: e.ca.Cert.Raw}), 0o600))
-	require.NoError(t, os.WriteFile(filepath.Join(dir, "tsig"), []byte(knotSecret+"\n"), 0o600))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "tsig"), []byte(knottest.Secret+"\n"), 0o600))
 	backend := e.tlsBackend(tlsName)
 	addrs := []string{freeAddr(t), freeAddr(t), freeAddr(t)}
 	peers := ""

@@ -429,30 +429,38 @@ func orDefault(d, def time.Duration) time.Duration {
 
 // connLog is what the log line of one connection says.
 type connLog struct {
-	start      time.Time
-	hello      time.Duration // from accepting to the hello read
-	listener   string
-	echLabel   string // the ECH outcome as the metrics label it
-	client     string
-	status     ech.Status
-	configID   int  // -1 when the client sent no ECH
-	refused    bool // NewConn refused the hello
-	outerName  string
-	innerName  string
-	alpn       []string
-	negotiated string
-	route      string
-	mode       string
-	in, out    int64 // bytes forwarded from and to the client
-	err        error
+	start    time.Time
+	hello    time.Duration // from accepting to the hello read
+	listener string
+	echLabel string // the ECH outcome as the metrics label it
+	client   string
+	status   ech.Status
+	configID int  // -1 when the client sent no ECH
+	refused  bool // NewConn refused the hello
+	// helloParsed and helloECH say, for a refused hello, whether its
+	// ClientHelloOuter parsed and whether it offered ECH.
+	helloParsed, helloECH bool
+	outerName             string
+	innerName             string
+	alpn                  []string
+	negotiated            string
+	route                 string
+	mode                  string
+	in, out               int64 // bytes forwarded from and to the client
+	err                   error
 }
 
 func (r *Router) log(l *connLog) {
 	status := l.status.String()
 	if l.refused {
-		// NOTE: ech.NewConn returns no Conn with its error, so whether
-		// the refused hello carried ECH is unknown.
-		status = "unknown"
+		// What NewConn learned of the hello before refusing it.
+		status = "unknown" // it did not parse
+		if l.helloParsed {
+			status = "offered"
+			if !l.helloECH {
+				status = "not offered"
+			}
+		}
 	}
 	attrs := []slog.Attr{
 		slog.String("client", l.client),
@@ -508,6 +516,9 @@ func (r *Router) handle(conn net.Conn, listener string, routes []Route) {
 	l.hello = time.Since(l.start)
 	if err != nil {
 		l.err, l.refused = err, true
+		if he := (*ech.HelloError)(nil); errors.As(err, &he) && he.Parsed {
+			l.helloParsed, l.helloECH, l.outerName = true, he.ECHPresented, he.OuterServerName
+		}
 		return
 	}
 	l.echLabel = echLabel(c, r.PublicName)

@@ -629,6 +629,22 @@ func TestNoRoute(t *testing.T) {
 	l = e.log()
 	assert.Contains(t, l["error"], ech.ErrNotTLS.Error())
 	assert.Equal(t, "unknown", l["ech"], "NewConn refused the hello before anyone knew")
+
+	// A hello that parses and offers ECH, then breaks a rule: logged as
+	// offered, with its name in the clear.
+	conn, err = net.Dial("tcp", addr)
+	require.NoError(t, err)
+	conn.Write(editHello(t, captureHello(t, e.clientConfig(tlsName, e.list)), func(typ uint16, body []byte) [][2][]byte {
+		if typ == testExtensionECH {
+			return [][2][]byte{ext(typ, []byte{1})} // an inner ECH extension, from a client
+		}
+		return [][2][]byte{ext(typ, body)}
+	}))
+	conn.Close()
+	l = e.log()
+	assert.Contains(t, l["error"], ech.ErrIllegalParameter.Error())
+	assert.Equal(t, "offered", l["ech"])
+	assert.Equal(t, publicName, l["outer_sni"])
 }
 
 func TestBackendDown(t *testing.T) {
