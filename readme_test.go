@@ -84,17 +84,21 @@ func TestREADME(t *testing.T) {
 	}
 
 	t.Run("chatmail.json", func(t *testing.T) {
-		require.NotEmpty(t, jsonBlocks)
 		file, err := os.ReadFile("cmd/ech-router/chatmail.json")
 		require.NoError(t, err)
-		// The last is the chatmail example; the others show settings
-		// of it and must at least be JSON.
-		assert.Equal(t, string(file), jsonBlocks[len(jsonBlocks)-1], "the README shows cmd/ech-router/chatmail.json as it is")
-		_, err = router.ParseConfig("README.md", []byte(jsonBlocks[len(jsonBlocks)-1]))
-		assert.NoError(t, err)
-		for _, b := range jsonBlocks[:len(jsonBlocks)-1] {
+		// One block is the chatmail example as the file has it; the others
+		// show settings and must at least be JSON.
+		shown := 0
+		for _, b := range jsonBlocks {
+			if b == string(file) {
+				shown++
+				_, err = router.ParseConfig("README.md", []byte(b))
+				assert.NoError(t, err)
+				continue
+			}
 			assert.True(t, json.Valid([]byte(b)), "a README JSON block is not JSON:\n%s", b)
 		}
+		assert.Equal(t, 1, shown, "the README shows cmd/ech-router/chatmail.json as it is, once")
 	})
 
 	if testing.Short() {
@@ -109,7 +113,7 @@ func TestREADME(t *testing.T) {
 		// The accept loop, the echclient example, the echtest example and
 		// the test of one's own router (the README's accept loop), each in
 		// a file with the imports it needs.
-		require.Len(t, goBlocks, 4)
+		require.Len(t, goBlocks, 5)
 		files := map[string]string{
 			"main.go": "package main\n\nimport (\n\t\"crypto/tls\"\n\t\"io\"\n\t\"net\"\n\n\t\"github.com/echkit/ech\"\n)\n\n" +
 				"var _ = serve // the README's example\n\nfunc main() {}\n\n" + goBlocks[0],
@@ -120,12 +124,14 @@ func TestREADME(t *testing.T) {
 				"func startMyRouter(t *testing.T, ks *ech.KeySet, backends map[string]string) string {\n" +
 				"\tln, err := net.Listen(\"tcp\", \"127.0.0.1:0\")\n\trequire.NoError(t, err)\n\tt.Cleanup(func() { ln.Close() })\n" +
 				"\tgo serve(ln, ks, tls.Certificate{}, backends)\n\treturn ln.Addr().String()\n}\n\n" + goBlocks[3],
+			"quic.go": "package main\n\nimport (\n\t\"errors\"\n\t\"net\"\n\n\t\"github.com/echkit/ech\"\n\t\"github.com/echkit/ech/echquic\"\n)\n\n" +
+				"var _ = serveQUIC\n\n" + goBlocks[4],
 		}
 		require.NoError(t, os.MkdirAll(filepath.Join(dir, "readmeexample"), 0o755))
 		for name, src := range files {
 			require.NoError(t, os.WriteFile(filepath.Join(dir, "readmeexample", name), []byte(src), 0o644))
 		}
-		cmd := exec.Command("go", "test", "-count=1", "./readmeexample") // compiles all four, runs the tests
+		cmd := exec.Command("go", "test", "-count=1", "./readmeexample") // compiles all five, runs the tests
 		cmd.Dir, cmd.Env = dir, env
 		out, err := cmd.CombinedOutput()
 		require.NoError(t, err, "the README's Go examples do not compile or TestSecret fails:\n%s", out)
