@@ -375,10 +375,15 @@ func (r *run) acceptedLine() logRecord {
 	return ls[0]
 }
 
-// rejectedLine returns the router's line of the stale config's connection.
+// rejectedLine returns the router's line of the stale config's connection:
+// rejected, with the stale config_id, naming the public name. (A GREASE
+// hello of the other browser, running at the same time, may carry the same
+// config_id by chance, but it names its own test host.)
 func (r *run) rejectedLine() logRecord {
 	id := strconv.Itoa(int(mustConfigID(r.t, r.e.staleKey(r.browser))))
-	ls := r.lines(func(l logRecord) bool { return l["ech"] == "rejected" && l["config_id"] == id })
+	ls := r.lines(func(l logRecord) bool {
+		return l["ech"] == "rejected" && l["config_id"] == id && strings.EqualFold(l["outer_sni"], publicName)
+	})
 	if len(ls) == 0 {
 		return nil
 	}
