@@ -219,7 +219,8 @@ type Router struct {
 }
 
 // Serve accepts connections on ln and routes each with routes, the first
-// matching route winning. It returns [ErrClosed] after [Router.Shutdown] or
+// matching route winning. The ClientHellos are read concurrently by an
+// [ech.Listener], so that a slow client holds up no other. It returns [ErrClosed] after [Router.Shutdown] or
 // [Router.Close], else the error that stopped ln. ln is closed on return.
 // Temporary accept errors (out of file descriptors) are retried.
 func (r *Router) Serve(ln net.Listener, routes []Route) error {
@@ -249,59 +250,113 @@ func (r *Router) ServeListener(ln net.Listener, l Listener) error {
 	}
 	defer r.untrack(ln)
 	addr := ln.Addr().String()
-	var (
-		tempDelay time.Duration // the backoff after a temporary accept error
-		failures  int           // accept errors in this burst
-		inFlight  atomic.Int64  // connections of ln in progress
-		refused   int64         // connections refused over MaxConnections
-	)
+	var inFlight atomic.Int64 // connections of ln in progress, hellos included
+	g := &gate{Listener: ln, r: r, addr: addr, max: l.MaxConnections, inFlight: &inFlight}
+	// ech.NewListener reads the hellos concurrently, so that a slow client
+	// never holds up the others, and backs off on temporary accept errors;
+	// the gate under it admits connections (max_connections) and logs
+	// those errors.
+	el := ech.NewListener(g, ech.WithKeySet(r.Keys),
+		ech.WithHandshakeTimeout(orDefault(r.HandshakeTimeout, DefaultHandshakeTimeout)))
+	el.OnError = func(conn net.Conn, err error) {
+		defer g.done(conn)
+		l := &connLog{start: g.acceptedAt(conn), listener: addr, client: conn.RemoteAddr().String(),
+			configID: -1, echLabel: echRefused, refused: true, err: err}
+		l.hello = time.Since(l.start)
+		if he := (*ech.HelloError)(nil); errors.As(err, &he) && he.Parsed {
+			l.helloParsed, l.helloECH, l.outerName = true, he.ECHPresented, he.OuterServerName
+		}
+		r.log(l)
+	}
+	defer el.Close()
 	for {
-		conn, err := ln.Accept()
+		conn, err := el.Accept()
 		if err != nil {
 			if r.isClosed() {
 				return ErrClosed
 			}
-			if !temporaryAcceptError(err) {
-				return err
+			if errors.Is(err, net.ErrClosed) {
+				return ErrClosed
 			}
-			// As net/http's Server does: back off from 5ms, doubling up
-			// to 1s, and go on accepting. One log line per burst.
-			if failures == 0 {
-				r.logger().Warn("accept failed, retrying", slog.String("address", ln.Addr().String()),
-					slog.String("error", err.Error()))
-			}
-			failures++
-			tempDelay = min(max(2*tempDelay, 5*time.Millisecond), time.Second)
-			time.Sleep(tempDelay)
-			continue
+			return err
 		}
-		if failures > 0 {
-			r.logger().Info("accepting again", slog.String("address", ln.Addr().String()),
-				slog.Int("failed_accepts", failures))
-			failures = 0
-		}
-		tempDelay = 0
-		if l.MaxConnections > 0 && inFlight.Load() >= int64(l.MaxConnections) {
-			refused++
-			r.Metrics.Refused(addr, "max_connections")
-			r.logger().Warn("connection refused: max_connections reached",
-				slog.String("address", ln.Addr().String()), slog.String("client", conn.RemoteAddr().String()),
-				slog.Int("max_connections", l.MaxConnections), slog.Int64("refused", refused))
-			conn.Close()
-			continue
-		}
-		if !r.trackConn(conn) {
-			conn.Close()
+		c := conn.(*ech.Conn)
+		if !r.trackConn(c.NetConn()) {
+			c.Close()
+			g.done(c.NetConn())
 			return ErrClosed
 		}
-		inFlight.Add(1)
-		r.Metrics.Active(addr, 1)
 		go func() {
-			defer inFlight.Add(-1)
-			defer r.Metrics.Active(addr, -1)
-			defer r.untrackConn(conn)
-			r.handle(conn, addr, routes)
+			defer g.done(c.NetConn())
+			defer r.untrackConn(c.NetConn())
+			r.handle(c, addr, g.acceptedAt(c.NetConn()), routes)
 		}()
+	}
+}
+
+// gate is the net.Listener under a router's ech.Listener: it refuses
+// connections over max_connections before their hello is read, logs bursts
+// of temporary accept errors (the ech.Listener backs off), and remembers
+// when each connection was accepted, for the log and the metrics.
+type gate struct {
+	net.Listener
+	r        *Router
+	addr     string
+	max      int
+	inFlight *atomic.Int64
+	failures int   // accept errors in this burst; only the accept loop uses it
+	refused  int64 // connections refused over max
+	accepted sync.Map
+}
+
+func (g *gate) Accept() (net.Conn, error) {
+	for {
+		conn, err := g.Listener.Accept()
+		if err != nil {
+			if temporaryAcceptError(err) && !g.r.isClosed() {
+				// One log line per burst; ech.Listener retries after 5 ms,
+				// doubling up to 1 s, as net/http's Server does.
+				if g.failures == 0 {
+					g.r.logger().Warn("accept failed, retrying", slog.String("address", g.addr),
+						slog.String("error", err.Error()))
+				}
+				g.failures++
+			}
+			return nil, err
+		}
+		if g.failures > 0 {
+			g.r.logger().Info("accepting again", slog.String("address", g.addr), slog.Int("failed_accepts", g.failures))
+			g.failures = 0
+		}
+		if g.max > 0 && g.inFlight.Load() >= int64(g.max) {
+			g.refused++
+			g.r.Metrics.Refused(g.addr, "max_connections")
+			g.r.logger().Warn("connection refused: max_connections reached",
+				slog.String("address", g.addr), slog.String("client", conn.RemoteAddr().String()),
+				slog.Int("max_connections", g.max), slog.Int64("refused", g.refused))
+			conn.Close()
+			continue
+		}
+		g.inFlight.Add(1)
+		g.r.Metrics.Active(g.addr, 1)
+		g.accepted.Store(conn, time.Now())
+		return conn, nil
+	}
+}
+
+// acceptedAt returns when conn was accepted.
+func (g *gate) acceptedAt(conn net.Conn) time.Time {
+	if t, ok := g.accepted.Load(conn); ok {
+		return t.(time.Time)
+	}
+	return time.Now()
+}
+
+// done records the end of conn, refused or routed.
+func (g *gate) done(conn net.Conn) {
+	if _, ok := g.accepted.LoadAndDelete(conn); ok {
+		g.inFlight.Add(-1)
+		g.r.Metrics.Active(g.addr, -1)
 	}
 }
 
@@ -503,24 +558,11 @@ func (r *Router) log(l *connLog) {
 	}
 }
 
-// handle reads the ClientHello of conn and routes the connection.
-func (r *Router) handle(conn net.Conn, listener string, routes []Route) {
-	l := &connLog{start: time.Now(), listener: listener, client: conn.RemoteAddr().String(), configID: -1, echLabel: echRefused}
+// handle routes c, whose ClientHello the ech.Listener read, accepted at
+// start.
+func (r *Router) handle(c *ech.Conn, listener string, start time.Time, routes []Route) {
+	l := &connLog{start: start, hello: time.Since(start), listener: listener, client: c.RemoteAddr().String(), configID: -1}
 	defer func() { r.log(l) }()
-
-	// NewConn reads the TCP connection itself, so that ech.Conn's
-	// WriteTo and ReadFrom hand it to io.Copy and the kernel's splice.
-	ctx, cancel := context.WithTimeout(context.Background(), orDefault(r.HandshakeTimeout, DefaultHandshakeTimeout))
-	c, err := ech.NewConn(ctx, conn, ech.WithKeySet(r.Keys))
-	cancel()
-	l.hello = time.Since(l.start)
-	if err != nil {
-		l.err, l.refused = err, true
-		if he := (*ech.HelloError)(nil); errors.As(err, &he) && he.Parsed {
-			l.helloParsed, l.helloECH, l.outerName = true, he.ECHPresented, he.OuterServerName
-		}
-		return
-	}
 	l.echLabel = echLabel(c, r.PublicName)
 	l.status, l.outerName, l.alpn = c.Status(), c.OuterServerName(), c.ALPNProtos()
 	if id, ok := c.ConfigID(); ok {
