@@ -25,13 +25,14 @@ const (
 	echRefused    = "refused" // NewConn refused the hello
 )
 
-// echLabel returns the metrics label of a connection's ECH outcome.
-func echLabel(c *ech.Conn, publicName string) string {
-	switch c.Status() {
+// echLabel returns the metrics label of a connection's ECH outcome, from
+// its status and the name it sent in the clear.
+func echLabel(status ech.Status, outerName, publicName string) string {
+	switch status {
 	case ech.StatusAccepted:
 		return echAccepted
 	case ech.StatusRejected:
-		if n := c.OuterServerName(); n == "" || equalFoldASCII(n, publicName) {
+		if outerName == "" || equalFoldASCII(outerName, publicName) {
 			return echStale
 		}
 		return echGREASE
@@ -162,6 +163,16 @@ func (m *Metrics) Connection(listener, route, echOutcome string, hello time.Dura
 	if out > 0 {
 		m.bytes.WithLabelValues(listener, route, "out").Add(float64(out))
 	}
+}
+
+// QUICConnection records a QUIC connection routed (or refused) by a UDP
+// listener's proxy, which knows neither the bytes nor the time of the
+// hello.
+func (m *Metrics) QUICConnection(listener, route, echOutcome string) {
+	if m == nil {
+		return
+	}
+	m.conns.WithLabelValues(listener, route, echOutcome).Inc()
 }
 
 // Refused records a connection refused before it was routed.

@@ -13,12 +13,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/echkit/ech"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
-
-	"github.com/echkit/ech"
 )
 
 // h3Backend starts an HTTP/3 server with no ECH keys (tlsCfg as given, or
@@ -98,6 +99,7 @@ func TestServerQUIC(t *testing.T) {
   "keys": {"dir": "keys", "reload": "0s"},
   "public": {"name": %q, "cert": "cover.crt", "key": "cover.key"},
   "shutdown_timeout": "5s",
+  "metrics": "127.0.0.1:0",
   "listeners": [
     {"address": "127.0.0.1:0", "routes": [
       {"name": "tls", "server_names": [%q], "mode": "passthrough", "backend": %q}
@@ -183,6 +185,22 @@ func TestServerQUIC(t *testing.T) {
 		l := e.udpLog()
 		assert.Equal(t, "other.example", l["inner_sni"])
 		assert.Contains(t, l["error"], errNoRoute.Error())
+	})
+
+	t.Run("metrics", func(t *testing.T) {
+		resp, err := http.Get("http://" + srv.MetricsAddr().String() + "/metrics")
+		require.NoError(t, err)
+		defer resp.Body.Close()
+		p := expfmt.NewTextParser(model.UTF8Validation)
+		f, err := p.TextToMetricFamilies(resp.Body)
+		require.NoError(t, err)
+		udp := map[string]string{"listener": "udp/" + udpAddr}
+		with := func(route, outcome string) map[string]string {
+			return map[string]string{"listener": udp["listener"], "route": route, "ech": outcome}
+		}
+		assert.Equal(t, 2.0, metricValue(t, f, "ech_router_connections_total", with("h3", "accepted")))
+		assert.Equal(t, 1.0, metricValue(t, f, "ech_router_connections_total", with("public", "stale")))
+		assert.Equal(t, 1.0, metricValue(t, f, "ech_router_connections_total", with("", "accepted")), "no route")
 	})
 
 	cancel()

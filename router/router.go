@@ -563,7 +563,7 @@ func (r *Router) log(l *connLog) {
 func (r *Router) handle(c *ech.Conn, listener string, start time.Time, routes []Route) {
 	l := &connLog{start: start, hello: time.Since(start), listener: listener, client: c.RemoteAddr().String(), configID: -1}
 	defer func() { r.log(l) }()
-	l.echLabel = echLabel(c, r.PublicName)
+	l.echLabel = echLabel(c.Status(), c.OuterServerName(), r.PublicName)
 	l.status, l.outerName, l.alpn = c.Status(), c.OuterServerName(), c.ALPNProtos()
 	if id, ok := c.ConfigID(); ok {
 		l.configID = int(id)

@@ -383,6 +383,7 @@ func (s *Server) Run(ctx context.Context, reload <-chan struct{}) error {
 			Listener:      s.listeners[i],
 			PublicBackend: lc.PublicQUICBackend,
 			IdleTimeout:   lc.idleTimeout,
+			Name:          "udp/" + pcs[i].LocalAddr().String(),
 		})
 		if err != nil {
 			for j := range lns {
@@ -516,6 +517,8 @@ type QUICListener struct {
 	// IdleTimeout ends a flow that forwarded nothing for that long; zero
 	// means [DefaultIdleTimeout].
 	IdleTimeout time.Duration
+	// Name is the listener's label in the metrics, such as "udp/:443".
+	Name string
 }
 
 // errNoPublicQUIC is logged for a QUIC hello for the public name when no
@@ -549,7 +552,7 @@ func (r *Router) QUICProxy(l QUICListener) (*echquic.Proxy, error) {
 		}
 	}
 	route := func(info echquic.Info) (net.Addr, error) {
-		lg := &quicLog{info: info}
+		lg := &quicLog{info: info, listener: l.Name}
 		defer r.logQUIC(lg)
 		host := strings.TrimSuffix(info.ServerName, ".")
 		if info.ServerName != "" {
@@ -604,9 +607,10 @@ func (r *Router) QUICProxy(l QUICListener) (*echquic.Proxy, error) {
 
 // quicLog is what the log line of one QUIC connection says.
 type quicLog struct {
-	info  echquic.Info
-	route string
-	err   error
+	info     echquic.Info
+	listener string
+	route    string
+	err      error
 }
 
 // logQUIC logs a routed or refused QUIC connection with the attributes of
@@ -642,4 +646,10 @@ func (r *Router) logQUIC(l *quicLog) {
 		}
 	}
 	r.logger().LogAttrs(context.Background(), level, "connection", attrs...)
+	if r.Metrics != nil {
+		if errors.Is(l.err, errBackend) {
+			r.Metrics.DialFailure(l.route)
+		}
+		r.Metrics.QUICConnection(l.listener, l.route, echLabel(l.info.Status, l.info.OuterServerName, r.PublicName))
+	}
 }
