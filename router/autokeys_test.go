@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -107,4 +108,59 @@ func TestParseConfigAutoKeys(t *testing.T) {
 		require.ErrorAs(t, err, &ce, tc.keys)
 		assert.Equal(t, tc.path, ce.Path, tc.keys)
 	}
+}
+
+// TestAutoKeysRetryBackoff checks that a keys.auto run whose publishing
+// fails is tried again with backoff, long before the next reload, and that
+// the keys stay in use meanwhile. Not parallel: it shortens the backoff.
+func TestAutoKeysRetryBackoff(t *testing.T) {
+	oldMin, oldMax := retryMin, retryMax
+	retryMin, retryMax = 20*time.Millisecond, 80*time.Millisecond
+	t.Cleanup(func() { retryMin, retryMax = oldMin, oldMax })
+
+	e := newEnv(t)
+	dir := t.TempDir()
+	writeCert(t, dir, "cover", e.cert(publicName))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "tsig"), []byte("c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0MTI=\n"), 0o600))
+	// A name server that is not there: every publish fails at once.
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	require.NoError(t, err)
+	nowhere := pc.LocalAddr().String()
+	pc.Close()
+	config := fmt.Sprintf(`{
+  "keys": {"dir": "keys", "reload": "1h", "auto": {"propagation": "0s", "rotate": "24h"},
+    "publish": {"rfc2136": {"server": %q, "zone": "example", "key_name": "upd", "secret_file": "tsig"}}},
+  "public": {"name": %q, "cert": "cover.crt", "key": "cover.key"},
+  "listeners": [
+    {"address": "127.0.0.1:0", "routes": [
+      {"name": "tls", "server_names": [%q], "mode": "passthrough", "backend": %q}
+    ]}
+  ]
+}`, nowhere, publicName, tlsName, e.tlsBackend(tlsName))
+	path := filepath.Join(dir, "router.json")
+	require.NoError(t, os.WriteFile(path, []byte(config), 0o600))
+	cfg, err := LoadConfig(path)
+	require.NoError(t, err)
+	logs := &lockedBuffer{}
+	srv, err := New(cfg, slog.New(slog.NewTextHandler(logs, nil)))
+	require.NoError(t, err)
+	require.True(t, srv.Keys.TickFailed(), "the first publish failed: %s", logs)
+	require.NoError(t, srv.Listen())
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- srv.Run(ctx, nil) }()
+
+	// Tried again with backoff (20 ms, 40, 80, 80, ...), not after 1h.
+	require.Eventually(t, func() bool { return strings.Count(logs.String(), "keys.auto: trying again") >= 4 },
+		10*time.Second, 10*time.Millisecond, "%s", logs)
+	assert.Contains(t, logs.String(), "in=20ms")
+	assert.Contains(t, logs.String(), "in=80ms", "doubling, up to the limit")
+	// The keys stay in use.
+	list, err := srv.Router.Keys.ConfigList()
+	require.NoError(t, err)
+	_, _, state, err := exchange(srv.Addrs()[0].String(), e.clientConfig(tlsName, list))
+	require.NoError(t, err)
+	assert.True(t, state.ECHAccepted)
+	cancel()
+	require.NoError(t, <-done)
 }

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/echkit/ech"
@@ -41,7 +42,16 @@ type KeyDir struct {
 
 	mu   sync.Mutex
 	last []byte // the configs loaded last, to log changes only
+	// tickFailed is set when the last Tick of Manager failed though keys
+	// were loaded (a peer or the zone did not answer), so that the
+	// server's reload loop tries again sooner, with backoff.
+	tickFailed atomic.Bool
 }
+
+// TickFailed reports whether the last run of the Manager failed in a way
+// worth retrying before the next reload: keys are in use, but a peer check
+// or a publish did not go through.
+func (k *KeyDir) TickFailed() bool { return k.tickFailed.Load() }
 
 // Reload reads the directory and, if it holds at least one valid key,
 // makes its keys the content of the set. On error the set is unchanged.
@@ -135,6 +145,7 @@ func (k *KeyDir) tick() ([]ech.Key, error) {
 	defer cancel()
 	err := k.Manager.Tick(ctx)
 	keys := k.Manager.Keys()
+	k.tickFailed.Store(err != nil && len(keys) > 0)
 	if err != nil && len(keys) > 0 {
 		k.logger().Warn("automatic keys", slog.String("dir", k.Dir), slog.String("error", err.Error()))
 		err = nil

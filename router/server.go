@@ -254,8 +254,55 @@ func (s *Server) MetricsAddr() net.Addr {
 // watch reloads every interval (if positive) and whenever trigger
 // receives, until ctx is done.
 func (s *Server) watch(ctx context.Context, interval time.Duration, trigger <-chan struct{}) {
-	every(ctx, interval, trigger, s.Reload)
+	// A failed run of keys.auto (a peer or the zone did not answer) is
+	// tried again sooner than the next reload: after retryMin, doubling up
+	// to the interval (or retryMax without one).
+	var retry time.Duration
+	if s.Keys.TickFailed() { // the run of New failed
+		retry = retryMin
+		s.logger.Info("keys.auto: trying again", slog.Duration("in", retry))
+	}
+	for {
+		wait := interval
+		if retry > 0 && (wait <= 0 || retry < wait) {
+			wait = retry
+		}
+		var tick <-chan time.Time
+		var t *time.Timer
+		if wait > 0 {
+			t = time.NewTimer(wait)
+			tick = t.C
+		}
+		select {
+		case <-ctx.Done():
+		case <-tick:
+		case <-trigger:
+		}
+		if t != nil {
+			t.Stop()
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		s.Reload()
+		if !s.Keys.TickFailed() {
+			retry = 0
+			continue
+		}
+		limit := interval
+		if limit <= 0 {
+			limit = retryMax
+		}
+		retry = min(max(2*retry, retryMin), limit)
+		s.logger.Info("keys.auto: trying again", slog.Duration("in", retry))
+	}
 }
+
+// The backoff of a failed keys.auto run; variables for the tests.
+var (
+	retryMin = 5 * time.Second
+	retryMax = 10 * time.Minute
+)
 
 // CheckFiles reports every file cfg names that cannot be read: the key
 // directory and the certificate and key files.
