@@ -164,16 +164,6 @@ func (k *KeyDir) logger() *slog.Logger {
 // receives, until ctx is done. A failed reload is logged and the keys in use
 // stay.
 func (k *KeyDir) Watch(ctx context.Context, interval time.Duration, trigger <-chan struct{}) {
-	every(ctx, interval, trigger, func() {
-		if _, err := k.Reload(); err != nil {
-			k.logger().Error("keys not reloaded", slog.String("dir", k.Dir), slog.String("error", err.Error()))
-		}
-	})
-}
-
-// every calls f every interval (if positive) and whenever trigger
-// receives, until ctx is done.
-func every(ctx context.Context, interval time.Duration, trigger <-chan struct{}, f func()) {
 	var tick <-chan time.Time
 	if interval > 0 {
 		t := time.NewTicker(interval)
@@ -187,6 +177,8 @@ func every(ctx context.Context, interval time.Duration, trigger <-chan struct{},
 		case <-tick:
 		case <-trigger:
 		}
-		f()
+		if _, err := k.Reload(); err != nil {
+			k.logger().Error("keys not reloaded", slog.String("dir", k.Dir), slog.String("error", err.Error()))
+		}
 	}
 }

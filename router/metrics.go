@@ -4,6 +4,7 @@ import (
 	"crypto/x509"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -26,37 +27,20 @@ const (
 )
 
 // echLabel returns the metrics label of a connection's ECH outcome, from
-// its status and the name it sent in the clear.
+// its status and the name it sent in the clear. A rejected hello is stale
+// when the router's public name serves it, as Router.handle decides: no
+// name, or the public name with or without a final dot.
 func echLabel(status ech.Status, outerName, publicName string) string {
 	switch status {
 	case ech.StatusAccepted:
 		return echAccepted
 	case ech.StatusRejected:
-		if outerName == "" || equalFoldASCII(outerName, publicName) {
+		if name := strings.TrimSuffix(outerName, "."); name == "" || strings.EqualFold(name, publicName) {
 			return echStale
 		}
 		return echGREASE
 	}
 	return echNotOffered
-}
-
-func equalFoldASCII(a, b string) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := 0; i < len(a); i++ {
-		x, y := a[i], b[i]
-		if 'A' <= x && x <= 'Z' {
-			x += 'a' - 'A'
-		}
-		if 'A' <= y && y <= 'Z' {
-			y += 'a' - 'A'
-		}
-		if x != y {
-			return false
-		}
-	}
-	return true
 }
 
 // Metrics are the router's Prometheus metrics. A nil *Metrics records

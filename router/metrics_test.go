@@ -135,9 +135,23 @@ func TestMetricsHealth(t *testing.T) {
 }
 
 func TestECHLabel(t *testing.T) {
-	assert.True(t, equalFoldASCII("Cover.Example", "cover.example"))
-	assert.False(t, equalFoldASCII("cover.example", "cover.exampl"))
-	assert.False(t, equalFoldASCII("a", "b"))
+	for _, tc := range []struct {
+		status ech.Status
+		outer  string
+		want   string
+	}{
+		{ech.StatusAccepted, "cover.example", echAccepted},
+		{ech.StatusNotOffered, "cover.example", echNotOffered},
+		{ech.StatusNotOffered, "mail.example", echNotOffered},
+		{ech.StatusRejected, "", echStale},
+		{ech.StatusRejected, "cover.example", echStale},
+		{ech.StatusRejected, "Cover.Example", echStale},
+		{ech.StatusRejected, "cover.example.", echStale}, // routed to the public name too
+		{ech.StatusRejected, "cover.exampl", echGREASE},
+		{ech.StatusRejected, "mail.example", echGREASE},
+	} {
+		assert.Equal(t, tc.want, echLabel(tc.status, tc.outer, "cover.example"), "%v %q", tc.status, tc.outer)
+	}
 }
 
 // TestServerMetrics runs a Server with a metrics address, sends it known

@@ -1,7 +1,6 @@
 package router
 
 import (
-	"bufio"
 	"crypto/tls"
 	"fmt"
 	"net"
@@ -163,25 +162,10 @@ func TestProxySSLThroughRouter(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
 	proxied := make(chan proxyInfo, 10)
-	// A passthrough backend behind PROXY: read the header, then be TLS.
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	t.Cleanup(func() { ln.Close() })
-	cert := e.cert(tlsName)
-	go acceptLoop(ln, func(c net.Conn) {
-		br := bufio.NewReader(c)
-		var pi proxyInfo
-		pi.src, pi.dst, pi.tlvs, pi.err = readProxyHeader(br)
-		proxied <- pi
-		tc := tls.Server(&bufConn{Conn: c, r: br}, &tls.Config{Certificates: []tls.Certificate{*cert}})
-		if tc.Handshake() == nil {
-			echoBackend(tc, "tls")
-		}
-	})
 	addr := e.serve(
 		Route{Name: "imaps", ServerNames: []string{plainName}, Mode: ModeTerminate, Backend: e.plainBackend("imap", proxied),
 			Certificate: e.cert(plainName), ProxyProtocol: true},
-		Route{Name: "https", ServerNames: []string{tlsName}, Mode: ModePassthrough, Backend: ln.Addr().String(), ProxyProtocol: true},
+		Route{Name: "https", ServerNames: []string{tlsName}, Mode: ModePassthrough, Backend: e.proxyTLSBackend(proxied), ProxyProtocol: true},
 	)
 
 	greeting, _, state, err := exchange(addr, e.clientConfig(tlsName, e.list))

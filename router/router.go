@@ -272,10 +272,7 @@ func (r *Router) ServeListener(ln net.Listener, l Listener) error {
 	for {
 		conn, err := el.Accept()
 		if err != nil {
-			if r.isClosed() {
-				return ErrClosed
-			}
-			if errors.Is(err, net.ErrClosed) {
+			if r.isClosed() || errors.Is(err, net.ErrClosed) {
 				return ErrClosed
 			}
 			return err
@@ -360,17 +357,14 @@ func (g *gate) done(conn net.Conn) {
 	}
 }
 
-// temporaryAcceptError reports whether an accept error is one to retry:
-// running out of file descriptors or buffers, a connection aborted before
-// it was accepted, or a timeout.
+// temporaryAcceptError reports whether ech.Listener retries after err from
+// the gate's Accept: the errors it backs off on (running out of file
+// descriptors or buffers, a connection aborted before it was accepted). It
+// must name the same errors, else the gate would log "retrying" for an
+// error that stops the listener.
 func temporaryAcceptError(err error) bool {
-	for _, errno := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.ECONNABORTED} {
-		if errors.Is(err, errno) {
-			return true
-		}
-	}
-	var ne net.Error
-	return errors.As(err, &ne) && ne.Timeout()
+	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
+		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ECONNABORTED)
 }
 
 func (r *Router) track(ln net.Listener) bool {
@@ -517,10 +511,11 @@ func (r *Router) log(l *connLog) {
 			}
 		}
 	}
-	attrs := []slog.Attr{
+	attrs := make([]slog.Attr, 0, 16) // room for every attribute: one allocation
+	attrs = append(attrs,
 		slog.String("client", l.client),
 		slog.String("ech", status),
-	}
+	)
 	if l.configID >= 0 {
 		attrs = append(attrs, slog.Int("config_id", l.configID))
 	}

@@ -222,6 +222,28 @@ func (e *env) tlsBackend(names ...string) string {
 	return ln.Addr().String()
 }
 
+// proxyTLSBackend starts a passthrough backend behind PROXY: it sends the
+// header it reads to proxied, then is a TLS server for tlsName.
+func (e *env) proxyTLSBackend(proxied chan<- proxyInfo) string {
+	e.t.Helper()
+	t := e.t
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	t.Cleanup(func() { ln.Close() })
+	cert := e.cert(tlsName)
+	go acceptLoop(ln, func(c net.Conn) {
+		br := bufio.NewReader(c)
+		var pi proxyInfo
+		pi.src, pi.dst, pi.tlvs, pi.err = readProxyHeader(br)
+		proxied <- pi
+		tc := tls.Server(&bufConn{Conn: c, r: br}, &tls.Config{Certificates: []tls.Certificate{*cert}})
+		if tc.Handshake() == nil {
+			echoBackend(tc, "tls")
+		}
+	})
+	return ln.Addr().String()
+}
+
 // proxyInfo is what a plain backend learned from a PROXY header.
 type proxyInfo struct {
 	src, dst netip.AddrPort
@@ -377,24 +399,8 @@ func TestProxyProtocol(t *testing.T) {
 	proxied := make(chan proxyInfo, 10)
 	proxyBackend := e.plainBackend("mail", proxied)
 
-	// A passthrough backend behind PROXY: read the header, then be TLS.
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	t.Cleanup(func() { ln.Close() })
-	cert := e.cert(tlsName)
-	go acceptLoop(ln, func(c net.Conn) {
-		br := bufio.NewReader(c)
-		var pi proxyInfo
-		pi.src, pi.dst, pi.tlvs, pi.err = readProxyHeader(br)
-		proxied <- pi
-		tc := tls.Server(&bufConn{Conn: c, r: br}, &tls.Config{Certificates: []tls.Certificate{*cert}})
-		if tc.Handshake() == nil {
-			echoBackend(tc, "tls")
-		}
-	})
-
 	addr := e.serve(
-		Route{Name: "tls", ServerNames: []string{tlsName}, Mode: ModePassthrough, Backend: ln.Addr().String(), ProxyProtocol: true},
+		Route{Name: "tls", ServerNames: []string{tlsName}, Mode: ModePassthrough, Backend: e.proxyTLSBackend(proxied), ProxyProtocol: true},
 		Route{Name: "plain", ServerNames: []string{plainName}, Mode: ModeTerminate, Backend: proxyBackend,
 			Certificate: e.cert(plainName), ALPN: []string{"smtp"}, ProxyProtocol: true},
 	)
