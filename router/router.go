@@ -261,7 +261,7 @@ func (r *Router) ServeListener(ln net.Listener, l Listener) error {
 	el.OnError = func(conn net.Conn, err error) {
 		defer g.done(conn)
 		l := &connLog{start: g.acceptedAt(conn), listener: addr, client: conn.RemoteAddr().String(),
-			configID: -1, echLabel: echRefused, refused: true, err: err}
+			configID: -1, refused: true, err: err}
 		l.hello = time.Since(l.start)
 		if he := (*ech.HelloError)(nil); errors.As(err, &he) && he.Parsed {
 			l.helloParsed, l.helloECH, l.outerName = true, he.ECHPresented, he.OuterServerName
@@ -481,7 +481,6 @@ type connLog struct {
 	start    time.Time
 	hello    time.Duration // from accepting to the hello read
 	listener string
-	echLabel string // the ECH outcome as the metrics label it
 	client   string
 	status   ech.Status
 	configID int  // -1 when the client sent no ECH
@@ -549,7 +548,11 @@ func (r *Router) log(l *connLog) {
 		if errors.Is(l.err, errBackend) {
 			r.Metrics.DialFailure(l.route)
 		}
-		r.Metrics.Connection(l.listener, l.route, l.echLabel, l.hello, l.in, l.out)
+		label := echRefused
+		if !l.refused {
+			label = echLabel(l.status, l.outerName, r.PublicName)
+		}
+		r.Metrics.Connection(l.listener, l.route, label, l.hello, l.in, l.out)
 	}
 }
 
@@ -557,8 +560,7 @@ func (r *Router) log(l *connLog) {
 // start.
 func (r *Router) handle(c *ech.Conn, listener string, start time.Time, routes []Route) {
 	l := &connLog{start: start, hello: time.Since(start), listener: listener, client: c.RemoteAddr().String(), configID: -1}
-	defer func() { r.log(l) }()
-	l.echLabel = echLabel(c.Status(), c.OuterServerName(), r.PublicName)
+	defer r.log(l)
 	l.status, l.outerName, l.alpn = c.Status(), c.OuterServerName(), c.ALPNProtos()
 	if id, ok := c.ConfigID(); ok {
 		l.configID = int(id)

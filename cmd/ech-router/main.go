@@ -96,8 +96,13 @@ func run(args []string, stdout, stderr io.Writer) error {
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
 	reload := make(chan struct{}, 1)
-	go func() {
-		for range hup {
+	go func() { // until run returns and stop cancels ctx
+		for {
+			select {
+			case <-hup:
+			case <-ctx.Done():
+				return
+			}
 			logger.Info("SIGHUP: reloading keys and certificates")
 			select {
 			case reload <- struct{}{}:
