@@ -36,7 +36,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/echkit/ech"
@@ -310,11 +309,13 @@ func (g *gate) Accept() (net.Conn, error) {
 	for {
 		conn, err := g.Listener.Accept()
 		if err != nil {
-			if temporaryAcceptError(err) && !g.r.isClosed() {
-				// One log line per burst; ech.Listener retries after 5 ms,
-				// doubling up to 1 s, as net/http's Server does.
+			if !g.r.isClosed() {
+				// One log line per burst. ech.Listener decides: it retries
+				// a temporary error after 5 ms, doubling up to 1 s, as
+				// net/http's Server does, and ends on any other, which
+				// Serve then returns.
 				if g.failures == 0 {
-					g.r.logger().Warn("accept failed, retrying", slog.String("address", g.addr),
+					g.r.logger().Warn("accept failed", slog.String("address", g.addr),
 						slog.String("error", err.Error()))
 				}
 				g.failures++
@@ -355,16 +356,6 @@ func (g *gate) done(conn net.Conn) {
 		g.inFlight.Add(-1)
 		g.r.Metrics.Active(g.addr, -1)
 	}
-}
-
-// temporaryAcceptError reports whether ech.Listener retries after err from
-// the gate's Accept: the errors it backs off on (running out of file
-// descriptors or buffers, a connection aborted before it was accepted). It
-// must name the same errors, else the gate would log "retrying" for an
-// error that stops the listener.
-func temporaryAcceptError(err error) bool {
-	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
-		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ECONNABORTED)
 }
 
 func (r *Router) track(ln net.Listener) bool {
