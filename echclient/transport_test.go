@@ -71,3 +71,25 @@ func TestNewTransportDefaults(t *testing.T) {
 	nd := (&Dialer{}).netDialer()
 	assert.Equal(t, 30*time.Second, nd.Timeout, "connects are bounded as by http.DefaultTransport")
 }
+
+// TestNewTransportReplacedDefault checks that a program that replaced
+// http.DefaultTransport with another RoundTripper, as tracing wrappers do,
+// still gets a transport with bounded timeouts, not a panic.
+func TestNewTransportReplacedDefault(t *testing.T) {
+	def := http.DefaultTransport
+	t.Cleanup(func() { http.DefaultTransport = def })
+	http.DefaultTransport = roundTripperFunc(func(r *http.Request) (*http.Response, error) { return def.RoundTrip(r) })
+	var tr *http.Transport
+	require.NotPanics(t, func() { tr = NewTransport(&Dialer{}) })
+	want := def.(*http.Transport)
+	assert.Nil(t, tr.Proxy)
+	assert.True(t, tr.ForceAttemptHTTP2)
+	assert.Equal(t, want.TLSHandshakeTimeout, tr.TLSHandshakeTimeout)
+	assert.Equal(t, want.IdleConnTimeout, tr.IdleConnTimeout)
+	assert.Equal(t, want.MaxIdleConns, tr.MaxIdleConns)
+	assert.Equal(t, want.ExpectContinueTimeout, tr.ExpectContinueTimeout)
+}
+
+type roundTripperFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripperFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }

@@ -30,12 +30,13 @@ func (m *Manager) checkPeers(ctx context.Context, config []byte) error {
 	base.EncryptedClientHelloConfigList = list
 	for _, url := range m.Peers {
 		if err := m.checkPeer(ctx, base, url); err != nil {
-			return err
+			return fmt.Errorf("%w: config_id %d: %s: %w", ErrPeer, configID(config), url, err)
 		}
 	}
 	return nil
 }
 
+// checkPeer fetches the config list at url over a connection made with cfg.
 func (m *Manager) checkPeer(ctx context.Context, cfg *tls.Config, url string) error {
 	ctx, cancel := context.WithTimeout(ctx, m.PeerTimeout)
 	defer cancel()
@@ -43,8 +44,6 @@ func (m *Manager) checkPeer(ctx context.Context, cfg *tls.Config, url string) er
 	// are not reused for another.
 	tr := &http.Transport{TLSClientConfig: cfg, DisableKeepAlives: true, ForceAttemptHTTP2: true}
 	defer tr.CloseIdleConnections()
-	if _, err := echclient.FetchConfigList(ctx, &http.Client{Transport: tr}, url); err != nil {
-		return fmt.Errorf("%w: config_id %d: %s: %w", ErrPeer, configID(cfg.EncryptedClientHelloConfigList[2:]), url, err)
-	}
-	return nil
+	_, err := echclient.FetchConfigList(ctx, &http.Client{Transport: tr}, url)
+	return err
 }

@@ -35,9 +35,7 @@ func quicHello(t testing.TB, cfg *tls.Config) []byte {
 }
 
 func cryptoFrameBytes(off uint64, data []byte) []byte {
-	b := appendVarint([]byte{frameCrypto}, off)
-	b = appendVarint(b, uint64(len(data)))
-	return append(b, data...)
+	return appendCrypto(nil, off, data)
 }
 
 // sealInitial returns a client Initial packet with payload, padded so that

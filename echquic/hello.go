@@ -14,7 +14,6 @@ import (
 
 // TLS codepoints (RFC 8446).
 const (
-	recordTypeAlert     = 21
 	recordTypeHandshake = 22
 	recordHeaderLen     = 5
 	handshakeHeaderLen  = 4
@@ -29,9 +28,7 @@ const (
 	alertUnexpectedMessage = 10
 	alertIllegalParameter  = 47
 	alertDecodeError       = 50
-	alertDecryptError      = 51
 	alertInternalError     = 80
-	alertMissingExtension  = 109
 	alertUnrecognizedName  = 112
 )
 
@@ -43,10 +40,10 @@ var hrrRandom = [32]byte{
 }
 
 // memConn is the in-memory [net.Conn] that [ech.NewConn] reads a
-// ClientHello from: Read serves the records in r, Write keeps what the Conn
-// sends to the client (an alert), so that no goroutine is involved.
+// ClientHello from: Read serves the records in r; what the Conn writes to
+// the client (an alert) is dropped, so that no goroutine is involved.
 type memConn struct {
-	r, w   []byte
+	r      []byte
 	remote net.Addr
 }
 
@@ -61,10 +58,8 @@ func (m *memConn) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-func (m *memConn) Write(p []byte) (int, error) {
-	m.w = append(m.w, p...)
-	return len(p), nil
-}
+// Write drops p: the alert the Conn sends is also in the error it returns.
+func (m *memConn) Write(p []byte) (int, error) { return len(p), nil }
 
 func (m *memConn) Close() error                     { return nil }
 func (m *memConn) LocalAddr() net.Addr              { return m.remote }
@@ -72,22 +67,6 @@ func (m *memConn) RemoteAddr() net.Addr             { return m.remote }
 func (m *memConn) SetDeadline(time.Time) error      { return nil }
 func (m *memConn) SetReadDeadline(time.Time) error  { return nil }
 func (m *memConn) SetWriteDeadline(time.Time) error { return nil }
-
-// alert returns the last alert the Conn wrote, if any.
-func (m *memConn) alert() (uint8, bool) {
-	w := m.w
-	for len(w) >= recordHeaderLen {
-		n := int(w[3])<<8 | int(w[4])
-		if len(w) < recordHeaderLen+n {
-			break
-		}
-		if w[0] == recordTypeAlert && n == 2 {
-			return w[recordHeaderLen+1], true
-		}
-		w = w[recordHeaderLen+n:]
-	}
-	return 0, false
-}
 
 // appendRecords appends msg as TLS handshake records of at most 2^14 bytes.
 func appendRecords(dst, msg []byte) []byte {
@@ -146,27 +125,13 @@ func (e *alertError) Error() string {
 
 func (e *alertError) Unwrap() error { return e.Err }
 
-// alertFor returns the TLS alert for an error of package ech: the one the
-// Conn wrote, else the one the error names, else a mapping of the sentinels.
-func alertFor(mc *memConn, err error) uint8 {
-	if a, ok := mc.alert(); ok {
-		return a
-	}
+// alertFor returns the TLS alert the Conn sent for err: the errors of
+// package ech match [tls.AlertError] when the peer was told; any other error
+// is internal_error.
+func alertFor(err error) uint8 {
 	var ae tls.AlertError
 	if errors.As(err, &ae) {
 		return uint8(ae)
-	}
-	switch {
-	case errors.Is(err, ech.ErrIllegalParameter):
-		return alertIllegalParameter
-	case errors.Is(err, ech.ErrDecodeError), errors.Is(err, ech.ErrHelloTooLarge):
-		return alertDecodeError
-	case errors.Is(err, ech.ErrMissingExtension):
-		return alertMissingExtension
-	case errors.Is(err, ech.ErrDecryptError):
-		return alertDecryptError
-	case errors.Is(err, ech.ErrNotTLS), errors.Is(err, ech.ErrUnexpectedMessage):
-		return alertUnexpectedMessage
 	}
 	return alertInternalError
 }
@@ -184,7 +149,7 @@ func (h *helloState) first(msg []byte, remote net.Addr, opts []ech.Option, limit
 	h.mc = memConn{r: appendRecords(nil, msg), remote: remote}
 	c, err := ech.NewConn(context.Background(), &h.mc, opts...)
 	if err != nil {
-		return nil, &alertError{Alert: alertFor(&h.mc, err), Err: err}
+		return nil, &alertError{Alert: alertFor(err), Err: err}
 	}
 	h.conn = c
 	if c.Status() != ech.StatusAccepted {
@@ -213,11 +178,10 @@ func (h *helloState) second(msg []byte, limit int) ([]byte, error) {
 	if _, err := h.conn.Write(hrr[:]); err != nil {
 		return nil, &alertError{Alert: alertInternalError, Err: err}
 	}
-	h.mc.w = h.mc.w[:0]
 	h.mc.r = appendRecords(nil, msg)
 	inner, err := readMessage(h.conn, make([]byte, 0, len(msg)+64), limit)
 	if err != nil {
-		return nil, &alertError{Alert: alertFor(&h.mc, err), Err: err}
+		return nil, &alertError{Alert: alertFor(err), Err: err}
 	}
 	return inner, nil
 }

@@ -289,7 +289,7 @@ func (p *Proxy) maxFlows() int {
 // handleLong processes a datagram starting with a long header packet.
 func (p *Proxy) handleLong(f *flow, b []byte, fresh bool) {
 	hs := f.hs
-	if h, err := parseLongHeader(b); !fresh && err == nil && h.typ == packetInitial && h.version == hs.version {
+	if h, err := parseLongHeader(b); !fresh && err == nil && hs.ours(&h) {
 		if _, _, _, err := hs.open(b[:h.end], &h); err != nil {
 			// Not an Initial of this connection attempt: the client's
 			// Initials all use the keys of its first Destination
@@ -310,13 +310,12 @@ func (p *Proxy) handleLong(f *flow, b []byte, fresh bool) {
 			}
 		}
 	}
+	f.last.Store(p.now.Load())
 	if hs.phase != phaseHello1 && !hs.accepted {
 		// The hello went on as received, and so does all that follows.
-		f.last.Store(p.now.Load())
 		f.up.Write(b)
 		return
 	}
-	f.last.Store(p.now.Load())
 	wait, err := hs.feed(b)
 	if err != nil {
 		p.fail(f, transportCryptoBufferExceeded, err)
@@ -481,16 +480,12 @@ func (p *Proxy) readBackend(f *flow) {
 func (p *Proxy) forwardToClient(f *flow, b []byte) {
 	if b[0]&headerFormLong != 0 && len(b) >= 5 {
 		v := uint32(b[1])<<24 | uint32(b[2])<<16 | uint32(b[3])<<8 | uint32(b[4])
-		if supportedVersion(v) {
-			switch typeOf(v, b[0]) {
-			case packetRetry:
-				// The client's next Initials carry the Retry's Source
-				// Connection ID; it accepts only the first Retry
-				// (RFC 9000, Section 17.2.5.2).
-				if h, err := parseLongHeader(b); err == nil {
-					cid := bytes.Clone(h.scid)
-					f.retryCID.CompareAndSwap(nil, &cid)
-				}
+		// The client's next Initials carry the Retry's Source Connection
+		// ID; it accepts only the first Retry (RFC 9000, Section 17.2.5.2).
+		if supportedVersion(v) && typeOf(v, b[0]) == packetRetry {
+			if h, err := parseLongHeader(b); err == nil {
+				cid := bytes.Clone(h.scid)
+				f.retryCID.CompareAndSwap(nil, &cid)
 			}
 		}
 	}

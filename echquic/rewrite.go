@@ -255,7 +255,7 @@ func (hs *handshake) appendMapped(out []byte, cf cryptoFrame) []byte {
 		if e == hs.o1 {
 			e = hs.i1
 		}
-		out = hs.appendCrypto(out, a, min(e, hs.i1), hs.inner)
+		out = hs.appendInner(out, a, min(e, hs.i1))
 	}
 	if hs.phase != phaseDone || b <= hs.o1 {
 		return out
@@ -266,29 +266,30 @@ func (hs *handshake) appendMapped(out []byte, cf cryptoFrame) []byte {
 		if e == hs.o2 {
 			e = hs.i2
 		}
-		out = hs.appendCrypto(out, hs.i1+s, hs.i1+min(e, hs.i2), hs.inner)
+		out = hs.appendInner(out, hs.i1+s, hs.i1+min(e, hs.i2))
 	}
 	// Anything after: shifted.
 	if b > hs.o1+hs.o2 {
 		s := max(a, hs.o1+hs.o2)
-		data := cf.data[s-a:]
-		out = append(out, frameCrypto)
-		out = appendVarint(out, s-hs.o1-hs.o2+hs.i1+hs.i2)
-		out = appendVarint(out, uint64(len(data)))
-		out = append(out, data...)
+		out = appendCrypto(out, s-hs.o1-hs.o2+hs.i1+hs.i2, cf.data[s-a:])
 	}
 	return out
 }
 
-// appendCrypto appends a CRYPTO frame with stream[a:b], if not empty.
-func (hs *handshake) appendCrypto(out []byte, a, b uint64, stream []byte) []byte {
+// appendInner appends a CRYPTO frame with hs.inner[a:b], if not empty.
+func (hs *handshake) appendInner(out []byte, a, b uint64) []byte {
 	if a >= b {
 		return out
 	}
+	return appendCrypto(out, a, hs.inner[a:b])
+}
+
+// appendCrypto appends a CRYPTO frame carrying data at stream offset off.
+func appendCrypto(out []byte, off uint64, data []byte) []byte {
 	out = append(out, frameCrypto)
-	out = appendVarint(out, a)
-	out = appendVarint(out, b-a)
-	return append(out, stream[a:b]...)
+	out = appendVarint(out, off)
+	out = appendVarint(out, uint64(len(data)))
+	return append(out, data...)
 }
 
 // appendClose appends an Initial packet from the server carrying a

@@ -170,6 +170,14 @@ func (b *Backend) serve(c net.Conn) {
 	io.Copy(tc, tc)
 }
 
+// TLS codepoints echExtensionType reads (RFC 8446; RFC 9849, Section 5).
+const (
+	recordTypeHandshake                      uint8  = 22
+	typeClientHello                          uint8  = 1
+	extensionEncryptedClientHello            uint16 = 0xfe0d
+	echClientHelloOuter, echClientHelloInner uint8  = 0, 1
+)
+
 // echExtensionType reports whether the ClientHello at the start of records
 // has an inner or an outer encrypted_client_hello extension.
 func echExtensionType(records []byte) (inner, outer bool) {
@@ -179,7 +187,7 @@ func echExtensionType(records []byte) (inner, outer bool) {
 		var typ uint8
 		var vers uint16
 		var frag cryptobyte.String
-		if !s.ReadUint8(&typ) || !s.ReadUint16(&vers) || !s.ReadUint16LengthPrefixed(&frag) || typ != 22 {
+		if !s.ReadUint8(&typ) || !s.ReadUint16(&vers) || !s.ReadUint16LengthPrefixed(&frag) || typ != recordTypeHandshake {
 			break
 		}
 		msg = append(msg, frag...)
@@ -190,7 +198,7 @@ func echExtensionType(records []byte) (inner, outer bool) {
 	h := cryptobyte.String(msg)
 	var body, skip, exts cryptobyte.String
 	var msgType uint8
-	if !h.ReadUint8(&msgType) || msgType != 1 || !h.ReadUint24LengthPrefixed(&body) ||
+	if !h.ReadUint8(&msgType) || msgType != typeClientHello || !h.ReadUint24LengthPrefixed(&body) ||
 		!body.Skip(2+32) || !body.ReadUint8LengthPrefixed(&skip) ||
 		!body.ReadUint16LengthPrefixed(&skip) || !body.ReadUint8LengthPrefixed(&skip) ||
 		!body.ReadUint16LengthPrefixed(&exts) {
@@ -202,8 +210,8 @@ func echExtensionType(records []byte) (inner, outer bool) {
 		if !exts.ReadUint16(&t) || !exts.ReadUint16LengthPrefixed(&data) {
 			return false, false
 		}
-		if t == 0xfe0d && len(data) > 0 { // encrypted_client_hello
-			return data[0] == 1, data[0] == 0
+		if t == extensionEncryptedClientHello && len(data) > 0 {
+			return data[0] == echClientHelloInner, data[0] == echClientHelloOuter
 		}
 	}
 	return false, false

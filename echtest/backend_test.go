@@ -153,6 +153,11 @@ func TestProxyHeaders(t *testing.T) {
 			assert.Equal(t, "TLSv1.3", h.SSLVersion)
 		}, false},
 		{"v2 cut TLV", proxyV2(src, dst, "mail.example")[:40], nil, true},
+		{"v2 cut SSL sub-TLV", func() []byte {
+			h := proxyV2(src, dst, "mail.example")
+			h[len(h)-len("TLSv1.3")-1]++ // the sub-TLV claims a byte more than it has
+			return h
+		}(), nil, true},
 		{"none", []byte("a LOGIN\r\n"), func(t *testing.T, h *echtest.ProxyHeader) {
 			assert.Nil(t, h)
 		}, false},

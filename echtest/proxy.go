@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"strconv"
@@ -112,7 +113,7 @@ func parseAddrPort(ip, port string) (net.Addr, error) {
 
 func readProxyV2(r *bufio.Reader) (*ProxyHeader, error) {
 	var hdr [16]byte
-	if _, err := readFull(r, hdr[:]); err != nil {
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
 		return nil, fmt.Errorf("%w: v2: %v", errProxyHeader, err)
 	}
 	verCmd, fam := hdr[12], hdr[13]
@@ -121,7 +122,7 @@ func readProxyV2(r *bufio.Reader) (*ProxyHeader, error) {
 		return nil, fmt.Errorf("%w: v2 version/command 0x%02x", errProxyHeader, verCmd)
 	}
 	body := make([]byte, n) // at most 64 KiB, by the length's width
-	if _, err := readFull(r, body); err != nil {
+	if _, err := io.ReadFull(r, body); err != nil {
 		return nil, fmt.Errorf("%w: v2 body: %v", errProxyHeader, err)
 	}
 	h := &ProxyHeader{Version: 2, Local: verCmd&0xf == 0, TLVs: map[byte][]byte{}}
@@ -145,17 +146,12 @@ func readProxyV2(r *bufio.Reader) (*ProxyHeader, error) {
 	if len(body) < alen {
 		return nil, fmt.Errorf("%w: v2 address block of %d bytes", errProxyHeader, len(body))
 	}
-	tlvs := body[alen:]
-	for len(tlvs) > 0 {
-		if len(tlvs) < 3 {
+	for tlvs := body[alen:]; len(tlvs) > 0; {
+		t, v, rest, ok := cutTLV(tlvs)
+		if !ok {
 			return nil, fmt.Errorf("%w: v2 TLV cut", errProxyHeader)
 		}
-		t, l := tlvs[0], int(binary.BigEndian.Uint16(tlvs[1:3]))
-		if len(tlvs) < 3+l {
-			return nil, fmt.Errorf("%w: v2 TLV 0x%02x cut", errProxyHeader, t)
-		}
-		v := tlvs[3 : 3+l]
-		tlvs = tlvs[3+l:]
+		tlvs = rest
 		h.TLVs[t] = v
 		switch t {
 		case proxyTLVALPN:
@@ -168,15 +164,15 @@ func readProxyV2(r *bufio.Reader) (*ProxyHeader, error) {
 				return nil, fmt.Errorf("%w: PP2_TYPE_SSL of %d bytes", errProxyHeader, len(v))
 			}
 			h.SSL = v[0]&proxyClientSSL != 0
-			for sub := v[5:]; len(sub) >= 3; {
-				st, sl := sub[0], int(binary.BigEndian.Uint16(sub[1:3]))
-				if len(sub) < 3+sl {
+			for sub := v[5:]; len(sub) > 0; {
+				st, sv, rest, ok := cutTLV(sub)
+				if !ok {
 					return nil, fmt.Errorf("%w: PP2_TYPE_SSL sub-TLV cut", errProxyHeader)
 				}
 				if st == proxySubSSLVersion {
-					h.SSLVersion = string(sub[3 : 3+sl])
+					h.SSLVersion = string(sv)
 				}
-				sub = sub[3+sl:]
+				sub = rest
 			}
 		}
 	}
@@ -188,14 +184,16 @@ func tcpAddr(ip, port []byte) net.Addr {
 	return net.TCPAddrFromAddrPort(netip.AddrPortFrom(a.Unmap(), binary.BigEndian.Uint16(port)))
 }
 
-func readFull(r *bufio.Reader, b []byte) (int, error) {
-	n := 0
-	for n < len(b) {
-		m, err := r.Read(b[n:])
-		n += m
-		if err != nil {
-			return n, err
-		}
+// cutTLV splits the first TLV off b:
+//
+//	struct pp2_tlv { uint8_t type; uint8_t length_hi; uint8_t length_lo; uint8_t value[0]; };
+func cutTLV(b []byte) (t byte, v, rest []byte, ok bool) {
+	if len(b) < 3 {
+		return 0, nil, nil, false
 	}
-	return n, nil
+	n := 3 + int(binary.BigEndian.Uint16(b[1:3]))
+	if len(b) < n {
+		return 0, nil, nil, false
+	}
+	return b[0], b[3:n], b[n:], true
 }
