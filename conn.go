@@ -131,7 +131,6 @@ var (
 type secondHello struct {
 	recipient  *hpkeRecipient
 	suite      CipherSuite
-	configID   uint8
 	publicName string    // the outer server_name required, when checked
 	deadline   time.Time // NewConn's deadline, which bounds the wait
 }
@@ -229,8 +228,8 @@ func NewConn(ctx context.Context, conn net.Conn, opts ...Option) (*Conn, error) 
 	c.hr = handshakeReader{conn: conn, maxSize: o.maxHelloSize, first: true}
 	err := c.readHello(ctx, &o, deadline)
 	if err == nil {
+		// rdone stays false: the hello is still to be replayed.
 		c.hr.first = false
-		c.rdone.Store(c.watch == nil && c.replay.empty())
 		c.wdone.Store(c.wwatch == nil)
 		return c, nil
 	}
@@ -329,7 +328,7 @@ func (c *Conn) acceptECH(o *options, body []byte, sc *scratch, deadline time.Tim
 		// RFC 9849, Section 7: a client-facing server aborts on an inner extension.
 		return false, fmt.Errorf("%w: client sent an inner encrypted_client_hello to the client-facing server", ErrIllegalParameter)
 	}
-	c.presented, c.configID = true, ech.configID
+	c.configID = ech.configID
 	cands, err := o.candidates(sc.cands[:0], ech.configID, ech.suite)
 	if err != nil || len(cands) == 0 {
 		return false, err
@@ -353,7 +352,7 @@ func (c *Conn) acceptECH(o *options, body []byte, sc *scratch, deadline time.Tim
 		if err != nil {
 			return false, err
 		}
-		w := &secondHello{recipient: r, suite: ech.suite, configID: ech.configID, deadline: deadline}
+		w := &secondHello{recipient: r, suite: ech.suite, deadline: deadline}
 		if o.checkPublicName {
 			w.publicName = pk.config.PublicName
 			if err := checkPublicName(outer, w.publicName, ech.configID); err != nil {
@@ -531,7 +530,7 @@ func (c *Conn) openSecondHello(msg []byte) error {
 	if typ != echTypeOuter {
 		return fmt.Errorf("%w: second ClientHello has an inner encrypted_client_hello", ErrIllegalParameter)
 	}
-	if ech.suite != w.suite || ech.configID != w.configID || len(ech.enc) != 0 {
+	if ech.suite != w.suite || ech.configID != c.configID || len(ech.enc) != 0 {
 		return fmt.Errorf("%w: second ClientHello changes cipher_suite or config_id, or has enc", ErrIllegalParameter)
 	}
 	if w.publicName != "" {
