@@ -277,7 +277,8 @@ func (c *Conn) readHello(ctx context.Context, o *options, deadline time.Time) er
 	if err := parseClientHello(outer, body); err != nil {
 		return err
 	}
-	c.outerName, c.serverName = outer.serverName, outer.serverName
+	c.outerName = string(outer.serverName)
+	c.serverName = c.outerName
 	c.outerParsed, c.presented = true, outer.hasECH
 	c.status = StatusNotOffered
 	if outer.hasECH {
@@ -355,11 +356,11 @@ func (c *Conn) acceptECH(o *options, body []byte, sc *scratch, deadline time.Tim
 		w := &secondHello{recipient: r, suite: ech.suite, deadline: deadline}
 		if o.checkPublicName {
 			w.publicName = pk.config.PublicName
-			if err := checkPublicName(outer, w.publicName, ech.configID); err != nil {
+			if err := checkPublicName(c.outerName, w.publicName, ech.configID); err != nil {
 				return false, err
 			}
 		}
-		c.status, c.serverName, c.alpn = StatusAccepted, sc.inner.serverName, alpn
+		c.status, c.serverName, c.alpn = StatusAccepted, string(sc.inner.serverName), alpn
 		*ib = inner
 		c.replay.message(inner, c.hr.vers, ib)
 		ib = nil
@@ -372,9 +373,9 @@ func (c *Conn) acceptECH(o *options, body []byte, sc *scratch, deadline time.Tim
 
 // checkPublicName applies WithPublicNameCheck: the outer server_name must
 // be the public_name of the config the client named.
-func checkPublicName(outer *clientHello, publicName string, configID uint8) error {
+func checkPublicName(outerName, publicName string, configID uint8) error {
 	// RFC 9849, Section 7.1: optionally, the outer SNI is the public_name.
-	if !strings.EqualFold(strings.TrimSuffix(outer.serverName, "."), publicName) {
+	if !strings.EqualFold(strings.TrimSuffix(outerName, "."), publicName) {
 		return fmt.Errorf("%w: outer server_name is not the public_name of config_id %d", ErrIllegalParameter, configID)
 	}
 	return nil
@@ -534,7 +535,7 @@ func (c *Conn) openSecondHello(msg []byte) error {
 		return fmt.Errorf("%w: second ClientHello changes cipher_suite or config_id, or has enc", ErrIllegalParameter)
 	}
 	if w.publicName != "" {
-		if err := checkPublicName(ch, w.publicName, ech.configID); err != nil {
+		if err := checkPublicName(string(ch.serverName), w.publicName, ech.configID); err != nil {
 			return err
 		}
 	}
@@ -554,7 +555,7 @@ func (c *Conn) openSecondHello(msg []byte) error {
 	}
 	// RFC 8446, Section 4.1.2 lists what the second hello may change; the
 	// route was chosen by the first one's server_name and ALPN.
-	if sc.inner.serverName != c.serverName || !slices.Equal(alpn, c.alpn) {
+	if string(sc.inner.serverName) != c.serverName || !slices.Equal(alpn, c.alpn) {
 		return fmt.Errorf("%w: second ClientHelloInner changes server_name or ALPN", ErrIllegalParameter)
 	}
 	*ib = inner
