@@ -675,15 +675,28 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 	return n + m, err
 }
 
+// copyBufPool holds the buffers of copyHandshake, which every connection
+// copied by WriteTo or ReadFrom needs for its first records.
+var copyBufPool = sync.Pool{New: func() any {
+	b := make([]byte, recordHeaderLen+maxCiphertext)
+	return &b
+}}
+
 // copyHandshake copies src to dst through a buffer until done is set. It
 // reports whether the copy ended (EOF or an error) before that.
 func copyHandshake(dst io.Writer, src io.Reader, done *atomic.Bool) (n int64, ended bool, err error) {
-	var buf []byte
+	if done.Load() {
+		return 0, false, nil
+	}
+	bp := copyBufPool.Get().(*[]byte)
+	buf, used := *bp, 0
+	defer func() {
+		clear(buf[:used]) // it may have held a ClientHelloInner
+		copyBufPool.Put(bp)
+	}()
 	for !done.Load() {
-		if buf == nil {
-			buf = make([]byte, maxPlaintext+recordHeaderLen+256)
-		}
 		m, rerr := src.Read(buf)
+		used = max(used, m)
 		if m > 0 {
 			wm, werr := dst.Write(buf[:m])
 			n += int64(wm)
