@@ -131,7 +131,6 @@ var (
 type secondHello struct {
 	recipient  *hpkeRecipient
 	suite      CipherSuite
-	configID   uint8
 	publicName string    // the outer server_name required, when checked
 	deadline   time.Time // NewConn's deadline, which bounds the wait
 }
@@ -229,8 +228,8 @@ func NewConn(ctx context.Context, conn net.Conn, opts ...Option) (*Conn, error) 
 	c.hr = handshakeReader{conn: conn, maxSize: o.maxHelloSize, first: true}
 	err := c.readHello(ctx, &o, deadline)
 	if err == nil {
+		// rdone stays false: the hello is still to be replayed.
 		c.hr.first = false
-		c.rdone.Store(c.watch == nil && c.replay.empty())
 		c.wdone.Store(c.wwatch == nil)
 		return c, nil
 	}
@@ -278,7 +277,8 @@ func (c *Conn) readHello(ctx context.Context, o *options, deadline time.Time) er
 	if err := parseClientHello(outer, body); err != nil {
 		return err
 	}
-	c.outerName, c.serverName = outer.serverName, outer.serverName
+	c.outerName = string(outer.serverName)
+	c.serverName = c.outerName
 	c.outerParsed, c.presented = true, outer.hasECH
 	c.status = StatusNotOffered
 	if outer.hasECH {
@@ -329,7 +329,7 @@ func (c *Conn) acceptECH(o *options, body []byte, sc *scratch, deadline time.Tim
 		// RFC 9849, Section 7: a client-facing server aborts on an inner extension.
 		return false, fmt.Errorf("%w: client sent an inner encrypted_client_hello to the client-facing server", ErrIllegalParameter)
 	}
-	c.presented, c.configID = true, ech.configID
+	c.configID = ech.configID
 	cands, err := o.candidates(sc.cands[:0], ech.configID, ech.suite)
 	if err != nil || len(cands) == 0 {
 		return false, err
@@ -353,14 +353,14 @@ func (c *Conn) acceptECH(o *options, body []byte, sc *scratch, deadline time.Tim
 		if err != nil {
 			return false, err
 		}
-		w := &secondHello{recipient: r, suite: ech.suite, configID: ech.configID, deadline: deadline}
+		w := &secondHello{recipient: r, suite: ech.suite, deadline: deadline}
 		if o.checkPublicName {
 			w.publicName = pk.config.PublicName
-			if err := checkPublicName(outer, w.publicName, ech.configID); err != nil {
+			if err := checkPublicName(c.outerName, w.publicName, ech.configID); err != nil {
 				return false, err
 			}
 		}
-		c.status, c.serverName, c.alpn = StatusAccepted, sc.inner.serverName, alpn
+		c.status, c.serverName, c.alpn = StatusAccepted, string(sc.inner.serverName), alpn
 		*ib = inner
 		c.replay.message(inner, c.hr.vers, ib)
 		ib = nil
@@ -373,9 +373,9 @@ func (c *Conn) acceptECH(o *options, body []byte, sc *scratch, deadline time.Tim
 
 // checkPublicName applies WithPublicNameCheck: the outer server_name must
 // be the public_name of the config the client named.
-func checkPublicName(outer *clientHello, publicName string, configID uint8) error {
+func checkPublicName(outerName, publicName string, configID uint8) error {
 	// RFC 9849, Section 7.1: optionally, the outer SNI is the public_name.
-	if !strings.EqualFold(strings.TrimSuffix(outer.serverName, "."), publicName) {
+	if !strings.EqualFold(strings.TrimSuffix(outerName, "."), publicName) {
 		return fmt.Errorf("%w: outer server_name is not the public_name of config_id %d", ErrIllegalParameter, configID)
 	}
 	return nil
@@ -531,11 +531,11 @@ func (c *Conn) openSecondHello(msg []byte) error {
 	if typ != echTypeOuter {
 		return fmt.Errorf("%w: second ClientHello has an inner encrypted_client_hello", ErrIllegalParameter)
 	}
-	if ech.suite != w.suite || ech.configID != w.configID || len(ech.enc) != 0 {
+	if ech.suite != w.suite || ech.configID != c.configID || len(ech.enc) != 0 {
 		return fmt.Errorf("%w: second ClientHello changes cipher_suite or config_id, or has enc", ErrIllegalParameter)
 	}
 	if w.publicName != "" {
-		if err := checkPublicName(ch, w.publicName, ech.configID); err != nil {
+		if err := checkPublicName(string(ch.serverName), w.publicName, ech.configID); err != nil {
 			return err
 		}
 	}
@@ -555,7 +555,7 @@ func (c *Conn) openSecondHello(msg []byte) error {
 	}
 	// RFC 8446, Section 4.1.2 lists what the second hello may change; the
 	// route was chosen by the first one's server_name and ALPN.
-	if sc.inner.serverName != c.serverName || !slices.Equal(alpn, c.alpn) {
+	if string(sc.inner.serverName) != c.serverName || !slices.Equal(alpn, c.alpn) {
 		return fmt.Errorf("%w: second ClientHelloInner changes server_name or ALPN", ErrIllegalParameter)
 	}
 	*ib = inner
@@ -675,15 +675,28 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 	return n + m, err
 }
 
+// copyBufPool holds the buffers of copyHandshake, which every connection
+// copied by WriteTo or ReadFrom needs for its first records.
+var copyBufPool = sync.Pool{New: func() any {
+	b := make([]byte, recordHeaderLen+maxCiphertext)
+	return &b
+}}
+
 // copyHandshake copies src to dst through a buffer until done is set. It
 // reports whether the copy ended (EOF or an error) before that.
 func copyHandshake(dst io.Writer, src io.Reader, done *atomic.Bool) (n int64, ended bool, err error) {
-	var buf []byte
+	if done.Load() {
+		return 0, false, nil
+	}
+	bp := copyBufPool.Get().(*[]byte)
+	buf, used := *bp, 0
+	defer func() {
+		clear(buf[:used]) // it may have held a ClientHelloInner
+		copyBufPool.Put(bp)
+	}()
 	for !done.Load() {
-		if buf == nil {
-			buf = make([]byte, maxPlaintext+recordHeaderLen+256)
-		}
 		m, rerr := src.Read(buf)
+		used = max(used, m)
 		if m > 0 {
 			wm, werr := dst.Write(buf[:m])
 			n += int64(wm)

@@ -52,7 +52,7 @@ type clientHello struct {
 	compression  []byte
 	exts         []extension
 
-	serverName string
+	serverName []byte // the host_name, aliasing the hello, or nil
 	ech        []byte // the encrypted_client_hello extension data, or nil
 	echEnd     int    // offset just past the ECH extension data
 	hasECH     bool
@@ -152,21 +152,23 @@ func parseClientHello(ch *clientHello, body []byte) error {
 //	} ServerName;
 //	opaque HostName<1..2^16-1>;
 //	struct { ServerName server_name_list<1..2^16-1> } ServerNameList;
-func parseServerName(data []byte) (string, error) {
+//
+// The name aliases data: only the names the Conn keeps become strings.
+func parseServerName(data []byte) ([]byte, error) {
 	s := cryptobyte.String(data)
 	var list cryptobyte.String
 	if !s.ReadUint16LengthPrefixed(&list) || !s.Empty() || list.Empty() {
-		return "", fmt.Errorf("%w: server_name", ErrDecodeError)
+		return nil, fmt.Errorf("%w: server_name", ErrDecodeError)
 	}
-	var name string
+	var name []byte
 	for !list.Empty() {
 		var typ uint8
 		var host cryptobyte.String
 		if !list.ReadUint8(&typ) || !list.ReadUint16LengthPrefixed(&host) || len(host) == 0 {
-			return "", fmt.Errorf("%w: server_name", ErrDecodeError)
+			return nil, fmt.Errorf("%w: server_name", ErrDecodeError)
 		}
-		if typ == 0 && name == "" {
-			name = string(host)
+		if typ == 0 && name == nil {
+			name = host
 		}
 	}
 	return name, nil

@@ -46,7 +46,7 @@ func TestParseRecordedHellos(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			ch := new(clientHello)
 			require.NoError(t, parseClientHello(ch, msg[handshakeHeaderLen:]))
-			assert.Equal(t, "public.example", ch.serverName)
+			assert.Equal(t, "public.example", string(ch.serverName))
 			require.True(t, ch.hasECH)
 			typ, e, err := parseECHExtension(ch.ech)
 			require.NoError(t, err)

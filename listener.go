@@ -63,8 +63,7 @@ type Listener struct {
 
 	ctx    context.Context // canceled by Close
 	cancel context.CancelFunc
-	ready  chan *Conn    // hellos read, handed to Accept
-	done   chan struct{} // closed by Close
+	ready  chan *Conn // hellos read, handed to Accept
 
 	start   sync.Once
 	slots   chan struct{} // one element per pending connection
@@ -96,7 +95,6 @@ func NewListener(ln net.Listener, opts ...Option) *Listener {
 		ctx:     ctx,
 		cancel:  cancel,
 		ready:   make(chan *Conn),
-		done:    make(chan struct{}),
 		stopped: make(chan struct{}),
 	}
 }
@@ -109,14 +107,14 @@ func NewListener(ln net.Listener, opts ...Option) *Listener {
 func (l *Listener) Accept() (net.Conn, error) {
 	l.start.Do(l.run)
 	select {
-	case <-l.done:
+	case <-l.ctx.Done():
 		return nil, errListenerClosed
 	default:
 	}
 	select {
 	case c := <-l.ready:
 		return c, nil
-	case <-l.done:
+	case <-l.ctx.Done():
 		return nil, errListenerClosed
 	case <-l.stopped:
 		return nil, l.err
@@ -131,8 +129,7 @@ func (l *Listener) Close() error {
 	l.closeOnce.Do(func() {
 		// After this, Accept does not start the accept loop.
 		l.start.Do(func() {})
-		close(l.done)
-		l.cancel() // interrupts NewConn
+		l.cancel() // interrupts NewConn and ends Accept
 		l.closeErr = l.ln.Close()
 		l.loop.Wait()
 	})
@@ -163,7 +160,7 @@ func (l *Listener) acceptLoop(onError func(net.Conn, error)) {
 	for {
 		select {
 		case l.slots <- struct{}{}:
-		case <-l.done:
+		case <-l.ctx.Done():
 			l.err = errListenerClosed
 			return
 		}
@@ -186,7 +183,7 @@ func (l *Listener) acceptLoop(onError func(net.Conn, error)) {
 			t := time.NewTimer(delay)
 			select {
 			case <-t.C:
-			case <-l.done:
+			case <-l.ctx.Done():
 				t.Stop()
 				l.err = errListenerClosed
 				return
@@ -213,7 +210,7 @@ func (l *Listener) readHello(conn net.Conn, onError func(net.Conn, error)) {
 	}
 	select {
 	case l.ready <- c:
-	case <-l.done:
+	case <-l.ctx.Done():
 		c.Close()
 	}
 }
