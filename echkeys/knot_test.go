@@ -15,7 +15,6 @@ import (
 	"github.com/echkit/ech"
 	"github.com/echkit/ech/echclient"
 	"github.com/echkit/ech/internal/knottest"
-	"github.com/miekg/dns"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -27,24 +26,10 @@ func startKnot(t testing.TB, records string) string {
 	return knottest.Start(t, "test.", records)
 }
 
-// queryECH returns the ech parameter of the HTTPS record at name, asked
-// over UDP as a resolver would.
+// queryECH returns the ech parameter of the HTTPS record at name.
 func queryECH(t testing.TB, server, name string) ech.ConfigList {
 	t.Helper()
-	q := new(dns.Msg)
-	q.SetQuestion(dns.Fqdn(name), dns.TypeHTTPS)
-	r, _, err := (&dns.Client{Timeout: 2 * time.Second}).Exchange(q, server)
-	require.NoError(t, err)
-	for _, rr := range r.Answer {
-		if h, ok := rr.(*dns.HTTPS); ok {
-			for _, kv := range h.Value {
-				if e, ok := kv.(*dns.SVCBECHConfig); ok {
-					return e.ECH
-				}
-			}
-		}
-	}
-	return nil
+	return knottest.QueryECH(t, server, name)
 }
 
 func testProvider(server string) *RFC2136 {

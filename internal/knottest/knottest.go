@@ -112,3 +112,25 @@ zone:
 		}
 	}
 }
+
+// QueryECH returns the ech parameter of the HTTPS record at name on server,
+// asked over UDP as a resolver would, or nil when there is none.
+func QueryECH(tb testing.TB, server, name string) []byte {
+	tb.Helper()
+	q := new(dns.Msg)
+	q.SetQuestion(dns.Fqdn(name), dns.TypeHTTPS)
+	r, _, err := (&dns.Client{Timeout: 2 * time.Second}).Exchange(q, server)
+	if err != nil {
+		tb.Fatalf("knottest: querying %s: %v", name, err)
+	}
+	for _, rr := range r.Answer {
+		if h, ok := rr.(*dns.HTTPS); ok {
+			for _, kv := range h.Value {
+				if e, ok := kv.(*dns.SVCBECHConfig); ok {
+					return e.ECH
+				}
+			}
+		}
+	}
+	return nil
+}
