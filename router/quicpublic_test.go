@@ -322,3 +322,26 @@ func TestServerQUICPublic(t *testing.T) {
 	pc.Close()
 	assert.Empty(t, publicQUICGoroutines(), "no goroutine of the public QUIC server is left")
 }
+
+// TestQUICProxyNoPublicBackend checks that a [Router.QUICProxy] without
+// PublicBackend, as a library user may make it, refuses the public name's
+// connections with unrecognized_name.
+func TestQUICProxyNoPublicBackend(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	p, err := e.r.QUICProxy(QUICListener{Name: "udp/test"})
+	require.NoError(t, err)
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	require.NoError(t, err)
+	served := make(chan struct{})
+	go func() { p.Serve(pc); close(served) }()
+	t.Cleanup(func() { p.Close(); pc.Close(); <-served })
+
+	_, err = h3Get(ctxTimeout(t, 20*time.Second), pc.LocalAddr().String(), e.clientConfig(publicName, nil))
+	var te *quic.TransportError
+	require.ErrorAs(t, err, &te)
+	assert.Equal(t, quic.TransportErrorCode(0x100+112), te.ErrorCode, "unrecognized_name")
+	l := e.udpLog()
+	assert.Equal(t, "public", l["route"])
+	assert.Contains(t, l["error"], errNoPublicQUIC.Error())
+}
