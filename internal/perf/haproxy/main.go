@@ -3,7 +3,7 @@
 // backend behind HAProxy (mode tcp, req.ssl_sni routing) and behind the
 // router (a passthrough route), and reached directly as the baseline.
 //
-//	go run ./internal/perf/haproxy [-duration 5s] [-clients 8] [-idle 500]
+//	go run ./internal/perf/haproxy [-duration 5s] [-clients 8] [-idle 500] [-only name]
 //
 // For each path it measures new connections per second (TLS handshake, one
 // byte echoed, close; the clients run in this process), the CPU the proxy
@@ -53,6 +53,7 @@ func main() {
 	pings := flag.Int("pings", 2000, "one-byte round trips in the latency measure")
 	bulk := flag.Int("bulk", 64<<20, "bytes echoed through one connection in the throughput measure")
 	routerPkg := flag.String("router", "./cmd/ech-router", "the router's package")
+	only := flag.String("only", "", "run only the paths whose name contains this")
 	flag.Parse()
 	log.SetFlags(0)
 
@@ -76,6 +77,9 @@ func main() {
 	fmt.Println("| path | new conns/s | proxy CPU µs/conn | RTT p50 µs | RTT p99 µs | bulk MB/s | proxy KB/idle conn |")
 	fmt.Println("|---|---|---|---|---|---|---|")
 	for _, p := range e.paths() {
+		if !strings.Contains(p.name, *only) {
+			continue
+		}
 		r := measure(p, *duration, *clients, *pings, *bulk, *idle)
 		fmt.Printf("| %s | %.0f | %s | %.0f | %.0f | %.0f | %s |\n", p.name, r.rate, orDash(r.cpuPerConn), r.rttP50, r.rttP99, r.mbps, orDash(r.kbPerIdle))
 	}
