@@ -5,11 +5,13 @@ package router
 import (
 	"errors"
 	"net"
+	"os"
 	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 )
 
 // A forwarded connection spends most of its life idle: an IMAP client in
@@ -36,10 +38,14 @@ const (
 	loopEventsMask = syscall.EPOLLIN | syscall.EPOLLRDHUP | 1<<31
 )
 
-// loop is one event loop: one goroutine blocked in epoll_wait.
+// loop is one event loop: one goroutine, which waits for its epoll set in
+// Go's poller (an epoll set is readable when one of its sockets is ready),
+// never in a blocking system call, which would make the runtime hand its
+// processor to another thread each time.
 type loop struct {
 	epfd int
-	buf  []byte // the read buffer; only the loop goroutine uses it
+	ep   syscall.RawConn // epfd in Go's poller
+	buf  []byte          // the read buffer; only the loop goroutine uses it
 
 	mu    sync.Mutex
 	pipes map[uint32]*pipe // by id, the epoll data
@@ -67,11 +73,18 @@ func loopFor() (*loop, error) {
 	loops.once.Do(func() {
 		for range min(runtime.GOMAXPROCS(0), 4) {
 			fd, err := syscall.EpollCreate1(syscall.EPOLL_CLOEXEC)
+			if err == nil {
+				err = syscall.SetNonblock(fd, true) // for Go's poller
+			}
+			var ep syscall.RawConn
+			if err == nil {
+				ep, err = os.NewFile(uintptr(fd), "epoll").SyscallConn()
+			}
 			if err != nil {
 				loops.err = err
 				return
 			}
-			l := &loop{epfd: fd, buf: make([]byte, loopBufSize), pipes: make(map[uint32]*pipe)}
+			l := &loop{epfd: fd, ep: ep, buf: make([]byte, loopBufSize), pipes: make(map[uint32]*pipe)}
 			loops.l = append(loops.l, l)
 			go l.run()
 		}
@@ -155,7 +168,7 @@ func (p *pipe) handToLoop(handed [2]bool) error {
 	}
 	for i, fd := range s.fd {
 		ev := syscall.EpollEvent{Events: loopEventsMask, Fd: int32(s.id), Pad: int32(i)}
-		if err := syscall.EpollCtl(l.epfd, syscall.EPOLL_CTL_ADD, fd, &ev); err != nil {
+		if err := epollCtl(l.epfd, syscall.EPOLL_CTL_ADD, fd, &ev); err != nil {
 			l.mu.Lock()
 			delete(l.pipes, s.id)
 			l.mu.Unlock()
@@ -164,7 +177,7 @@ func (p *pipe) handToLoop(handed [2]bool) error {
 				p.loop.finT.Stop()
 			}
 			if i == 1 {
-				syscall.EpollCtl(l.epfd, syscall.EPOLL_CTL_DEL, s.fd[0], nil)
+				epollCtl(l.epfd, syscall.EPOLL_CTL_DEL, s.fd[0], &ev)
 			}
 			p.loop = nil
 			return err
@@ -175,18 +188,21 @@ func (p *pipe) handToLoop(handed [2]bool) error {
 
 func (l *loop) run() {
 	events := make([]syscall.EpollEvent, loopEvents)
-	for {
-		l.mu.Lock()
-		wait := -1
-		if len(l.ready) > 0 {
-			wait = 0
+	var (
+		n   int
+		err error
+	)
+	poll := func(fd uintptr) bool {
+		n, err = epollPoll(int(fd), events)
+		if n > 0 || err != nil && err != syscall.EINTR {
+			return true
 		}
-		l.mu.Unlock()
-		n, err := syscall.EpollWait(l.epfd, events, wait)
-		if err != nil {
-			if err == syscall.EINTR {
-				continue
-			}
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		return len(l.ready) > 0 // else wait in Go's poller
+	}
+	for {
+		if rerr := l.ep.Read(poll); rerr != nil || err != nil {
 			// Not recoverable (EBADF, EFAULT, EINVAL): the connections
 			// end at their idle timeout.
 			return
@@ -199,7 +215,7 @@ func (l *loop) run() {
 		l.ready = nil
 		l.mu.Unlock()
 		for _, r := range ready {
-			l.event(r.id, r.dir, syscall.EPOLLIN)
+			l.event(r.id, r.dir, syscall.EPOLLIN|syscall.EPOLLRDHUP) // read on until EAGAIN
 		}
 	}
 }
@@ -223,10 +239,12 @@ func (l *loop) event(id uint32, side int, events uint32) {
 	const writable = syscall.EPOLLOUT | syscall.EPOLLHUP | syscall.EPOLLERR
 	var err error
 	if events&writable != 0 && s.watchW[side] {
-		err = p.pump(1 - side)
+		err = p.pump(1-side, true)
 	}
 	if err == nil && events&readable != 0 {
-		err = p.pump(side)
+		// After the peer's end or an error, read until EOF: they were
+		// signalled once, maybe with bytes before them.
+		err = p.pump(side, events&(syscall.EPOLLRDHUP|syscall.EPOLLHUP|syscall.EPOLLERR) != 0)
 	}
 	p.afterPump(err)
 }
@@ -259,8 +277,10 @@ func (e *loopError) Unwrap() error { return e.err }
 
 // pump moves what it can from side dir to side 1-dir: first what is left
 // from before, then what can be read, until the source has nothing, the
-// destination takes nothing more, or the budget is spent. p.mu is held.
-func (p *pipe) pump(dir int) error {
+// destination takes nothing more, or the budget is spent. Unless drain is
+// set, a short read is taken to mean that the source has nothing more. p.mu
+// is held.
+func (p *pipe) pump(dir int, drain bool) error {
 	s := p.loop
 	d := &s.dir[dir]
 	if d.ended {
@@ -295,7 +315,7 @@ func (p *pipe) pump(dir int) error {
 		if d.srcEOF {
 			// Pass the half-close on and give the other side the fin
 			// timeout.
-			syscall.Shutdown(dst, syscall.SHUT_WR)
+			rawSyscall(syscall.SYS_SHUTDOWN, dst, syscall.SHUT_WR, 0)
 			d.ended = true
 			p.startFinLoop()
 			return nil
@@ -306,7 +326,7 @@ func (p *pipe) pump(dir int) error {
 			s.l.mu.Unlock()
 			return nil
 		}
-		n, err := syscall.Read(src, s.l.buf)
+		n, err := rawSyscall(syscall.SYS_READ, src, uintptr(unsafe.Pointer(&s.l.buf[0])), uintptr(len(s.l.buf)))
 		switch {
 		case err == syscall.EINTR:
 			continue
@@ -319,6 +339,10 @@ func (p *pipe) pump(dir int) error {
 			continue
 		}
 		budget -= n
+		// A short read took all the socket had: the next bytes, or its
+		// end, are a new event (a socket signals each arrival, edge
+		// triggered or not), so there is no need to read until EAGAIN.
+		short := n < len(s.l.buf) && !drain
 		w, blocked, err := writeAll(dst, s.l.buf[:n])
 		d.n += int64(w)
 		moved = true
@@ -331,6 +355,9 @@ func (p *pipe) pump(dir int) error {
 			*d.pend = append((*d.pend)[:0], s.l.buf[w:n]...)
 			return p.watchWrite(1-dir, true)
 		}
+		if short {
+			return nil
+		}
 	}
 }
 
@@ -338,7 +365,9 @@ func (p *pipe) pump(dir int) error {
 // error.
 func writeAll(fd int, b []byte) (n int, blocked bool, err error) {
 	for n < len(b) {
-		m, err := syscall.SendmsgN(fd, b[n:], nil, nil, syscall.MSG_NOSIGNAL)
+		// NOTE: a write to a socket reset by its peer fails with EPIPE:
+		// Go ignores SIGPIPE for descriptors other than 1 and 2.
+		m, err := rawSyscall(syscall.SYS_WRITE, fd, uintptr(unsafe.Pointer(&b[n])), uintptr(len(b)-n))
 		switch {
 		case err == syscall.EINTR:
 			continue
@@ -362,7 +391,7 @@ func (p *pipe) watchWrite(side int, on bool) error {
 	if on {
 		ev.Events |= syscall.EPOLLOUT
 	}
-	if err := syscall.EpollCtl(s.l.epfd, syscall.EPOLL_CTL_MOD, s.fd[side], &ev); err != nil {
+	if err := epollCtl(s.l.epfd, syscall.EPOLL_CTL_MOD, s.fd[side], &ev); err != nil {
 		return err
 	}
 	s.watchW[side] = on
@@ -440,4 +469,34 @@ func (p *pipe) endLoop(failed int, err error) {
 		err = errors.Join(errBackend, err)
 	}
 	s.done(in, out, err)
+}
+
+// The loop's system calls never block (its sockets are non-blocking, its
+// epoll_wait does not wait): they are made raw, without telling the
+// runtime, which would otherwise prepare to hand the processor to another
+// thread and wake its monitor thread, at a cost larger than the calls'.
+
+func rawSyscall(trap uintptr, fd int, a2, a3 uintptr) (int, error) {
+	n, _, errno := syscall.RawSyscall(trap, uintptr(fd), a2, a3)
+	if errno != 0 {
+		return 0, errno
+	}
+	return int(n), nil
+}
+
+func epollCtl(epfd, op, fd int, ev *syscall.EpollEvent) error {
+	_, _, errno := syscall.RawSyscall6(syscall.SYS_EPOLL_CTL, uintptr(epfd), uintptr(op), uintptr(fd), uintptr(unsafe.Pointer(ev)), 0, 0)
+	if errno != 0 {
+		return errno
+	}
+	return nil
+}
+
+// epollPoll returns the events ready, without waiting.
+func epollPoll(epfd int, events []syscall.EpollEvent) (int, error) {
+	n, _, errno := syscall.RawSyscall6(syscall.SYS_EPOLL_PWAIT, uintptr(epfd), uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), 0, 0, 0)
+	if errno != 0 {
+		return 0, errno
+	}
+	return int(n), nil
 }

@@ -54,6 +54,7 @@ func main() {
 	bulk := flag.Int("bulk", 64<<20, "bytes echoed through one connection in the throughput measure")
 	routerPkg := flag.String("router", "./cmd/ech-router", "the router's package")
 	only := flag.String("only", "", "run only the paths whose name contains this")
+	routerEnv := flag.String("router-env", "", "environment settings for the router, such as GOMAXPROCS=1 (space-separated)")
 	flag.Parse()
 	log.SetFlags(0)
 
@@ -65,7 +66,7 @@ func main() {
 		log.Fatal(err)
 	}
 	defer os.RemoveAll(dir)
-	e, err := setup(dir, *routerPkg)
+	e, err := setup(dir, *routerPkg, strings.Fields(*routerEnv))
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -144,7 +145,7 @@ func freeAddr() string {
 	return ln.Addr().String()
 }
 
-func setup(dir, routerPkg string) (*env, error) {
+func setup(dir, routerPkg string, routerEnv []string) (*env, error) {
 	ca, err := testpki.NewCA()
 	if err != nil {
 		return nil, err
@@ -246,6 +247,7 @@ backend be
 	}
 	e.router = exec.Command(bin, "-config", filepath.Join(dir, "router.json"))
 	e.router.Stdout, e.router.Stderr = io.Discard, io.Discard
+	e.router.Env = append(os.Environ(), routerEnv...)
 	if err := e.router.Start(); err != nil {
 		return nil, err
 	}
