@@ -2,11 +2,14 @@
 
 package router
 
-import "errors"
+import (
+	"errors"
+	"sync/atomic"
+)
 
-// loopsAvailable says that this system has no loops: every connection is
+// useLoops is false: this system has no loops, and every connection is
 // forwarded by two goroutines.
-const loopsAvailable = false
+var useLoops atomic.Bool
 
 // loopState is empty where there are no loops.
 type loopState struct{}

@@ -103,7 +103,7 @@ func (p *pipe) start(done func(in, out int64, err error)) {
 	p.done = done
 	p.active.Store(time.Now().UnixNano())
 	_, passthrough := p.client.(*ech.Conn) // not under a TLS layer
-	p.handoff = loopsAvailable && passthrough && isTCP(p.clientTCP) && isTCP(p.backend)
+	p.handoff = useLoops.Load() && passthrough && isTCP(p.clientTCP) && isTCP(p.backend)
 	go p.direction(1, 0)
 	p.direction(0, 0)
 }
