@@ -215,4 +215,3 @@ func TestLoopShutdown(t *testing.T) {
 		assert.Empty(t, l["error"])
 	}
 }
-

@@ -267,26 +267,24 @@ func (r *Router) ServeListener(ln net.Listener, l Listener) error {
 		}
 		r.log(l)
 	}
-	defer el.Close()
-	for {
-		conn, err := el.Accept()
-		if err != nil {
-			if r.isClosed() || errors.Is(err, net.ErrClosed) {
-				return ErrClosed
-			}
-			return err
-		}
-		c := conn.(*ech.Conn)
+	// Each connection is routed on the goroutine that read its hello.
+	el.Handle = func(c *ech.Conn) {
 		if !r.trackConn(c.NetConn()) {
 			c.Close()
 			g.done(c.NetConn())
-			return ErrClosed
+			return
 		}
-		go r.handle(c, addr, g.acceptedAt(c.NetConn()), routes, func() {
+		r.handle(c, addr, g.acceptedAt(c.NetConn()), routes, func() {
 			r.untrackConn(c.NetConn())
 			g.done(c.NetConn())
 		})
 	}
+	defer el.Close()
+	_, err := el.Accept() // until the listener ends
+	if r.isClosed() || errors.Is(err, net.ErrClosed) {
+		return ErrClosed
+	}
+	return err
 }
 
 // gate is the net.Listener under a router's ech.Listener: it refuses
