@@ -3,7 +3,7 @@
 // backend behind HAProxy (mode tcp, req.ssl_sni routing) and behind the
 // router (a passthrough route), and reached directly as the baseline.
 //
-//	go run ./internal/perf/haproxy [-duration 5s] [-clients 8] [-idle 500] [-only name]
+//	go run ./internal/perf/haproxy [-duration 5s] [-clients 8] [-idle 500] [-only name] [-pin]
 //
 // For each path, on a fresh proxy process, it measures the memory (RSS)
 // the proxy holds per idle connection (first, before other traffic leaves
@@ -56,8 +56,16 @@ func main() {
 	routerPkg := flag.String("router", "./cmd/ech-router", "the router's package")
 	only := flag.String("only", "", "run only the paths whose name contains this")
 	routerEnv := flag.String("router-env", "", "environment settings for the router, such as GOMAXPROCS=1 (space-separated)")
+	pin := flag.Bool("pin", false, "run the proxies on CPU 1 and this process (clients and backend) on CPU 0, as when the proxy has a machine of its own")
 	flag.Parse()
 	log.SetFlags(0)
+	if *pin {
+		// Before this process starts more threads, which inherit it.
+		if out, err := exec.Command("taskset", "-a", "-p", "-c", "0", strconv.Itoa(os.Getpid())).CombinedOutput(); err != nil {
+			log.Fatalf("taskset: %v: %s", err, out)
+		}
+		proxyPrefix = []string{"taskset", "-c", "1"}
+	}
 
 	if _, err := exec.LookPath("haproxy"); err != nil {
 		log.Fatal("haproxy not found: apt-get install haproxy")
@@ -76,6 +84,9 @@ func main() {
 	fmt.Printf("# ech-router vs HAProxy on loopback (%s)\n\n", time.Now().UTC().Format(time.RFC3339))
 	fmt.Printf("%d clients for %v per rate run; %d pings; %d MiB bulk; %d idle connections. HAProxy %s.\n\n",
 		*clients, *duration, *pings, *bulk>>20, *idle, e.haproxyVersion)
+	if *pin {
+		fmt.Printf("Pinned: proxies on CPU 1, clients and backend on CPU 0.\n\n")
+	}
 	fmt.Println("| path | new conns/s | proxy CPU µs/conn | RTT p50 µs | RTT p99 µs | bulk MB/s | proxy KB/idle conn |")
 	fmt.Println("|---|---|---|---|---|---|---|")
 	for _, p := range e.paths() {
@@ -93,6 +104,17 @@ func main() {
 		r := measure(p, *duration, *clients, *pings, *bulk, *idle)
 		fmt.Printf("| %s | %.0f | %s | %.0f | %.0f | %.0f | %s |\n", p.name, r.rate, orDash(r.cpuPerConn), r.rttP50, r.rttP99, r.mbps, orDash(r.kbPerIdle))
 	}
+}
+
+// proxyPrefix runs the proxies on a CPU of their own with -pin.
+var proxyPrefix []string
+
+// command returns the command of a proxy.
+func command(name string, args ...string) *exec.Cmd {
+	if len(proxyPrefix) > 0 {
+		return exec.Command(proxyPrefix[0], append(append(proxyPrefix[1:len(proxyPrefix):len(proxyPrefix)], name), args...)...)
+	}
+	return exec.Command(name, args...)
 }
 
 func orDash(v float64) string {
@@ -219,7 +241,7 @@ backend be
 	}
 	out, _ := exec.Command("haproxy", "-v").Output()
 	e.haproxyVersion = strings.Fields(string(out) + " ? ? ?")[2]
-	e.haproxy = exec.Command("haproxy", "-db", "-f", filepath.Join(dir, "haproxy.cfg"))
+	e.haproxy = command("haproxy", "-db", "-f", filepath.Join(dir, "haproxy.cfg"))
 	e.haproxy.Stderr = os.Stderr
 	if err := e.haproxy.Start(); err != nil {
 		return nil, err
@@ -269,7 +291,7 @@ backend be
 		return nil, fmt.Errorf("building %s: %v\n%s", routerPkg, err, out)
 	}
 	e.routerCmd = func() *exec.Cmd {
-		c := exec.Command(bin, "-config", filepath.Join(dir, "router.json"))
+		c := command(bin, "-config", filepath.Join(dir, "router.json"))
 		c.Stdout, c.Stderr = io.Discard, io.Discard
 		c.Env = append(os.Environ(), routerEnv...)
 		return c
