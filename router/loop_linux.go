@@ -102,11 +102,11 @@ type loopState struct {
 	id      uint32
 	fd      [2]int // 0 the client's socket, 1 the backend's
 	dir     [2]loopDir
+	inLoop  [2]bool // whether direction i is the loop's, its goroutine gone
 	watchW  [2]bool // whether side i is registered for EPOLLOUT
 	idleT   *time.Timer
 	finT    *time.Timer
-	done    func(in, out int64, err error)
-	in, out int64 // bytes forwarded before the handoff
+	in, out int64 // bytes forwarded by the goroutines
 }
 
 // loopDir is one direction, from side i to side 1-i.
@@ -133,22 +133,16 @@ var useLoops = func() *atomic.Bool {
 	return &b
 }()
 
-// handToLoop hands the directions of p that are handed off to a loop, the
-// others being done: the client and the backend are TCP connections, and
-// the goroutines of both directions have ended. p.done is called once when
-// the connection ends. It fails when no loop can take it: the caller then
+// handToLoop registers p's sockets with a loop, which forwards none of
+// its directions yet (see resolveInLoop): the client and the backend are
+// TCP connections. It fails when no loop can take them: the caller then
 // forwards as before. p.mu is held.
-func (p *pipe) handToLoop(handed [2]bool) error {
+func (p *pipe) handToLoop() error {
 	l, err := loopFor()
 	if err != nil {
 		return err
 	}
-	s := &loopState{l: l, done: p.done, in: p.res[0].n, out: p.res[1].n}
-	for i := range handed {
-		if !handed[i] {
-			s.dir[i].srcEOF, s.dir[i].ended = true, true
-		}
-	}
+	s := &loopState{l: l}
 	for i, c := range [2]net.Conn{p.clientTCP, p.backend} {
 		sc, ok := c.(syscall.Conn)
 		if !ok {
@@ -175,9 +169,6 @@ func (p *pipe) handToLoop(handed [2]bool) error {
 	l.mu.Unlock()
 	p.loop = s
 	p.loop.idleT = time.AfterFunc(p.idle, p.onIdle)
-	if f := p.finAt.Load(); f != 0 {
-		p.loop.finT = time.AfterFunc(time.Until(time.Unix(0, f)), p.onFin)
-	}
 	for i, fd := range s.fd {
 		ev := syscall.EpollEvent{Events: loopEventsMask, Fd: int32(s.id), Pad: int32(i)}
 		if err := epollCtl(l.epfd, syscall.EPOLL_CTL_ADD, fd, &ev); err != nil {
@@ -250,15 +241,63 @@ func (l *loop) event(id uint32, side int, events uint32) {
 	const readable = syscall.EPOLLIN | syscall.EPOLLRDHUP | syscall.EPOLLHUP | syscall.EPOLLERR
 	const writable = syscall.EPOLLOUT | syscall.EPOLLHUP | syscall.EPOLLERR
 	var err error
-	if events&writable != 0 && s.watchW[side] {
+	if events&writable != 0 && s.watchW[side] && s.inLoop[1-side] {
 		err = p.pump(1-side, true)
 	}
-	if err == nil && events&readable != 0 {
+	// A direction still with its goroutine reads in Go.
+	if err == nil && events&readable != 0 && s.inLoop[side] {
 		// After the peer's end or an error, read until EOF: they were
 		// signalled once, maybe with bytes before them.
 		err = p.pump(side, events&(syscall.EPOLLRDHUP|syscall.EPOLLHUP|syscall.EPOLLERR) != 0)
 	}
 	p.afterPump(err)
+}
+
+// resolveInLoop records the end of direction dir's goroutine once p has
+// a loop: a direction handed off is the loop's from now on, and is pumped
+// once (its events were ignored until now); one that ended is done, with
+// the error that ends the connection, unless that was already reported.
+// p.mu is held, and released.
+func (p *pipe) resolveInLoop(dir int, r dirResult, handed bool) {
+	s := p.loop
+	if dir == 0 {
+		s.in += r.n
+	} else {
+		s.out += r.n
+	}
+	closedByOther := p.closed && (handed || r.err == nil) || errors.Is(r.err, net.ErrClosed)
+	switch {
+	case p.reported:
+		p.mu.Unlock()
+	case closedByOther:
+		// By the other direction's goroutine, which reports why when it
+		// ends, unless it has.
+		if p.nres < 2 {
+			p.mu.Unlock()
+			return
+		}
+		p.endLoop(-1, nil)
+	case handed:
+		s.inLoop[dir] = true
+		p.afterPump(p.pump(dir, true))
+	case r.err == nil:
+		// EOF: the goroutine passed the half-close on and started the fin
+		// timeout.
+		s.dir[dir].srcEOF, s.dir[dir].ended = true, true
+		if f := p.finAt.Load(); f != 0 && s.finT == nil {
+			s.finT = time.AfterFunc(time.Until(time.Unix(0, f)), p.onFin)
+		}
+		p.afterPump(nil)
+	case errors.Is(r.err, errIdleTimeout), errors.Is(r.err, errFinTimeout):
+		p.endLoop(-1, r.err)
+	default:
+		// The goroutine's copy failed, and closed both connections.
+		failed := 0
+		if r.fromBackend {
+			failed = 1
+		}
+		p.endLoop(failed, r.err)
+	}
 }
 
 // afterPump ends p if err is not nil or both directions are done. p.mu is
@@ -483,7 +522,7 @@ func (p *pipe) startFinLoop() {
 // onIdle ends p if nothing moved either way for its idle timeout.
 func (p *pipe) onIdle() {
 	p.mu.Lock()
-	if p.closed || p.loop == nil {
+	if p.reported || p.loop == nil {
 		p.mu.Unlock()
 		return
 	}
@@ -498,7 +537,7 @@ func (p *pipe) onIdle() {
 // onFin ends p when the fin timeout of its first closed side ends.
 func (p *pipe) onFin() {
 	p.mu.Lock()
-	if p.closed || p.loop == nil {
+	if p.reported || p.loop == nil {
 		p.mu.Unlock()
 		return
 	}
@@ -509,7 +548,8 @@ func (p *pipe) onFin() {
 // side, the other side's peer gets a reset. p.mu is held, and released.
 func (p *pipe) endLoop(failed int, err error) {
 	s := p.loop
-	p.closed = true
+	wasClosed := p.closed
+	p.closed, p.reported = true, true
 	s.idleT.Stop()
 	if s.finT != nil {
 		s.finT.Stop()
@@ -531,18 +571,21 @@ func (p *pipe) endLoop(failed int, err error) {
 			d.pipe = nil
 		}
 	}
-	if failed >= 0 {
-		// Closing the sockets takes them out of the epoll set.
-		syscall.SetsockoptLinger(s.fd[1-failed], syscall.SOL_SOCKET, syscall.SO_LINGER, &syscall.Linger{Onoff: 1})
+	if !wasClosed {
+		if failed >= 0 {
+			syscall.SetsockoptLinger(s.fd[1-failed], syscall.SOL_SOCKET, syscall.SO_LINGER, &syscall.Linger{Onoff: 1})
+		}
+		// Closing the sockets takes them out of the epoll set, and ends a
+		// goroutine still reading one.
+		p.clientTCP.Close()
+		p.backend.Close()
 	}
-	p.clientTCP.Close()
-	p.backend.Close()
 	in, out := s.in+s.dir[0].n, s.out+s.dir[1].n
 	p.mu.Unlock()
 	if failed == 1 {
 		err = errors.Join(errBackend, err)
 	}
-	s.done(in, out, err)
+	p.done(in, out, err)
 }
 
 // The loop's system calls never block (its sockets are non-blocking, its

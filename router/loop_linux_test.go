@@ -215,3 +215,48 @@ func TestLoopShutdown(t *testing.T) {
 		assert.Empty(t, l["error"])
 	}
 }
+
+// splitConn writes each buffer in two parts, the second after a pause, as
+// a backend far away or with a large certificate chain has its first flight
+// arrive in several reads.
+type splitConn struct{ net.Conn }
+
+func (c splitConn) Write(b []byte) (int, error) {
+	if len(b) < 100 {
+		return c.Conn.Write(b)
+	}
+	n, err := c.Conn.Write(b[:50])
+	if err != nil {
+		return n, err
+	}
+	time.Sleep(50 * time.Millisecond)
+	m, err := c.Conn.Write(b[50:])
+	return n + m, err
+}
+
+// TestLoopSplitServerFlight checks that a server's first flight that
+// reaches the router in parts reaches the client whole while the client's
+// side is still in its handshake: the client needs all of it to end its
+// own.
+func TestLoopSplitServerFlight(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	cfg := &tls.Config{Certificates: []tls.Certificate{*e.cert(tlsName)}}
+	backend := e.rawBackend(func(c net.Conn) {
+		tc := tls.Server(splitConn{c}, cfg)
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		echoBackend(tc, "split")
+	})
+	e.serve(Route{Name: "split", ServerNames: []string{tlsName}, Mode: ModePassthrough, Backend: backend})
+	conn := e.dialTLS(t, tlsName) // fails if the flight never arrives whole
+	buf := make([]byte, 64)
+	n, err := conn.Read(buf)
+	require.NoError(t, err)
+	assert.Equal(t, "split\n", string(buf[:n]))
+	_, err = io.WriteString(conn, "ping\n")
+	require.NoError(t, err)
+	_, err = io.ReadFull(conn, buf[:5])
+	require.NoError(t, err)
+	assert.Equal(t, "ping\n", string(buf[:5]))
+	waitInLoop(t, conn)
+}

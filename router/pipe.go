@@ -48,17 +48,18 @@ type pipe struct {
 	reports [2]atomic.Int64 // windows ended, per direction
 	finAt   atomic.Int64    // when the fin timeout ends, UnixNano; 0 before
 
-	// handoff is set when both directions may be handed to a loop once
-	// past the handshake (see loop_linux.go): the client is an [ech.Conn]
-	// over TCP, the backend a TCP connection, and the system has loops.
-	handoff bool
-	done    func(in, out int64, err error)
+	done func(in, out int64, err error)
 
-	mu     sync.Mutex // guards the fields below, and the sockets once in a loop
-	closed bool
-	res    [2]dirResult // what each direction's goroutine ended with
-	nres   int
-	loop   *loopState // set once handed to a loop
+	// Each direction is copied by a goroutine through the handshake.
+	// Where the system has loops (see loop_linux.go), and the client is an
+	// [ech.Conn] over TCP and the backend a TCP connection, each direction
+	// is handed to a loop once past the handshake, and its goroutine ends.
+	mu       sync.Mutex // guards the fields below, and the sockets once in a loop
+	closed   bool
+	reported bool         // done was called
+	res      [2]dirResult // what each direction's goroutine ended with
+	nres     int
+	loop     *loopState // set once a direction is handed to a loop
 }
 
 // dirResult is how one direction's goroutine ended.
@@ -103,9 +104,9 @@ func (p *pipe) start(done func(in, out int64, err error)) {
 	p.done = done
 	p.active.Store(time.Now().UnixNano())
 	_, passthrough := p.client.(*ech.Conn) // not under a TLS layer
-	p.handoff = useLoops.Load() && passthrough && isTCP(p.clientTCP) && isTCP(p.backend)
-	go p.direction(1, 0)
-	p.direction(0, 0)
+	handoff := useLoops.Load() && passthrough && isTCP(p.clientTCP) && isTCP(p.backend)
+	go p.direction(1, 0, handoff)
+	p.direction(0, 0, handoff)
 }
 
 func isTCP(c net.Conn) bool {
@@ -114,14 +115,15 @@ func isTCP(c net.Conn) bool {
 }
 
 // direction copies one direction in the calling goroutine: 0 from the
-// client to the backend, 1 back. n is what it copied before.
-func (p *pipe) direction(dir int, n int64) {
+// client to the backend, 1 back. n is what it copied before. With handoff,
+// the direction ends with errHandedOff once past the handshake.
+func (p *pipe) direction(dir int, n int64, handoff bool) {
 	var (
 		err error
 		r   dirResult
 	)
 	backend := p.backend
-	if p.handoff {
+	if handoff {
 		backend = handoffConn{p.backend, p}
 	}
 	if dir == 0 {
@@ -160,31 +162,31 @@ func (h handoffConn) WriteTo(w io.Writer) (int64, error) {
 	return io.Copy(w, h.Conn)
 }
 
-// resolve records how direction dir's goroutine ended. The second to end
-// hands the directions that asked for it to a loop, or ends the
+// resolve records how direction dir's goroutine ended. A direction past
+// the handshake goes to a loop at once, whatever the other does: the rest
+// of the server's first flight may be what the client waits for before it
+// ends its own handshake. Without loops, the second to end ends the
 // connection.
 func (p *pipe) resolve(dir int, r dirResult) {
 	p.mu.Lock()
 	p.res[dir] = r
 	p.nres++
-	if p.nres < 2 {
-		p.mu.Unlock()
-		return
-	}
-	handed := [2]bool{errors.Is(p.res[0].err, errHandedOff), errors.Is(p.res[1].err, errHandedOff)}
-	if (handed[0] || handed[1]) && !p.closed {
-		if err := p.handToLoop(handed); err == nil {
+	handed := errors.Is(r.err, errHandedOff)
+	if handed && p.loop == nil && !p.closed {
+		if err := p.handToLoop(); err != nil {
+			// No loop: this direction copies on as if there were none
+			// (the other may still hand off, and try again).
+			p.nres--
+			go p.direction(dir, r.n, false)
 			p.mu.Unlock()
 			return
 		}
-		// No loop: copy as if there never were one.
-		p.handoff = false
-		for i := range handed {
-			if handed[i] {
-				p.nres--
-				go p.direction(i, p.res[i].n)
-			}
-		}
+	}
+	if p.loop != nil {
+		p.resolveInLoop(dir, r, handed) // unlocks
+		return
+	}
+	if p.nres < 2 {
 		p.mu.Unlock()
 		return
 	}
