@@ -44,10 +44,10 @@ func BenchmarkNewConnection(b *testing.B) {
 
 	b.Run("baseline=ech.NewConn", func(b *testing.B) {
 		b.ReportAllocs()
-		records := appendRecords(nil, hello)
 		buf := make([]byte, 0, 4096)
 		for b.Loop() {
-			mc := &memConn{r: records}
+			mc := &memConn{}
+			mc.serve(hello)
 			c, err := ech.NewConn(context.Background(), mc, opts...)
 			if err != nil || c.Status() != ech.StatusAccepted {
 				b.Fatal(err)

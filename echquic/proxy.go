@@ -258,7 +258,10 @@ func (p *Proxy) newFlow(pc net.PacketConn, udp *net.UDPConn, ap netip.AddrPort, 
 		return false
 	}
 	// Only a datagram with an Initial that decrypts starts a flow.
-	if _, _, _, err := hs.open(b[:h.end], &h); err != nil {
+	s := getScratch()
+	_, _, _, err = hs.open(s, b[:h.end], &h)
+	putScratch(s)
+	if err != nil {
 		return false
 	}
 	hs.largest = -1
@@ -290,7 +293,10 @@ func (p *Proxy) maxFlows() int {
 func (p *Proxy) handleLong(f *flow, b []byte, fresh bool) {
 	hs := f.hs
 	if h, err := parseLongHeader(b); !fresh && err == nil && hs.ours(&h) {
-		if _, _, _, err := hs.open(b[:h.end], &h); err != nil {
+		s := getScratch()
+		_, _, _, err := hs.open(s, b[:h.end], &h)
+		putScratch(s)
+		if err != nil {
 			// Not an Initial of this connection attempt: the client's
 			// Initials all use the keys of its first Destination
 			// Connection ID (RFC 9001, Section 5.2), whatever the
