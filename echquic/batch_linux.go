@@ -303,57 +303,82 @@ type batchConn struct {
 // serveBatches is [Proxy.Serve] on a UDP socket of Linux: it reads
 // batches of datagrams and forwards the short header packets of
 // established flows in batches.
+//
+// The batches are handled inside the function given to
+// [syscall.RawConn.Read], which returns false after a batch that emptied
+// the socket: the runtime then waits for the next datagram without the
+// recvmmsg(2) that would fail with EAGAIN. No datagram is missed: one that
+// arrives after the socket was emptied wakes the wait.
 func (p *Proxy) serveBatches(udp *net.UDPConn) error {
 	rc, err := udp.SyscallConn()
 	if err != nil {
 		return p.serveEach(udp, udp)
 	}
 	b := newBatch()
-	for {
-		n, err := b.read(rc)
-		if err != nil {
-			if p.readFailed(err) {
-				return p.readError(err)
+	fn := func(fd uintptr) bool {
+		for {
+			if !b.recv(fd) {
+				return false
 			}
+			if b.errno != 0 {
+				return true
+			}
+			p.forwardBatch(udp, b)
+			if b.n < batchSize {
+				return false
+			}
+		}
+	}
+	for {
+		b.errno = 0
+		err := rc.Read(fn)
+		if err == nil && b.errno != 0 {
+			err = b.errno
+		}
+		if err != nil && p.readFailed(err) {
+			return p.readError(err)
+		}
+	}
+}
+
+// forwardBatch handles the datagrams of b read by serveBatches.
+func (p *Proxy) forwardBatch(udp *net.UDPConn, b *batch) {
+	var (
+		cur   *flow // the flow of ap, nil if none
+		ap    netip.AddrPort
+		queue *flow // the flow of the queued datagrams
+	)
+	for i := range b.n {
+		d := b.datagram(i)
+		a := b.addr(i)
+		if d == nil || !a.IsValid() {
 			continue
 		}
-		var (
-			cur   *flow // the flow of ap, nil if none
-			ap    netip.AddrPort
-			queue *flow // the flow of the queued datagrams
-		)
-		for i := range n {
-			d := b.datagram(i)
-			a := b.addr(i)
-			if d == nil || !a.IsValid() {
-				continue
-			}
-			if a != ap || cur == nil {
-				ap = a
-				p.mu.RLock()
-				cur = p.flows[ap]
-				p.mu.RUnlock()
-			}
-			if cur != nil && d[0]&headerFormLong == 0 {
-				if !cur.routed.Load() {
-					continue
-				}
-				if cur != queue {
-					p.flushUp(b, queue)
-					queue = cur
-				}
-				b.queue(d, nil)
-				continue
-			}
-			// Another packet of this flow, or a new flow: in order,
-			// after what is queued.
-			p.flushUp(b, queue)
-			queue = nil
-			p.handle(udp, udp, a, d)
-			cur = nil // handle may have made or ended flows
+		if a != ap || cur == nil {
+			ap = a
+			p.mu.RLock()
+			cur = p.flows[ap]
+			p.mu.RUnlock()
 		}
+		if cur != nil && d[0]&headerFormLong == 0 {
+			if !cur.routed.Load() {
+				continue
+			}
+			if cur != queue {
+				p.flushUp(b, queue)
+				queue = cur
+			}
+			b.queue(d, nil)
+			continue
+		}
+		// Another packet of this flow, or a new flow: in order, after
+		// what is queued.
 		p.flushUp(b, queue)
+		queue = nil
+		p.handle(udp, udp, a, d)
+		cur = nil // handle may have made or ended flows
 	}
+	p.flushUp(b, queue)
 }
 
 // flushUp sends the datagrams queued in b to the backend of f.
@@ -365,50 +390,46 @@ func (p *Proxy) flushUp(b *batch, f *flow) {
 	b.flush(f.batch.up, &f.batch.gsoUp)
 }
 
-// readBackendBatches is [Proxy.readBackend] in batches. A batch is taken
-// from a pool only while datagrams are there to read, so that an idle flow
-// holds no buffer.
+// readBackendBatches is [Proxy.readBackend] in batches, read as
+// serveBatches reads them. A batch is taken from a pool only while
+// datagrams are there to read, so that an idle flow holds no buffer.
 func (p *Proxy) readBackendBatches(f *flow) {
 	defer p.wg.Done()
-	var b *batch
-	recv := func(fd uintptr) bool {
-		if b == nil {
-			b = batchPool.Get().(*batch)
-		}
-		if !b.recv(fd) {
+	var errno syscall.Errno
+	fn := func(fd uintptr) bool {
+		for {
+			b := batchPool.Get().(*batch)
+			if !b.recv(fd) {
+				batchPool.Put(b)
+				return false
+			}
+			if errno = b.errno; errno != 0 {
+				batchPool.Put(b)
+				return true
+			}
+			for i := range b.n {
+				d := b.datagram(i)
+				if d == nil {
+					continue // possibly truncated
+				}
+				p.noteRetry(f, d)
+				b.queue(d, f.batch.client)
+			}
+			f.last.Store(p.now.Load())
+			b.flush(f.batch.pc, &f.batch.gsoClient)
+			n := b.n
 			batchPool.Put(b)
-			b = nil
-			return false
+			if n < batchSize {
+				return false
+			}
 		}
-		return true
 	}
 	for {
-		err := f.batch.up.Read(recv)
-		if err == nil && b.errno != 0 {
-			err = b.errno
+		errno = 0
+		if err := f.batch.up.Read(fn); err != nil && errors.Is(err, net.ErrClosed) {
+			return
 		}
-		if err != nil {
-			if b != nil {
-				batchPool.Put(b)
-				b = nil
-			}
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			continue // ICMP port unreachable and the like: the idle timeout ends the flow
-		}
-		for i := range b.n {
-			d := b.datagram(i)
-			if d == nil {
-				continue // possibly truncated
-			}
-			p.noteRetry(f, d)
-			b.queue(d, f.batch.client)
-		}
-		f.last.Store(p.now.Load())
-		b.flush(f.batch.pc, &f.batch.gsoClient)
-		batchPool.Put(b)
-		b = nil
+		// ICMP port unreachable and the like: the idle timeout ends the flow.
 	}
 }
 
