@@ -304,40 +304,23 @@ type batchConn struct {
 // batches of datagrams and forwards the short header packets of
 // established flows in batches.
 //
-// The batches are handled inside the function given to
-// [syscall.RawConn.Read], which returns false after a batch that emptied
-// the socket: the runtime then waits for the next datagram without the
-// recvmmsg(2) that would fail with EAGAIN. No datagram is missed: one that
-// arrives after the socket was emptied wakes the wait.
+// NOTE: unlike readBackendBatches, it handles a batch after the read
+// returns: handling takes p.mu, which Close holds while it closes the
+// socket, and closing waits for the reads in progress.
 func (p *Proxy) serveBatches(udp *net.UDPConn) error {
 	rc, err := udp.SyscallConn()
 	if err != nil {
 		return p.serveEach(udp, udp)
 	}
 	b := newBatch()
-	fn := func(fd uintptr) bool {
-		for {
-			if !b.recv(fd) {
-				return false
-			}
-			if b.errno != 0 {
-				return true
-			}
-			p.forwardBatch(udp, b)
-			if b.n < batchSize {
-				return false
-			}
-		}
-	}
 	for {
-		b.errno = 0
-		err := rc.Read(fn)
-		if err == nil && b.errno != 0 {
-			err = b.errno
+		if _, err := b.read(rc); err != nil {
+			if p.readFailed(err) {
+				return p.readError(err)
+			}
+			continue
 		}
-		if err != nil && p.readFailed(err) {
-			return p.readError(err)
-		}
+		p.forwardBatch(udp, b)
 	}
 }
 
@@ -390,9 +373,17 @@ func (p *Proxy) flushUp(b *batch, f *flow) {
 	b.flush(f.batch.up, &f.batch.gsoUp)
 }
 
-// readBackendBatches is [Proxy.readBackend] in batches, read as
-// serveBatches reads them. A batch is taken from a pool only while
-// datagrams are there to read, so that an idle flow holds no buffer.
+// readBackendBatches is [Proxy.readBackend] in batches. A batch is taken
+// from a pool only while datagrams are there to read, so that an idle flow
+// holds no buffer.
+//
+// The batches are forwarded inside the function given to
+// [syscall.RawConn.Read], which returns false after a batch that emptied
+// the socket: the runtime then waits for the next datagram without the
+// recvmmsg(2) that would fail with EAGAIN. No datagram is missed: one that
+// arrives after the socket was emptied wakes the wait. Closing the socket
+// waits for that function to return: it must not take p.mu, which
+// closeFlow holds while it closes the socket.
 func (p *Proxy) readBackendBatches(f *flow) {
 	defer p.wg.Done()
 	var errno syscall.Errno

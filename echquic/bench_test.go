@@ -72,7 +72,7 @@ func BenchmarkNewConnection(b *testing.B) {
 				b.Fatal(err)
 			}
 			for _, d := range dgrams {
-				if _, err := hs.feed(d); err != nil {
+				if _, _, err := hs.feed(d); err != nil {
 					b.Fatal(err)
 				}
 			}

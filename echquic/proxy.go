@@ -250,7 +250,7 @@ func (p *Proxy) handle(pc net.PacketConn, udp *net.UDPConn, ap netip.AddrPort, b
 		p.newFlow(pc, udp, ap, b, nil)
 		return
 	}
-	p.handleLong(f, b, false)
+	p.handleLong(f, b, nil)
 }
 
 // newFlow starts a flow with the client's first datagram, replacing the
@@ -280,13 +280,10 @@ func (p *Proxy) newFlow(pc net.PacketConn, udp *net.UDPConn, ap netip.AddrPort, 
 		return false
 	}
 	// Only a datagram with an Initial that decrypts starts a flow.
-	s := getScratch()
-	_, _, _, err = hs.open(s, b[:h.end], &h)
-	putScratch(s)
-	if err != nil {
+	fed := feedResult{}
+	if fed.wait, fed.opened, fed.err = hs.feed(b); fed.opened == 0 {
 		return false
 	}
-	hs.largest = -1
 	now := p.now.Load()
 	f := &flow{client: ap, addr: net.UDPAddrFromAddrPort(ap), pc: pc, udp: udp, created: now, hs: hs}
 	f.last.Store(now)
@@ -300,7 +297,7 @@ func (p *Proxy) newFlow(pc net.PacketConn, udp *net.UDPConn, ap netip.AddrPort, 
 	}
 	p.flows[ap] = f
 	p.mu.Unlock()
-	p.handleLong(f, b, true)
+	p.handleLong(f, b, &fed)
 	return true
 }
 
@@ -311,10 +308,19 @@ func (p *Proxy) maxFlows() int {
 	return DefaultMaxFlows
 }
 
-// handleLong processes a datagram starting with a long header packet.
-func (p *Proxy) handleLong(f *flow, b []byte, fresh bool) {
+// feedResult is the result of [handshake.feed] on a datagram.
+type feedResult struct {
+	wait   bool
+	opened int
+	err    error
+}
+
+// handleLong processes a datagram starting with a long header packet. fed
+// is the result of feeding it to f.hs if that was done already: for the
+// datagram that started f.
+func (p *Proxy) handleLong(f *flow, b []byte, fed *feedResult) {
 	hs := f.hs
-	if h, err := parseLongHeader(b); !fresh && err == nil && hs.ours(&h) {
+	if h, err := parseLongHeader(b); fed == nil && err == nil && hs.ours(&h) {
 		s := getScratch()
 		_, _, _, err := hs.open(s, b[:h.end], &h)
 		putScratch(s)
@@ -344,7 +350,13 @@ func (p *Proxy) handleLong(f *flow, b []byte, fresh bool) {
 		f.up.Write(b)
 		return
 	}
-	wait, err := hs.feed(b)
+	var wait bool
+	var err error
+	if fed != nil {
+		wait, err = fed.wait, fed.err
+	} else {
+		wait, _, err = hs.feed(b)
+	}
 	if err != nil {
 		p.fail(f, transportCryptoBufferExceeded, err)
 		return

@@ -98,8 +98,8 @@ func (hs *handshake) open(s *scratch, pkt []byte, h *longHeader) (pn uint64, pnL
 // being reassembled. Packets that are not Initials of this attempt, or whose
 // protection does not verify, are skipped (RFC 9001, Section 5.2: dropped).
 // It reports whether the datagram holds CRYPTO data the rewriting has to
-// wait for (see [handshake.needsWait]).
-func (hs *handshake) feed(b []byte) (wait bool, err error) {
+// wait for (see [handshake.needsWait]), and how many Initials it read.
+func (hs *handshake) feed(b []byte) (wait bool, opened int, err error) {
 	s := getScratch()
 	defer putScratch(s)
 	for len(b) > 0 && b[0]&headerFormLong != 0 {
@@ -115,16 +115,17 @@ func (hs *handshake) feed(b []byte) (wait bool, err error) {
 		if _, _, _, err := hs.open(s, pkt, &h); err != nil {
 			continue
 		}
+		opened++
 		for _, cf := range s.frames.cryptoFrames() {
 			if hs.phase != phaseDone {
 				if err := hs.stream.write(cf.off, cf.data); err != nil {
-					return false, err
+					return false, opened, err
 				}
 			}
 			wait = wait || hs.needsWait(cf)
 		}
 	}
-	return wait, nil
+	return wait, opened, nil
 }
 
 // needsWait reports whether cf holds data that cannot be rewritten yet: any
