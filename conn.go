@@ -654,7 +654,7 @@ func (c *Conn) serverDone() {
 // watched, then with [io.Copy] from the wrapped connection, so that a proxy
 // between two TCP connections gets the kernel's splice.
 func (c *Conn) WriteTo(w io.Writer) (int64, error) {
-	n, ended, err := copyHandshake(w, c, &c.rdone)
+	n, ended, err := copyHandshake(w, c, c.readSettled)
 	if ended {
 		return n, err
 	}
@@ -667,7 +667,7 @@ func (c *Conn) WriteTo(w io.Writer) (int64, error) {
 // [io.Copy] to the wrapped connection, so that a proxy between two TCP
 // connections gets the kernel's splice.
 func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
-	n, ended, err := copyHandshake(c, r, &c.wdone)
+	n, ended, err := copyHandshake(c, r, c.wdone.Load)
 	if ended {
 		return n, err
 	}
@@ -682,10 +682,34 @@ var copyBufPool = sync.Pool{New: func() any {
 	return &b
 }}
 
-// copyHandshake copies src to dst through a buffer until done is set. It
-// reports whether the copy ended (EOF or an error) before that.
-func copyHandshake(dst io.Writer, src io.Reader, done *atomic.Bool) (n int64, ended bool, err error) {
-	if done.Load() {
+// readSettled reports whether every handshake message has been passed on
+// and no second ClientHello can come: reads are then direct. Unlike Read,
+// it does not wait for the client's next record to learn that the server
+// has answered, so that WriteTo hands the connection to io.Copy before the
+// client's next bytes rather than after.
+func (c *Conn) readSettled() bool {
+	if c.rdone.Load() {
+		return true
+	}
+	c.rmu.Lock()
+	defer c.rmu.Unlock()
+	if !c.replay.empty() || c.rerr != nil {
+		return false // the replay may alias the watch's buffer
+	}
+	if c.watch != nil && c.rstate.Load() == serverDone && !c.hr.inMessage() {
+		c.endWatch()
+	}
+	if c.watch == nil {
+		c.replay.release()
+		c.rdone.Store(true)
+	}
+	return c.rdone.Load()
+}
+
+// copyHandshake copies src to dst through a buffer until done reports
+// true. It reports whether the copy ended (EOF or an error) before that.
+func copyHandshake(dst io.Writer, src io.Reader, done func() bool) (n int64, ended bool, err error) {
+	if done() {
 		return 0, false, nil
 	}
 	bp := copyBufPool.Get().(*[]byte)
@@ -694,7 +718,7 @@ func copyHandshake(dst io.Writer, src io.Reader, done *atomic.Bool) (n int64, en
 		clear(buf[:used]) // it may have held a ClientHelloInner
 		copyBufPool.Put(bp)
 	}()
-	for !done.Load() {
+	for !done() {
 		m, rerr := src.Read(buf)
 		used = max(used, m)
 		if m > 0 {

@@ -36,6 +36,9 @@ var errListenerClosed = fmt.Errorf("ech: accept: %w", net.ErrClosed)
 // stops taking connections from the wrapped listener (new clients then wait
 // in the kernel's backlog) until Accept takes one or a hello fails.
 //
+// A server that routes each connection on a goroutine of its own sets
+// Handle instead of calling Accept in a loop.
+//
 // Connections whose hello [NewConn] refused are closed (the client got the
 // alert the error calls for) and given to OnError. Temporary errors of the
 // wrapped listener, such as running out of file descriptors, are retried
@@ -56,6 +59,14 @@ type Listener struct {
 	// on the goroutine that read the hello, which counts as pending until
 	// OnError returns; Close waits for it.
 	OnError func(conn net.Conn, err error)
+
+	// Handle, if not nil, is called with each connection whose hello
+	// NewConn accepted, on the goroutine that read the hello, instead of
+	// the connection's being returned by Accept: a server saves a
+	// goroutine and a hand-over per connection. The connection no longer
+	// counts as pending, and Close does not wait for Handle to return.
+	// Accept then only waits for the Listener to end.
+	Handle func(c *Conn)
 
 	ln     net.Listener
 	opts   []Option
@@ -146,11 +157,11 @@ func (l *Listener) run() {
 		n = DefaultMaxPending
 	}
 	l.slots = make(chan struct{}, n)
-	onError := l.OnError
-	l.loop.Go(func() { l.acceptLoop(onError) })
+	onError, handle := l.OnError, l.Handle
+	l.loop.Go(func() { l.acceptLoop(onError, handle) })
 }
 
-func (l *Listener) acceptLoop(onError func(net.Conn, error)) {
+func (l *Listener) acceptLoop(onError func(net.Conn, error), handle func(*Conn)) {
 	var hellos sync.WaitGroup
 	defer func() {
 		hellos.Wait()
@@ -191,28 +202,42 @@ func (l *Listener) acceptLoop(onError func(net.Conn, error)) {
 			continue
 		}
 		delay = 0
-		hellos.Go(func() {
-			defer func() { <-l.slots }()
-			l.readHello(conn, onError)
-		})
+		hellos.Add(1)
+		go func() {
+			c := l.readHello(conn, onError, handle == nil)
+			<-l.slots
+			hellos.Done()
+			if c != nil {
+				handle(c)
+			}
+		}()
 	}
 }
 
-// readHello runs NewConn on conn and hands the result to Accept.
-func (l *Listener) readHello(conn net.Conn, onError func(net.Conn, error)) {
+// readHello runs NewConn on conn and hands the result to Accept, or, if
+// not toAccept, returns it.
+func (l *Listener) readHello(conn net.Conn, onError func(net.Conn, error), toAccept bool) *Conn {
 	c, err := NewConn(l.ctx, conn, l.opts...)
 	if err != nil {
 		conn.Close()
 		if onError != nil && l.ctx.Err() == nil {
 			onError(conn, err)
 		}
-		return
+		return nil
+	}
+	if !toAccept {
+		if l.ctx.Err() != nil {
+			c.Close()
+			return nil
+		}
+		return c
 	}
 	select {
 	case l.ready <- c:
 	case <-l.ctx.Done():
 		c.Close()
 	}
+	return nil
 }
 
 // temporaryAcceptError reports whether err, from the wrapped listener's

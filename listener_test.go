@@ -503,3 +503,68 @@ func TestListenerCloseDuringBackoff(t *testing.T) {
 		assert.True(t, fl.isClosed())
 	})
 }
+
+// TestListenerHandle checks that Handle gets each accepted connection on
+// the goroutine that read its hello, while refused ones still go to
+// OnError, that Close neither waits for Handle nor lets Accept return a
+// connection, and that Accept returns once the Listener is closed.
+func TestListenerHandle(t *testing.T) {
+	t.Parallel()
+	s := newListenerServer(t)
+	refused := make(chan error, 1)
+	s.ln.OnError = func(_ net.Conn, err error) { refused <- err }
+	handled := make(chan *ech.Conn, 2)
+	release := make(chan struct{})
+	s.ln.Handle = func(c *ech.Conn) {
+		handled <- c
+		<-release // a long connection: Close must not wait for it
+	}
+	acceptErr := make(chan error, 1)
+	go func() {
+		c, err := s.ln.Accept()
+		if c != nil {
+			err = errors.New("Accept returned a connection although Handle is set")
+		}
+		acceptErr <- err
+	}()
+
+	done := s.dial(t)
+	var c *ech.Conn
+	select {
+	case c = <-handled:
+	case <-time.After(testTimeout):
+		t.Fatal("Handle was not called")
+	}
+	assert.Equal(t, ech.StatusAccepted, c.Status())
+	assert.Equal(t, innerName, c.ServerName())
+	require.NoError(t, s.serve(c))
+	require.NoError(t, waitErr(t, done))
+
+	bad, err := net.Dial("tcp", s.ln.Addr().String())
+	require.NoError(t, err)
+	defer bad.Close()
+	_, err = bad.Write([]byte("GET / HTTP/1.1\r\n\r\n"))
+	require.NoError(t, err)
+	select {
+	case err := <-refused:
+		assert.ErrorIs(t, err, ech.ErrNotTLS)
+	case <-time.After(testTimeout):
+		t.Fatal("OnError was not called")
+	}
+
+	closed := make(chan error, 1)
+	go func() { closed <- s.ln.Close() }()
+	select {
+	case err := <-closed:
+		require.NoError(t, err)
+	case <-time.After(testTimeout):
+		t.Fatal("Close waited for Handle")
+	}
+	select {
+	case err := <-acceptErr:
+		assert.ErrorIs(t, err, net.ErrClosed)
+	case <-time.After(testTimeout):
+		t.Fatal("Accept did not return after Close")
+	}
+	close(release)
+}

@@ -183,14 +183,23 @@ func BenchmarkIdleConnectionMemory(b *testing.B) {
 		}
 		return perConn, stackPerConn, fdsPerConn
 	}
-	var direct, viaRouter, directStack, viaRouterStack, directFDs, viaRouterFDs float64
+	var direct, viaRouter, directStack, viaRouterStack, directFDs, viaRouterFDs, goroutines float64
 	for b.Loop() {
 		direct, directStack, directFDs = open(ln.Addr().String())
 		viaRouter, viaRouterStack, viaRouterFDs = open(routed)
+		if useLoops.Load() {
+			// The baseline: two goroutines copying, as without loops.
+			useLoops.Store(false)
+			goroutines, _, _ = open(routed)
+			useLoops.Store(true)
+		}
 	}
 	b.ReportMetric(viaRouterFDs-directFDs, "router-fds/conn")
 	b.ReportMetric(direct, "direct-B/conn")
 	b.ReportMetric(viaRouter, "routed-B/conn")
 	b.ReportMetric(viaRouter-direct, "router-B/conn")
 	b.ReportMetric(viaRouterStack-directStack, "router-stack-B/conn")
+	if goroutines > 0 {
+		b.ReportMetric(goroutines-direct, "router-no-loops-B/conn")
+	}
 }

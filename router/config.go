@@ -29,7 +29,7 @@ import (
 //	      {"name": "web", "server_names": ["www.example"], "mode": "passthrough",
 //	       "backend": "10.0.0.2:443", "proxy_protocol": true}
 //	    ]},
-//	    {"address": ":443", "network": "udp", "public_quic_backend": "10.0.0.9:443", "routes": [
+//	    {"address": ":443", "network": "udp", "routes": [
 //	      {"name": "h3", "server_names": ["www.example"], "alpn": ["h3"], "mode": "passthrough",
 //	       "backend": "10.0.0.2:443"}
 //	    ]}
@@ -37,7 +37,9 @@ import (
 //	}
 //
 // A listener with "network": "udp" serves QUIC (see [Router.QUICProxy]):
-// its routes are passthrough, to QUIC servers at backend.
+// its routes are passthrough, to QUIC servers at backend. The router
+// serves the public name's QUIC connections itself unless the listener
+// has a public_quic_backend.
 //
 // Relative paths are taken from the directory of the file. Durations are
 // Go durations ("90s", "5m", "1h").
@@ -170,8 +172,9 @@ type ListenerConfig struct {
 	// QUIC server for the public name (one configured with
 	// [ech.KeySet.PublicNameConfig], which sends retry configs): it gets
 	// the QUIC connections for the public name or for no name, as from a
-	// client with a stale config. When empty they are refused with
-	// unrecognized_name.
+	// client with a stale config. When empty, the router serves them
+	// itself as it does on TCP (see [Server.Run]): it sends retry configs
+	// and serves the public page over HTTP/3.
 	PublicQUICBackend string `json:"public_quic_backend,omitempty"`
 
 	idleTimeout, finTimeout time.Duration

@@ -9,6 +9,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/echkit/ech"
 )
 
 // Defaults of the timeouts of forwarded connections.
@@ -42,16 +44,54 @@ type pipe struct {
 	clientTCP net.Conn
 	idle, fin time.Duration
 
-	active    atomic.Int64    // when bytes last moved, UnixNano
-	reports   [2]atomic.Int64 // windows ended, per direction
-	finAt     atomic.Int64    // when the fin timeout ends, UnixNano; 0 before
-	closeOnce sync.Once
+	active  atomic.Int64    // when bytes last moved, UnixNano
+	reports [2]atomic.Int64 // windows ended, per direction
+	finAt   atomic.Int64    // when the fin timeout ends, UnixNano; 0 before
+
+	// handoff is set when both directions may be handed to a loop once
+	// past the handshake (see loop_linux.go): the client is an [ech.Conn]
+	// over TCP, the backend a TCP connection, and the system has loops.
+	handoff bool
+	done    func(in, out int64, err error)
+
+	mu     sync.Mutex // guards the fields below, and the sockets once in a loop
+	closed bool
+	res    [2]dirResult // what each direction's goroutine ended with
+	nres   int
+	loop   *loopState // set once handed to a loop
 }
 
-// run copies between client and backend until both directions are done,
-// forwarding a half-close each way, and closes both. It returns the bytes
-// forwarded each way. io.Copy between the connections lets a passthrough
-// route use the kernel's splice once [ech.Conn] has replayed the hello.
+// dirResult is how one direction's goroutine ended.
+type dirResult struct {
+	n           int64
+	err         error
+	fromBackend bool // the error is the backend's
+}
+
+// errHandedOff ends a direction's goroutine that handed its direction to a
+// loop.
+var errHandedOff = errors.New("router: handed to a loop")
+
+// run forwards until both directions are done and returns what start
+// reports.
+func (p *pipe) run() (in, out int64, err error) {
+	ch := make(chan struct{})
+	p.start(func(i, o int64, e error) {
+		in, out, err = i, o, e
+		close(ch)
+	})
+	<-ch
+	return in, out, err
+}
+
+// start copies between client and backend until both directions are done,
+// forwarding a half-close each way, and closes both; then it calls done
+// with the bytes forwarded each way and the error that ended the
+// connection. One direction is copied in the calling goroutine, the other
+// in a new one; once both are past the handshake they may be handed to a
+// loop, and start returns before done is called. io.Copy between the
+// connections lets a passthrough route use the kernel's splice once
+// [ech.Conn] has replayed the hello where there are no loops.
 //
 // A direction that copies nothing for idle while the other copies nothing
 // either ends the connection; so does the second side's not closing within
@@ -59,28 +99,112 @@ type pipe struct {
 // fails (a reset) is passed on to the client as a reset, not as a clean
 // end, and the error wraps errBackend; a client that fails is passed on to
 // the backend as a reset.
-func (p *pipe) run() (in, out int64, err error) {
+func (p *pipe) start(done func(in, out int64, err error)) {
+	p.done = done
 	p.active.Store(time.Now().UnixNano())
-	type result struct {
-		err         error
-		fromBackend bool
+	_, passthrough := p.client.(*ech.Conn) // not under a TLS layer
+	p.handoff = useLoops.Load() && passthrough && isTCP(p.clientTCP) && isTCP(p.backend)
+	go p.direction(1, 0)
+	p.direction(0, 0)
+}
+
+func isTCP(c net.Conn) bool {
+	_, ok := c.(*net.TCPConn)
+	return ok
+}
+
+// direction copies one direction in the calling goroutine: 0 from the
+// client to the backend, 1 back. n is what it copied before.
+func (p *pipe) direction(dir int, n int64) {
+	var (
+		err error
+		r   dirResult
+	)
+	backend := p.backend
+	if p.handoff {
+		backend = handoffConn{p.backend, p}
 	}
-	done := make(chan result, 1)
-	go func() {
-		err := p.copy(1, p.client, p.backend, &out)
-		done <- result{err, !errors.Is(err, syscall.EPIPE)}
-	}()
-	// One direction in this goroutine: an idle connection holds two.
-	err = p.copy(0, p.backend, p.client, &in)
-	first := result{err, errors.Is(err, syscall.EPIPE)}
-	second := <-done
-	p.close(nil)
-	r := first
-	if r.err == nil || errors.Is(r.err, net.ErrClosed) {
-		r = second
+	if dir == 0 {
+		err = p.copy(0, backend, p.client, &n)
+		r = dirResult{n, err, errors.Is(err, syscall.EPIPE)}
+	} else {
+		err = p.copy(1, p.client, backend, &n)
+		r = dirResult{n, err, !errors.Is(err, syscall.EPIPE)}
+	}
+	p.resolve(dir, r)
+}
+
+// handoffConn is the backend as the copies of a pipe that may be handed to
+// a loop see it. [ech.Conn]'s WriteTo and ReadFrom copy the handshake
+// through Read and Write, then call io.Copy with the client's TCP
+// connection: io.Copy then calls ReadFrom (client to backend) or WriteTo
+// (backend to client) below, which end the copy with errHandedOff.
+type handoffConn struct {
+	net.Conn
+	p *pipe
+}
+
+// ReadFrom is called with the client's TCP connection once its direction
+// is past the handshake.
+func (h handoffConn) ReadFrom(io.Reader) (int64, error) { return 0, errHandedOff }
+
+// WriteTo is called first with the client's ech.Conn, whose ReadFrom then
+// copies the handshake, then with the client's TCP connection.
+func (h handoffConn) WriteTo(w io.Writer) (int64, error) {
+	switch w {
+	case h.p.client:
+		return h.p.client.(io.ReaderFrom).ReadFrom(h)
+	case h.p.clientTCP:
+		return 0, errHandedOff
+	}
+	return io.Copy(w, h.Conn)
+}
+
+// resolve records how direction dir's goroutine ended. The second to end
+// hands the directions that asked for it to a loop, or ends the
+// connection.
+func (p *pipe) resolve(dir int, r dirResult) {
+	p.mu.Lock()
+	p.res[dir] = r
+	p.nres++
+	if p.nres < 2 {
+		p.mu.Unlock()
+		return
+	}
+	handed := [2]bool{errors.Is(p.res[0].err, errHandedOff), errors.Is(p.res[1].err, errHandedOff)}
+	if (handed[0] || handed[1]) && !p.closed {
+		if err := p.handToLoop(handed); err == nil {
+			p.mu.Unlock()
+			return
+		}
+		// No loop: copy as if there never were one.
+		p.handoff = false
+		for i := range handed {
+			if handed[i] {
+				p.nres--
+				go p.direction(i, p.res[i].n)
+			}
+		}
+		p.mu.Unlock()
+		return
+	}
+	p.closed = true
+	p.mu.Unlock()
+	p.client.Close()
+	p.backend.Close()
+	p.done(p.result())
+}
+
+// result returns what the connection ended with: the first error of a
+// direction that is not a close by the other.
+func (p *pipe) result() (in, out int64, err error) {
+	in, out = p.res[0].n, p.res[1].n
+	r := p.res[0]
+	if r.err == nil || errors.Is(r.err, net.ErrClosed) || errors.Is(r.err, errHandedOff) {
+		r = p.res[1]
 	}
 	switch {
-	case r.err == nil, errors.Is(r.err, net.ErrClosed):
+	case r.err == nil, errors.Is(r.err, net.ErrClosed), errors.Is(r.err, errHandedOff):
 		return in, out, nil
 	case errors.Is(r.err, errIdleTimeout), errors.Is(r.err, errFinTimeout):
 		return in, out, r.err
@@ -88,6 +212,19 @@ func (p *pipe) run() (in, out int64, err error) {
 		return in, out, errors.Join(errBackend, r.err)
 	}
 	return in, out, r.err
+}
+
+// Close ends the connection at once, as at a shutdown: done then reports
+// no error.
+func (p *pipe) Close() error {
+	p.mu.Lock()
+	if p.loop != nil && !p.closed {
+		p.endLoop(-1, nil)
+		return nil
+	}
+	p.mu.Unlock()
+	p.close(nil)
+	return nil
 }
 
 // copy copies src to dst until EOF, then half-closes dst. On an error it
@@ -119,6 +256,9 @@ func (p *pipe) copy(dir int, dst, src net.Conn, n *int64) error {
 		}
 		m, err := io.Copy(dst, src)
 		*n += m
+		if errors.Is(err, errHandedOff) {
+			return err
+		}
 		now := time.Now()
 		if m > 0 {
 			p.active.Store(now.UnixNano())
@@ -139,6 +279,9 @@ func (p *pipe) copy(dir int, dst, src net.Conn, n *int64) error {
 			failed := src
 			if errors.Is(err, syscall.EPIPE) {
 				failed = dst
+			}
+			if h, ok := failed.(handoffConn); ok {
+				failed = h.Conn
 			}
 			p.close(failed)
 			return err
@@ -182,18 +325,22 @@ func (p *pipe) startFin(now time.Time) {
 // of the other gets a reset: that side's TCP connection is closed with
 // SO_LINGER 0.
 func (p *pipe) close(failed net.Conn) {
-	p.closeOnce.Do(func() {
-		switch failed {
-		case p.client:
-			abort(p.backend)
-			p.client.Close()
-		case p.backend:
-			abort(p.clientTCP)
-			p.backend.Close()
-		}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return
+	}
+	p.closed = true
+	switch failed {
+	case p.client:
+		abort(p.backend)
 		p.client.Close()
+	case p.backend:
+		abort(p.clientTCP)
 		p.backend.Close()
-	})
+	}
+	p.client.Close()
+	p.backend.Close()
 }
 
 // abort closes c so that its peer gets a TCP reset.

@@ -177,6 +177,14 @@ func TestServerQUIC(t *testing.T) {
 		assert.Equal(t, "h3", e.udpLog()["route"])
 	})
 
+	t.Run("public_quic_backend wins", func(t *testing.T) {
+		assert.Empty(t, srv.publicQUICAddr(), "no QUIC server of the router's own for the public name")
+		body, err := h3Get(reqCtx, udpAddr, e.clientConfig(publicName, nil))
+		require.NoError(t, err)
+		assert.Equal(t, "public "+publicName, body, "the configured backend answered")
+		assert.Equal(t, "public", e.udpLog()["route"])
+	})
+
 	t.Run("no route", func(t *testing.T) {
 		_, err := h3Get(reqCtx, udpAddr, e.clientConfig("other.example", e.list))
 		var te *quic.TransportError
@@ -200,6 +208,7 @@ func TestServerQUIC(t *testing.T) {
 		}
 		assert.Equal(t, 2.0, metricValue(t, f, "ech_router_connections_total", with("h3", "accepted")))
 		assert.Equal(t, 1.0, metricValue(t, f, "ech_router_connections_total", with("public", "stale")))
+		assert.Equal(t, 1.0, metricValue(t, f, "ech_router_connections_total", with("public", "not_offered")))
 		assert.Equal(t, 1.0, metricValue(t, f, "ech_router_connections_total", with("", "accepted")), "no route")
 	})
 

@@ -212,7 +212,7 @@ type Router struct {
 	mu        sync.Mutex
 	closed    bool
 	listeners map[net.Listener]struct{}
-	conns     map[net.Conn]struct{}
+	conns     map[net.Conn]io.Closer // each with what closes it, or nil
 	active    sync.WaitGroup
 	web       *webServer // serves the public name, made by the first Serve
 }
@@ -267,27 +267,24 @@ func (r *Router) ServeListener(ln net.Listener, l Listener) error {
 		}
 		r.log(l)
 	}
-	defer el.Close()
-	for {
-		conn, err := el.Accept()
-		if err != nil {
-			if r.isClosed() || errors.Is(err, net.ErrClosed) {
-				return ErrClosed
-			}
-			return err
-		}
-		c := conn.(*ech.Conn)
+	// Each connection is routed on the goroutine that read its hello.
+	el.Handle = func(c *ech.Conn) {
 		if !r.trackConn(c.NetConn()) {
 			c.Close()
 			g.done(c.NetConn())
-			return ErrClosed
+			return
 		}
-		go func() {
-			defer g.done(c.NetConn())
-			defer r.untrackConn(c.NetConn())
-			r.handle(c, addr, g.acceptedAt(c.NetConn()), routes)
-		}()
+		r.handle(c, addr, g.acceptedAt(c.NetConn()), routes, func() {
+			r.untrackConn(c.NetConn())
+			g.done(c.NetConn())
+		})
 	}
+	defer el.Close()
+	_, err := el.Accept() // until the listener ends
+	if r.isClosed() || errors.Is(err, net.ErrClosed) {
+		return ErrClosed
+	}
+	return err
 }
 
 // gate is the net.Listener under a router's ech.Listener: it refuses
@@ -388,11 +385,26 @@ func (r *Router) trackConn(c net.Conn) bool {
 		return false
 	}
 	if r.conns == nil {
-		r.conns = make(map[net.Conn]struct{})
+		r.conns = make(map[net.Conn]io.Closer)
 	}
-	r.conns[c] = struct{}{}
+	r.conns[c] = nil
 	r.active.Add(1)
 	return true
+}
+
+// noKeepAlive listens without TCP keepalive on the connections accepted,
+// as HAProxy and nginx do by default: Go's default (probes after 15 s)
+// costs four system calls per connection, and idle_timeout already ends
+// connections whose peer went away.
+var noKeepAlive = net.ListenConfig{KeepAlive: -1}
+
+// closeWith has c closed by closer at a shutdown.
+func (r *Router) closeWith(c net.Conn, closer io.Closer) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if _, ok := r.conns[c]; ok {
+		r.conns[c] = closer
+	}
 }
 
 func (r *Router) untrackConn(c net.Conn) {
@@ -447,8 +459,16 @@ func (r *Router) stop() {
 
 func (r *Router) closeConns() {
 	r.mu.Lock()
-	defer r.mu.Unlock()
-	for c := range r.conns {
+	closers := make([]io.Closer, 0, len(r.conns))
+	for c, closer := range r.conns {
+		if closer == nil {
+			closer = c
+		}
+		closers = append(closers, closer) // a pipe owns c once in a loop
+	}
+	r.mu.Unlock()
+	// Unlocked: a pipe closed reports its end, which untracks c.
+	for _, c := range closers {
 		c.Close()
 	}
 }
@@ -548,10 +568,17 @@ func (r *Router) log(l *connLog) {
 }
 
 // handle routes c, whose ClientHello the ech.Listener read, accepted at
-// start.
-func (r *Router) handle(c *ech.Conn, listener string, start time.Time, routes []Route) {
+// start, and calls finish once when the connection has ended and been
+// logged: maybe after handle has returned, when a loop forwards it.
+func (r *Router) handle(c *ech.Conn, listener string, start time.Time, routes []Route, finish func()) {
 	l := &connLog{start: start, hello: time.Since(start), listener: listener, client: c.RemoteAddr().String(), configID: -1}
-	defer r.log(l)
+	forwarded := false
+	defer func() {
+		if !forwarded {
+			r.log(l)
+			finish()
+		}
+	}()
 	l.status, l.outerName, l.alpn = c.Status(), c.OuterServerName(), c.ALPNProtos()
 	if id, ok := c.ConfigID(); ok {
 		l.configID = int(id)
@@ -591,10 +618,16 @@ func (r *Router) handle(c *ech.Conn, listener string, start time.Time, routes []
 			continue
 		}
 		l.route, l.mode = rt.Name, rt.Mode.String()
+		forwarded = true
+		end := func(in, out int64, err error) {
+			l.in, l.out, l.err = in, out, err
+			r.log(l)
+			finish()
+		}
 		if rt.Mode == ModePassthrough {
-			l.in, l.out, l.err = r.passthrough(c, name, rt)
+			r.passthrough(c, name, rt, end)
 		} else {
-			l.negotiated, l.in, l.out, l.err = r.terminate(c, name, rt)
+			r.terminate(c, name, rt, l, end)
 		}
 		return
 	}
@@ -618,7 +651,8 @@ func sendAlert(w io.Writer, desc uint8) {
 // dial connects to a route's backend and sends the PROXY header if the
 // route asks for one.
 func (r *Router) dial(c *ech.Conn, name string, rt *Route, alpn string, tlsVersion uint16) (net.Conn, error) {
-	d := net.Dialer{Timeout: orDefault(r.DialTimeout, DefaultDialTimeout)}
+	// No TCP keepalive, as for the client's side (see noKeepAlive).
+	d := net.Dialer{Timeout: orDefault(r.DialTimeout, DefaultDialTimeout), KeepAlive: -1}
 	backend, err := d.Dial("tcp", rt.Backend)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", errBackend, err)
@@ -636,16 +670,20 @@ func (r *Router) dial(c *ech.Conn, name string, rt *Route, alpn string, tlsVersi
 	return backend, nil
 }
 
-func (r *Router) passthrough(c *ech.Conn, name string, rt *Route) (in, out int64, err error) {
+// passthrough forwards c to rt's backend as it is, and calls end once.
+func (r *Router) passthrough(c *ech.Conn, name string, rt *Route, end func(in, out int64, err error)) {
 	backend, err := r.dial(c, name, rt, "", 0)
 	if err != nil {
 		abort(c.NetConn()) // the backend failed: the client gets a reset
-		return 0, 0, err
+		end(0, 0, err)
+		return
 	}
-	return r.pipe(c, c.NetConn(), backend, rt)
+	r.pipe(c, c.NetConn(), backend, rt, end)
 }
 
-func (r *Router) terminate(c *ech.Conn, name string, rt *Route) (proto string, in, out int64, err error) {
+// terminate completes c's handshake and forwards the plaintext to rt's
+// backend, noting the protocol negotiated in l, and calls end once.
+func (r *Router) terminate(c *ech.Conn, name string, rt *Route, l *connLog, end func(in, out int64, err error)) {
 	cfg := &tls.Config{
 		NextProtos:     rt.ALPN,
 		MinVersion:     tls.VersionTLS12,
@@ -656,30 +694,32 @@ func (r *Router) terminate(c *ech.Conn, name string, rt *Route) (proto string, i
 	}
 	tc := tls.Server(c, cfg)
 	ctx, cancel := context.WithTimeout(context.Background(), orDefault(r.HandshakeTimeout, DefaultHandshakeTimeout))
-	err = tc.HandshakeContext(ctx)
+	err := tc.HandshakeContext(ctx)
 	cancel()
 	if err != nil {
-		return "", 0, 0, err
+		end(0, 0, err)
+		return
 	}
-	proto = tc.ConnectionState().NegotiatedProtocol
-	backend, err := r.dial(c, name, rt, proto, tc.ConnectionState().Version)
+	l.negotiated = tc.ConnectionState().NegotiatedProtocol
+	backend, err := r.dial(c, name, rt, l.negotiated, tc.ConnectionState().Version)
 	if err != nil {
 		abort(c.NetConn()) // the backend failed: the client gets a reset
-		return proto, 0, 0, err
+		end(0, 0, err)
+		return
 	}
-	in, out, err = r.pipe(tc, c.NetConn(), backend, rt)
-	return proto, in, out, err
+	r.pipe(tc, c.NetConn(), backend, rt, end)
 }
 
 // pipe forwards between client, whose TCP connection is clientTCP, and
-// backend with rt's timeouts.
-func (r *Router) pipe(client, clientTCP, backend net.Conn, rt *Route) (in, out int64, err error) {
+// backend with rt's timeouts, and calls end once when both are closed.
+func (r *Router) pipe(client, clientTCP, backend net.Conn, rt *Route, end func(in, out int64, err error)) {
 	p := &pipe{
 		client: client, backend: backend, clientTCP: clientTCP,
 		idle: orDefault(rt.IdleTimeout, orDefault(r.IdleTimeout, DefaultIdleTimeout)),
 		fin:  orDefault(rt.FinTimeout, orDefault(r.FinTimeout, DefaultFinTimeout)),
 	}
-	return p.run()
+	r.closeWith(clientTCP, p)
+	p.start(end)
 }
 
 // countingConn counts the bytes read from and written to the client.

@@ -46,6 +46,9 @@ type Server struct {
 	pcs       []net.PacketConn
 	open      bool
 	metricsLn net.Listener
+	// pubQUIC is the public name's QUIC server of the UDP listeners
+	// without public_quic_backend, while Run runs.
+	pubQUIC *publicQUIC
 }
 
 // New loads the keys and certificates that cfg names and returns a Server
@@ -359,7 +362,7 @@ func (s *Server) Listen() error {
 		if l.Network == "udp" {
 			pc, err = net.ListenPacket("udp", l.Address)
 		} else {
-			ln, err = net.Listen("tcp", l.Address)
+			ln, err = noKeepAlive.Listen(context.Background(), "tcp", l.Address)
 		}
 		if err != nil {
 			closeAll()
@@ -398,7 +401,11 @@ func (s *Server) Addrs() []net.Addr {
 
 // Run listens (if [Server.Listen] has not been called), serves, and reloads
 // the keys and certificates (see [Server.Reload]) on the configured
-// interval and whenever reload receives. When
+// interval and whenever reload receives. If a UDP listener has no
+// public_quic_backend, Run serves the public name's QUIC connections
+// itself, as the TCP listeners do theirs: a QUIC server on a loopback UDP
+// socket, with the public certificate, that sends the current configs as
+// retry configs and serves [Router.Handler] over HTTP/3. When
 // ctx is done it shuts down gracefully: it stops accepting and waits up to
 // the configured shutdown_timeout for connections to end.
 func (s *Server) Run(ctx context.Context, reload <-chan struct{}) error {
@@ -419,27 +426,57 @@ func (s *Server) Run(ctx context.Context, reload <-chan struct{}) error {
 		go s.serveMetrics(watchCtx, metricsLn)
 	}
 
-	// Every UDP listener's proxy, made before any listener is served.
+	// Every UDP listener's proxy, made before any listener is served. A
+	// UDP listener without public_quic_backend sends the public name's
+	// QUIC connections to the router's own server on loopback.
+	closeAll := func() {
+		for j := range lns {
+			if lns[j] != nil {
+				lns[j].Close()
+			} else {
+				pcs[j].Close()
+			}
+		}
+	}
+	var pub *publicQUIC
+	defer func() {
+		if pub != nil {
+			pub.close()
+			s.mu.Lock()
+			s.pubQUIC = nil
+			s.mu.Unlock()
+		}
+	}()
 	proxies := make([]*echquic.Proxy, len(lns))
 	for i, ln := range lns {
 		if ln != nil {
 			continue
 		}
 		lc := s.config.Listeners[i]
+		backend := lc.PublicQUICBackend
+		if backend == "" {
+			if pub == nil {
+				p, err := s.Router.listenPublicQUIC("127.0.0.1:0")
+				if err != nil {
+					closeAll()
+					return err
+				}
+				pub = p
+				s.mu.Lock()
+				s.pubQUIC = pub
+				s.mu.Unlock()
+				s.logger.Info("public name's QUIC server", slog.String("address", pub.addr().String()))
+			}
+			backend = pub.addr().String()
+		}
 		p, err := s.Router.QUICProxy(QUICListener{
 			Listener:      s.listeners[i],
-			PublicBackend: lc.PublicQUICBackend,
+			PublicBackend: backend,
 			IdleTimeout:   lc.idleTimeout,
 			Name:          "udp/" + pcs[i].LocalAddr().String(),
 		})
 		if err != nil {
-			for j := range lns {
-				if lns[j] != nil {
-					lns[j].Close()
-				} else {
-					pcs[j].Close()
-				}
-			}
+			closeAll()
 			return err
 		}
 		proxies[i] = p
@@ -467,6 +504,9 @@ func (s *Server) Run(ctx context.Context, reload <-chan struct{}) error {
 		if p != nil {
 			p.Close()
 		}
+	}
+	if pub != nil {
+		pub.close() // nothing reaches it now
 	}
 	s.logger.Info("shutting down", slog.Duration("timeout", s.config.shutdownTimeout))
 	sctx, cancel := context.WithTimeout(context.Background(), s.config.shutdownTimeout)
@@ -559,7 +599,8 @@ type QUICListener struct {
 	// the public name (see [ech.KeySet.PublicNameConfig]): it gets the
 	// connections whose server_name is the public name or empty, as a
 	// client with a stale config sends. When empty they are refused with
-	// unrecognized_name.
+	// unrecognized_name. ([Server] sets it to its own QUIC server for the
+	// public name when public_quic_backend is not set.)
 	PublicBackend string
 	// IdleTimeout ends a flow that forwarded nothing for that long; zero
 	// means [DefaultIdleTimeout].
@@ -583,6 +624,10 @@ var errNoPublicQUIC = errors.New("router: no QUIC backend for the public name")
 func (r *Router) QUICProxy(l QUICListener) (*echquic.Proxy, error) {
 	if r.Keys == nil || r.PublicName == "" {
 		return nil, errors.New("router: Keys and PublicName are required")
+	}
+	var public *net.UDPAddr // nil for a host name, looked up each time
+	if ap, err := netip.ParseAddrPort(l.PublicBackend); err == nil {
+		public = net.UDPAddrFromAddrPort(ap)
 	}
 	backends := make([]*net.UDPAddr, len(l.Routes))
 	for i, rt := range l.Routes {
@@ -617,6 +662,9 @@ func (r *Router) QUICProxy(l QUICListener) (*echquic.Proxy, error) {
 			if l.PublicBackend == "" {
 				lg.err = errNoPublicQUIC
 				return nil, lg.err
+			}
+			if public != nil {
+				return public, nil
 			}
 			a, err := net.ResolveUDPAddr("udp", l.PublicBackend)
 			if err != nil {

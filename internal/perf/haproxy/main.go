@@ -3,7 +3,7 @@
 // backend behind HAProxy (mode tcp, req.ssl_sni routing) and behind the
 // router (a passthrough route), and reached directly as the baseline.
 //
-//	go run ./internal/perf/haproxy [-duration 5s] [-clients 8] [-idle 500]
+//	go run ./internal/perf/haproxy [-duration 5s] [-clients 8] [-idle 500] [-only name]
 //
 // For each path it measures new connections per second (TLS handshake, one
 // byte echoed, close; the clients run in this process), the CPU the proxy
@@ -53,6 +53,8 @@ func main() {
 	pings := flag.Int("pings", 2000, "one-byte round trips in the latency measure")
 	bulk := flag.Int("bulk", 64<<20, "bytes echoed through one connection in the throughput measure")
 	routerPkg := flag.String("router", "./cmd/ech-router", "the router's package")
+	only := flag.String("only", "", "run only the paths whose name contains this")
+	routerEnv := flag.String("router-env", "", "environment settings for the router, such as GOMAXPROCS=1 (space-separated)")
 	flag.Parse()
 	log.SetFlags(0)
 
@@ -64,7 +66,7 @@ func main() {
 		log.Fatal(err)
 	}
 	defer os.RemoveAll(dir)
-	e, err := setup(dir, *routerPkg)
+	e, err := setup(dir, *routerPkg, strings.Fields(*routerEnv))
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -76,6 +78,9 @@ func main() {
 	fmt.Println("| path | new conns/s | proxy CPU µs/conn | RTT p50 µs | RTT p99 µs | bulk MB/s | proxy KB/idle conn |")
 	fmt.Println("|---|---|---|---|---|---|---|")
 	for _, p := range e.paths() {
+		if !strings.Contains(p.name, *only) {
+			continue
+		}
 		r := measure(p, *duration, *clients, *pings, *bulk, *idle)
 		fmt.Printf("| %s | %.0f | %s | %.0f | %.0f | %.0f | %s |\n", p.name, r.rate, orDash(r.cpuPerConn), r.rttP50, r.rttP99, r.mbps, orDash(r.kbPerIdle))
 	}
@@ -140,7 +145,7 @@ func freeAddr() string {
 	return ln.Addr().String()
 }
 
-func setup(dir, routerPkg string) (*env, error) {
+func setup(dir, routerPkg string, routerEnv []string) (*env, error) {
 	ca, err := testpki.NewCA()
 	if err != nil {
 		return nil, err
@@ -242,6 +247,7 @@ backend be
 	}
 	e.router = exec.Command(bin, "-config", filepath.Join(dir, "router.json"))
 	e.router.Stdout, e.router.Stderr = io.Discard, io.Discard
+	e.router.Env = append(os.Environ(), routerEnv...)
 	if err := e.router.Start(); err != nil {
 		return nil, err
 	}

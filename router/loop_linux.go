@@ -1,0 +1,507 @@
+//go:build linux
+
+package router
+
+import (
+	"errors"
+	"net"
+	"os"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+	"unsafe"
+)
+
+// A forwarded connection spends most of its life idle: an IMAP client in
+// IDLE, a browser's keep-alive connection. Two goroutines blocked in
+// io.Copy hold two stacks for as long as it lasts. Once both directions of
+// a passthrough connection are past the handshake, they are handed to an
+// event loop instead, as HAProxy and nginx do: the loop waits on an epoll
+// set for every such connection, and moves bytes with read and write
+// through one buffer of its own, so an idle connection holds no goroutine
+// and no buffer, only its pipe and the two sockets. A direction whose
+// destination does not take all it read keeps the rest in a buffer of its
+// own and stops reading until the destination is writable again.
+
+const (
+	// loopBufSize is the buffer a loop reads into, and the most a
+	// direction holds when its destination is slow.
+	loopBufSize = 64 << 10
+	// loopBudget is how many bytes one direction moves before the loop
+	// turns to the other ready connections.
+	loopBudget = 1 << 20
+	loopEvents = 128
+	// loopEventsMask is what a loop waits for on each socket, edge
+	// triggered (EPOLLET, which package syscall gives as a negative int).
+	loopEventsMask = syscall.EPOLLIN | syscall.EPOLLRDHUP | 1<<31
+)
+
+// loop is one event loop: one goroutine, which waits for its epoll set in
+// Go's poller (an epoll set is readable when one of its sockets is ready),
+// never in a blocking system call, which would make the runtime hand its
+// processor to another thread each time.
+type loop struct {
+	epfd int
+	ep   syscall.RawConn // epfd in Go's poller
+	buf  []byte          // the read buffer; only the loop goroutine uses it
+
+	mu    sync.Mutex
+	pipes map[uint32]*pipe // by id, the epoll data
+	next  uint32
+	ready []loopReady // directions cut by their budget, to go on
+}
+
+// loopReady is a direction to go on with when the loop has served the
+// others.
+type loopReady struct {
+	id  uint32
+	dir int
+}
+
+var loops struct {
+	once sync.Once
+	l    []*loop
+	err  error
+	rr   atomic.Uint32
+}
+
+// loopFor returns a loop to hand a connection to, starting the loops the
+// first time: one per processor the runtime uses, at most 4.
+func loopFor() (*loop, error) {
+	loops.once.Do(func() {
+		for range min(runtime.GOMAXPROCS(0), 4) {
+			fd, err := syscall.EpollCreate1(syscall.EPOLL_CLOEXEC)
+			if err == nil {
+				err = syscall.SetNonblock(fd, true) // for Go's poller
+			}
+			var ep syscall.RawConn
+			if err == nil {
+				ep, err = os.NewFile(uintptr(fd), "epoll").SyscallConn()
+			}
+			if err != nil {
+				loops.err = err
+				return
+			}
+			l := &loop{epfd: fd, ep: ep, buf: make([]byte, loopBufSize), pipes: make(map[uint32]*pipe)}
+			loops.l = append(loops.l, l)
+			go l.run()
+		}
+	})
+	if len(loops.l) == 0 {
+		return nil, loops.err
+	}
+	return loops.l[int(loops.rr.Add(1))%len(loops.l)], nil
+}
+
+// loopState is a pipe's state once handed to a loop. The pipe's mutex
+// guards it.
+type loopState struct {
+	l       *loop
+	id      uint32
+	fd      [2]int // 0 the client's socket, 1 the backend's
+	dir     [2]loopDir
+	watchW  [2]bool // whether side i is registered for EPOLLOUT
+	idleT   *time.Timer
+	finT    *time.Timer
+	done    func(in, out int64, err error)
+	in, out int64 // bytes forwarded before the handoff
+}
+
+// loopDir is one direction, from side i to side 1-i.
+type loopDir struct {
+	pend   *[]byte // bytes read and not yet written, from off
+	off    int
+	srcEOF bool // the source ended
+	ended  bool // and the end was passed on: the direction is done
+	n      int64
+}
+
+// useLoops says that passthrough connections go to loops once past the
+// handshake; benchmarks clear it for their baseline.
+var useLoops = func() *atomic.Bool {
+	var b atomic.Bool
+	b.Store(true)
+	return &b
+}()
+
+// handToLoop hands the directions of p that are handed off to a loop, the
+// others being done: the client and the backend are TCP connections, and
+// the goroutines of both directions have ended. p.done is called once when
+// the connection ends. It fails when no loop can take it: the caller then
+// forwards as before. p.mu is held.
+func (p *pipe) handToLoop(handed [2]bool) error {
+	l, err := loopFor()
+	if err != nil {
+		return err
+	}
+	s := &loopState{l: l, done: p.done, in: p.res[0].n, out: p.res[1].n}
+	for i := range handed {
+		if !handed[i] {
+			s.dir[i].srcEOF, s.dir[i].ended = true, true
+		}
+	}
+	for i, c := range [2]net.Conn{p.clientTCP, p.backend} {
+		sc, ok := c.(syscall.Conn)
+		if !ok {
+			return errors.New("router: not a socket")
+		}
+		rc, err := sc.SyscallConn()
+		if err != nil {
+			return err
+		}
+		if err := rc.Control(func(fd uintptr) { s.fd[i] = int(fd) }); err != nil {
+			return err
+		}
+	}
+	// The handshake is over: the sockets now belong to the loop. Go's
+	// poller keeps them registered, and ignores their events, as nobody
+	// waits on them.
+	l.mu.Lock()
+	l.next++
+	for l.pipes[l.next] != nil || l.next == 0 {
+		l.next++
+	}
+	s.id = l.next
+	l.pipes[s.id] = p
+	l.mu.Unlock()
+	p.loop = s
+	p.loop.idleT = time.AfterFunc(p.idle, p.onIdle)
+	if f := p.finAt.Load(); f != 0 {
+		p.loop.finT = time.AfterFunc(time.Until(time.Unix(0, f)), p.onFin)
+	}
+	for i, fd := range s.fd {
+		ev := syscall.EpollEvent{Events: loopEventsMask, Fd: int32(s.id), Pad: int32(i)}
+		if err := epollCtl(l.epfd, syscall.EPOLL_CTL_ADD, fd, &ev); err != nil {
+			l.mu.Lock()
+			delete(l.pipes, s.id)
+			l.mu.Unlock()
+			p.loop.idleT.Stop()
+			if p.loop.finT != nil {
+				p.loop.finT.Stop()
+			}
+			if i == 1 {
+				epollCtl(l.epfd, syscall.EPOLL_CTL_DEL, s.fd[0], &ev)
+			}
+			p.loop = nil
+			return err
+		}
+	}
+	return nil
+}
+
+func (l *loop) run() {
+	events := make([]syscall.EpollEvent, loopEvents)
+	var (
+		n   int
+		err error
+	)
+	poll := func(fd uintptr) bool {
+		n, err = epollPoll(int(fd), events)
+		if n > 0 || err != nil && err != syscall.EINTR {
+			return true
+		}
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		return len(l.ready) > 0 // else wait in Go's poller
+	}
+	for {
+		if rerr := l.ep.Read(poll); rerr != nil || err != nil {
+			// Not recoverable (EBADF, EFAULT, EINVAL): the connections
+			// end at their idle timeout.
+			return
+		}
+		for _, ev := range events[:n] {
+			l.event(uint32(ev.Fd), int(ev.Pad), ev.Events)
+		}
+		l.mu.Lock()
+		ready := l.ready
+		l.ready = nil
+		l.mu.Unlock()
+		for _, r := range ready {
+			l.event(r.id, r.dir, syscall.EPOLLIN|syscall.EPOLLRDHUP) // read on until EAGAIN
+		}
+	}
+}
+
+// event serves the events of side of pipe id: side's reads when readable
+// (or ended), writes into side when writable.
+func (l *loop) event(id uint32, side int, events uint32) {
+	l.mu.Lock()
+	p := l.pipes[id]
+	l.mu.Unlock()
+	if p == nil {
+		return // closed since
+	}
+	p.mu.Lock()
+	s := p.loop
+	if s == nil || p.closed {
+		p.mu.Unlock()
+		return
+	}
+	const readable = syscall.EPOLLIN | syscall.EPOLLRDHUP | syscall.EPOLLHUP | syscall.EPOLLERR
+	const writable = syscall.EPOLLOUT | syscall.EPOLLHUP | syscall.EPOLLERR
+	var err error
+	if events&writable != 0 && s.watchW[side] {
+		err = p.pump(1-side, true)
+	}
+	if err == nil && events&readable != 0 {
+		// After the peer's end or an error, read until EOF: they were
+		// signalled once, maybe with bytes before them.
+		err = p.pump(side, events&(syscall.EPOLLRDHUP|syscall.EPOLLHUP|syscall.EPOLLERR) != 0)
+	}
+	p.afterPump(err)
+}
+
+// afterPump ends p if err is not nil or both directions are done. p.mu is
+// held, and released.
+func (p *pipe) afterPump(err error) {
+	s := p.loop
+	var failed *loopError
+	switch {
+	case errors.As(err, &failed):
+		p.endLoop(failed.side, err)
+	case err != nil:
+		p.endLoop(-1, err)
+	case s.dir[0].ended && s.dir[1].ended:
+		p.endLoop(-1, nil)
+	default:
+		p.mu.Unlock()
+	}
+}
+
+// loopError is an error of a socket: side 0 the client's, 1 the backend's.
+type loopError struct {
+	side int
+	err  error
+}
+
+func (e *loopError) Error() string { return e.err.Error() }
+func (e *loopError) Unwrap() error { return e.err }
+
+// pump moves what it can from side dir to side 1-dir: first what is left
+// from before, then what can be read, until the source has nothing, the
+// destination takes nothing more, or the budget is spent. Unless drain is
+// set, a short read is taken to mean that the source has nothing more. p.mu
+// is held.
+func (p *pipe) pump(dir int, drain bool) error {
+	s := p.loop
+	d := &s.dir[dir]
+	if d.ended {
+		return nil
+	}
+	src, dst := s.fd[dir], s.fd[1-dir]
+	moved := false
+	defer func() {
+		if moved {
+			p.active.Store(time.Now().UnixNano())
+		}
+	}()
+	for budget := loopBudget; ; {
+		if d.pend != nil {
+			b := (*d.pend)[d.off:]
+			n, blocked, err := writeAll(dst, b)
+			d.off += n
+			d.n += int64(n)
+			moved = moved || n > 0
+			if err != nil {
+				return &loopError{1 - dir, err}
+			}
+			if blocked {
+				return p.watchWrite(1-dir, true)
+			}
+			loopBufs.Put(d.pend)
+			d.pend, d.off = nil, 0
+			if err := p.watchWrite(1-dir, false); err != nil {
+				return err
+			}
+		}
+		if d.srcEOF {
+			// Pass the half-close on and give the other side the fin
+			// timeout.
+			rawSyscall(syscall.SYS_SHUTDOWN, dst, syscall.SHUT_WR, 0)
+			d.ended = true
+			p.startFinLoop()
+			return nil
+		}
+		if budget <= 0 {
+			s.l.mu.Lock()
+			s.l.ready = append(s.l.ready, loopReady{s.id, dir})
+			s.l.mu.Unlock()
+			return nil
+		}
+		n, err := rawSyscall(syscall.SYS_READ, src, uintptr(unsafe.Pointer(&s.l.buf[0])), uintptr(len(s.l.buf)))
+		switch {
+		case err == syscall.EINTR:
+			continue
+		case err == syscall.EAGAIN:
+			return nil
+		case err != nil:
+			return &loopError{dir, err}
+		case n == 0:
+			d.srcEOF = true
+			continue
+		}
+		budget -= n
+		// A short read took all the socket had: the next bytes, or its
+		// end, are a new event (a socket signals each arrival, edge
+		// triggered or not), so there is no need to read until EAGAIN.
+		short := n < len(s.l.buf) && !drain
+		w, blocked, err := writeAll(dst, s.l.buf[:n])
+		d.n += int64(w)
+		moved = true
+		if err != nil {
+			return &loopError{1 - dir, err}
+		}
+		if blocked {
+			// Keep the rest, and read no more until dst takes it.
+			d.pend = loopBufs.Get().(*[]byte)
+			*d.pend = append((*d.pend)[:0], s.l.buf[w:n]...)
+			return p.watchWrite(1-dir, true)
+		}
+		if short {
+			return nil
+		}
+	}
+}
+
+// writeAll writes b to fd until it is written, fd would block, or an
+// error.
+func writeAll(fd int, b []byte) (n int, blocked bool, err error) {
+	for n < len(b) {
+		// NOTE: a write to a socket reset by its peer fails with EPIPE:
+		// Go ignores SIGPIPE for descriptors other than 1 and 2.
+		m, err := rawSyscall(syscall.SYS_WRITE, fd, uintptr(unsafe.Pointer(&b[n])), uintptr(len(b)-n))
+		switch {
+		case err == syscall.EINTR:
+			continue
+		case err == syscall.EAGAIN:
+			return n, true, nil
+		case err != nil:
+			return n, false, err
+		}
+		n += m
+	}
+	return n, false, nil
+}
+
+// watchWrite registers side for EPOLLOUT, or no longer.
+func (p *pipe) watchWrite(side int, on bool) error {
+	s := p.loop
+	if s.watchW[side] == on {
+		return nil
+	}
+	ev := syscall.EpollEvent{Events: loopEventsMask, Fd: int32(s.id), Pad: int32(side)}
+	if on {
+		ev.Events |= syscall.EPOLLOUT
+	}
+	if err := epollCtl(s.l.epfd, syscall.EPOLL_CTL_MOD, s.fd[side], &ev); err != nil {
+		return err
+	}
+	s.watchW[side] = on
+	return nil
+}
+
+var loopBufs = sync.Pool{New: func() any {
+	b := make([]byte, 0, loopBufSize)
+	return &b
+}}
+
+// startFinLoop starts the fin timeout, once. p.mu is held.
+func (p *pipe) startFinLoop() {
+	s := p.loop
+	if s.dir[0].ended && s.dir[1].ended {
+		return // both done: the connection ends now
+	}
+	if p.finAt.CompareAndSwap(0, time.Now().Add(p.fin).UnixNano()) {
+		s.finT = time.AfterFunc(p.fin, p.onFin)
+	}
+}
+
+// onIdle ends p if nothing moved either way for its idle timeout.
+func (p *pipe) onIdle() {
+	p.mu.Lock()
+	if p.closed || p.loop == nil {
+		p.mu.Unlock()
+		return
+	}
+	if left := p.idle - time.Since(time.Unix(0, p.active.Load())); left > 0 {
+		p.loop.idleT.Reset(left)
+		p.mu.Unlock()
+		return
+	}
+	p.endLoop(-1, errIdleTimeout)
+}
+
+// onFin ends p when the fin timeout of its first closed side ends.
+func (p *pipe) onFin() {
+	p.mu.Lock()
+	if p.closed || p.loop == nil {
+		p.mu.Unlock()
+		return
+	}
+	p.endLoop(-1, errFinTimeout)
+}
+
+// endLoop closes both connections and reports the end. If failed is a
+// side, the other side's peer gets a reset. p.mu is held, and released.
+func (p *pipe) endLoop(failed int, err error) {
+	s := p.loop
+	p.closed = true
+	s.idleT.Stop()
+	if s.finT != nil {
+		s.finT.Stop()
+	}
+	s.l.mu.Lock()
+	delete(s.l.pipes, s.id)
+	s.l.mu.Unlock()
+	for i := range s.dir {
+		if d := &s.dir[i]; d.pend != nil {
+			loopBufs.Put(d.pend)
+			d.pend = nil
+		}
+	}
+	if failed >= 0 {
+		// Closing the sockets takes them out of the epoll set.
+		syscall.SetsockoptLinger(s.fd[1-failed], syscall.SOL_SOCKET, syscall.SO_LINGER, &syscall.Linger{Onoff: 1})
+	}
+	p.clientTCP.Close()
+	p.backend.Close()
+	in, out := s.in+s.dir[0].n, s.out+s.dir[1].n
+	p.mu.Unlock()
+	if failed == 1 {
+		err = errors.Join(errBackend, err)
+	}
+	s.done(in, out, err)
+}
+
+// The loop's system calls never block (its sockets are non-blocking, its
+// epoll_wait does not wait): they are made raw, without telling the
+// runtime, which would otherwise prepare to hand the processor to another
+// thread and wake its monitor thread, at a cost larger than the calls'.
+
+func rawSyscall(trap uintptr, fd int, a2, a3 uintptr) (int, error) {
+	n, _, errno := syscall.RawSyscall(trap, uintptr(fd), a2, a3)
+	if errno != 0 {
+		return 0, errno
+	}
+	return int(n), nil
+}
+
+func epollCtl(epfd, op, fd int, ev *syscall.EpollEvent) error {
+	_, _, errno := syscall.RawSyscall6(syscall.SYS_EPOLL_CTL, uintptr(epfd), uintptr(op), uintptr(fd), uintptr(unsafe.Pointer(ev)), 0, 0)
+	if errno != 0 {
+		return errno
+	}
+	return nil
+}
+
+// epollPoll returns the events ready, without waiting.
+func epollPoll(epfd int, events []syscall.EpollEvent) (int, error) {
+	n, _, errno := syscall.RawSyscall6(syscall.SYS_EPOLL_PWAIT, uintptr(epfd), uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), 0, 0, 0)
+	if errno != 0 {
+		return 0, errno
+	}
+	return int(n), nil
+}
