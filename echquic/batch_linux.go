@@ -42,7 +42,8 @@ type batch struct {
 	in    [batchSize]mmsghdr
 	iovs  [batchSize]unix.Iovec
 	names [batchSize]unix.RawSockaddrInet6
-	bufs  [batchSize][maxDatagramSize]byte
+	buf   []byte // batchSize datagrams of slot bytes
+	slot  int
 	n     int // messages read
 
 	out     [batchSize]mmsghdr
@@ -68,13 +69,16 @@ const (
 	gsoOOBLen     = 24    // CMSG_SPACE(2) on 64-bit
 )
 
-var batchPool = sync.Pool{New: func() any { return newBatch() }}
+// batchPool holds the batches of the backend readers.
+var batchPool = sync.Pool{New: func() any { return newBatch(maxDatagramSize) }}
 
-func newBatch() *batch {
-	b := new(batch)
+// newBatch returns a batch that reads datagrams of up to slot bytes;
+// larger ones are dropped.
+func newBatch(slot int) *batch {
+	b := &batch{buf: make([]byte, batchSize*slot), slot: slot}
 	for i := range b.in {
-		b.iovs[i].Base = &b.bufs[i][0]
-		b.iovs[i].SetLen(maxDatagramSize)
+		b.iovs[i].Base = &b.buf[i*slot]
+		b.iovs[i].SetLen(slot)
 		b.in[i].hdr.Iov = &b.iovs[i]
 		b.in[i].hdr.SetIovlen(1)
 		b.in[i].hdr.Name = (*byte)(unsafe.Pointer(&b.names[i]))
@@ -137,7 +141,7 @@ func (b *batch) datagram(i int) []byte {
 	if m.n == 0 || m.hdr.Flags&unix.MSG_TRUNC != 0 {
 		return nil
 	}
-	return b.bufs[i][:m.n]
+	return b.buf[i*b.slot : i*b.slot+int(m.n)]
 }
 
 // addr returns the source address of the i-th datagram read, as
@@ -312,7 +316,7 @@ func (p *Proxy) serveBatches(udp *net.UDPConn) error {
 	if err != nil {
 		return p.serveEach(udp, udp)
 	}
-	b := newBatch()
+	b := newBatch(1 << 16) // any datagram, as serveEach reads
 	for {
 		if _, err := b.read(rc); err != nil {
 			if p.readFailed(err) {

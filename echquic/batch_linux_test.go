@@ -79,7 +79,7 @@ func TestBatchRoundTrip(t *testing.T) {
 			_, want, err := pc.ReadFromUDPAddrPort(make([]byte, 16))
 			require.NoError(t, err)
 
-			b := newBatch()
+			b := newBatch(maxDatagramSize)
 			for _, sizes := range [][]int{
 				{1200, 1200, 1200, 1200, 500}, // one GSO send
 				{1200, 1200, 1200},
@@ -126,8 +126,8 @@ func TestBatchRoundTrip(t *testing.T) {
 	}
 }
 
-// TestBatchTruncated checks that a datagram larger than the batch buffers
-// is dropped, and the datagrams around it are not.
+// TestBatchTruncated checks that a datagram larger than the batch slots is
+// dropped, and the datagrams around it are not.
 func TestBatchTruncated(t *testing.T) {
 	pc, peer := listenPair(t, "127.0.0.1:0", "127.0.0.1")
 	sent := datagrams(100, maxDatagramSize+1, 200)
@@ -135,7 +135,7 @@ func TestBatchTruncated(t *testing.T) {
 		_, err := peer.Write(d)
 		require.NoError(t, err)
 	}
-	b := newBatch()
+	b := newBatch(maxDatagramSize)
 	var kept [][]byte
 	got, _ := readBatch(t, pc, b, len(sent))
 	for _, d := range got {
@@ -144,6 +144,15 @@ func TestBatchTruncated(t *testing.T) {
 		}
 	}
 	assert.Equal(t, [][]byte{sent[0], sent[2]}, kept)
+
+	// The batch of serveBatches reads any datagram, as serveEach does.
+	sent = datagrams(100, 20000, 200)
+	for _, d := range sent {
+		_, err := peer.Write(d)
+		require.NoError(t, err)
+	}
+	got, _ = readBatch(t, pc, newBatch(1<<16), len(sent))
+	assert.Equal(t, sent, got)
 }
 
 // TestBatchSendToConnected sends a batch on a connected socket, as the
@@ -153,7 +162,7 @@ func TestBatchSendToConnected(t *testing.T) {
 	pc, peer := listenPair(t, "127.0.0.1:0", "127.0.0.1")
 	rc, err := peer.SyscallConn()
 	require.NoError(t, err)
-	b := newBatch()
+	b := newBatch(maxDatagramSize)
 	sent := datagrams(1200, 1200, 1200)
 	for _, gso := range []bool{true, false} {
 		var on atomic.Bool
@@ -188,7 +197,7 @@ func TestBatchAllocs(t *testing.T) {
 	require.NoError(t, err)
 	prc, err := peer.SyscallConn()
 	require.NoError(t, err)
-	b := newBatch()
+	b := newBatch(maxDatagramSize)
 	d := make([]byte, 1200)
 	var gso atomic.Bool
 	gso.Store(true)

@@ -26,9 +26,9 @@ const (
 	// incomplete or being routed, in count and bytes.
 	maxQueued      = 32
 	maxQueuedBytes = 64 << 10
-	// maxDatagramSize is the largest datagram a backend may send, and a
-	// client of an established flow on Linux. QUIC stacks stay under 1500
-	// bytes (quic-go: 1452); a larger datagram is dropped.
+	// maxDatagramSize is the largest datagram a backend may send. QUIC
+	// stacks stay under 1500 bytes (quic-go: 1452); a larger datagram
+	// is dropped.
 	maxDatagramSize = 4096
 	// transportCryptoBufferExceeded is the QUIC transport error code for
 	// CRYPTO data beyond what the server buffers (RFC 9000, Section 20.1).
