@@ -283,14 +283,41 @@ func (b *batch) flush(rc syscall.RawConn, gso *atomic.Bool) {
 		b.gso.Name, b.gso.Namelen = b.out[0].hdr.Name, b.out[0].hdr.Namelen
 		b.gso.SetIovlen(b.nout)
 		b.errno = 0
-		if err := rc.Write(b.gsoFn); err == nil && b.errno == 0 {
-			b.nout = 0
+		err := rc.Write(b.gsoFn)
+		if err == nil && b.errno == 0 {
+			b.reset()
 			return
 		}
-		gso.Store(false) // and send them one by one
+		if gsoRefused(b.errno) {
+			gso.Store(false)
+		}
+		// Send them one by one.
 	}
 	b.sent = 0
 	rc.Write(b.sendFn)
+	b.reset()
+}
+
+// gsoRefused reports whether a sendmsg(2) with UDP_SEGMENT failed with e
+// because the kernel, the device or the route does not do it (quic-go
+// turns GSO off on EIO), rather than for a reason of the datagrams, such
+// as ECONNREFUSED after an ICMP error.
+func gsoRefused(e syscall.Errno) bool {
+	switch e {
+	case unix.EIO, unix.EINVAL, unix.ENOPROTOOPT, unix.EOPNOTSUPP, unix.EMSGSIZE:
+		return true
+	}
+	return false
+}
+
+// reset empties the queue, and drops its references to the datagrams and
+// addresses.
+func (b *batch) reset() {
+	for i := range b.nout {
+		b.outIovs[i].Base = nil
+		b.out[i].hdr.Name = nil
+	}
+	b.gso.Name = nil
 	b.nout, b.sent = 0, 0
 }
 
