@@ -87,3 +87,54 @@ func ExampleNewListener() {
 	// server: ECH accepted, outer name public.example, routing to secret.example
 	// client: ECH accepted true, read "hello from secret.example\n"
 }
+
+// This example routes each connection on the goroutine that read its
+// hello, with Handle, instead of an Accept loop: here crypto/tls completes
+// the handshake as the ECH backend.
+func ExampleListener_Handle() {
+	key, err := ech.GenerateKey("public.example", &ech.KeyOptions{})
+	if err != nil {
+		log.Fatal(err)
+	}
+	ks, err := ech.NewKeySet(key)
+	if err != nil {
+		log.Fatal(err)
+	}
+	list, err := ks.ConfigList()
+	if err != nil {
+		log.Fatal(err)
+	}
+	ca, _ := testpki.NewCA()
+	cert, _ := ca.Leaf("public.example", "secret.example")
+
+	raw, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		log.Fatal(err)
+	}
+	ln := ech.NewListener(raw, ech.WithKeySet(ks))
+	backend := &tls.Config{
+		Certificates:                []tls.Certificate{cert},
+		GetEncryptedClientHelloKeys: ks.GetEncryptedClientHelloKeys,
+	}
+	ln.Handle = func(c *ech.Conn) {
+		defer c.Close()
+		tc := tls.Server(c, backend)
+		fmt.Fprintf(tc, "hello from %s\n", c.ServerName())
+		tc.Close()
+	}
+	go ln.Accept() // returns when the listener is closed
+	defer ln.Close()
+
+	tc, err := tls.Dial("tcp", raw.Addr().String(), &tls.Config{
+		ServerName:                     "secret.example",
+		RootCAs:                        ca.Pool,
+		EncryptedClientHelloConfigList: list,
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	greeting, _ := io.ReadAll(tc)
+	fmt.Printf("client: ECH accepted %v, read %q\n", tc.ConnectionState().ECHAccepted, greeting)
+	// Output:
+	// client: ECH accepted true, read "hello from secret.example\n"
+}

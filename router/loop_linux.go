@@ -111,6 +111,13 @@ type loopState struct {
 
 // loopDir is one direction, from side i to side 1-i.
 type loopDir struct {
+	// A direction moving bulk (a read filled the loop's buffer) splices
+	// through a pipe, which spares the copies to and from the buffer,
+	// until a read returns less than that buffer. It holds the pipe only
+	// while the pipe has bytes the destination did not take.
+	bulk   bool
+	pipe   *splicePipe
+	inPipe int     // bytes in the pipe, not yet written
 	pend   *[]byte // bytes read and not yet written, from off
 	off    int
 	srcEOF bool // the source ended
@@ -298,7 +305,33 @@ func (p *pipe) pump(dir int, drain bool) error {
 			p.active.Store(time.Now().UnixNano())
 		}
 	}()
+	lastIn := 0 // bytes of the last splice into the pipe
+	defer func() {
+		if d.pipe != nil && d.inPipe == 0 {
+			// An idle connection holds no pipe.
+			d.pipe = d.pipe.release()
+		}
+	}()
 	for budget := loopBudget; ; {
+		for d.inPipe > 0 {
+			n, err := splice(d.pipe.r, dst, d.inPipe)
+			switch {
+			case err == syscall.EINTR:
+				continue
+			case err == syscall.EAGAIN:
+				return p.watchWrite(1-dir, true)
+			case err != nil:
+				return &loopError{1 - dir, err}
+			}
+			d.inPipe -= n
+			d.n += int64(n)
+			moved = true
+			if d.inPipe == 0 {
+				if err := p.watchWrite(1-dir, false); err != nil {
+					return err
+				}
+			}
+		}
 		if d.pend != nil {
 			b := (*d.pend)[d.off:]
 			n, blocked, err := writeAll(dst, b)
@@ -330,6 +363,32 @@ func (p *pipe) pump(dir int, drain bool) error {
 			s.l.ready = append(s.l.ready, loopReady{s.id, dir})
 			s.l.mu.Unlock()
 			return nil
+		}
+		if d.bulk && d.pipe == nil {
+			if d.pipe = getSplicePipe(); d.pipe == nil {
+				d.bulk = false
+			}
+		}
+		if d.bulk {
+			if lastIn > 0 && lastIn < splicePipeSize && !drain {
+				return nil // a short read took all the socket had (see below), and it is written
+			}
+			n, err := splice(src, d.pipe.w, splicePipeSize)
+			switch {
+			case err == syscall.EINTR:
+				continue
+			case err == syscall.EAGAIN:
+				return nil
+			case err != nil:
+				return &loopError{dir, err}
+			case n == 0:
+				d.srcEOF = true
+				continue
+			}
+			budget -= n
+			d.inPipe, lastIn = n, n
+			d.bulk = n >= len(s.l.buf) // else the burst is over
+			continue
 		}
 		n, err := rawSyscall(syscall.SYS_READ, src, uintptr(unsafe.Pointer(&s.l.buf[0])), uintptr(len(s.l.buf)))
 		switch {
@@ -363,6 +422,8 @@ func (p *pipe) pump(dir int, drain bool) error {
 		if short {
 			return nil
 		}
+		// A full buffer: bulk, spliced from now on.
+		d.bulk = n == len(s.l.buf)
 	}
 }
 
@@ -461,6 +522,14 @@ func (p *pipe) endLoop(failed int, err error) {
 			loopBufs.Put(d.pend)
 			d.pend = nil
 		}
+		if d := &s.dir[i]; d.pipe != nil {
+			if d.inPipe > 0 {
+				d.pipe.close() // it holds bytes that go nowhere
+			} else {
+				d.pipe.release()
+			}
+			d.pipe = nil
+		}
 	}
 	if failed >= 0 {
 		// Closing the sockets takes them out of the epoll set.
@@ -504,4 +573,70 @@ func epollPoll(epfd int, events []syscall.EpollEvent) (int, error) {
 		return 0, errno
 	}
 	return int(n), nil
+}
+
+// splicePipeSize is the size of a loop's pipes, as Go's own splice sets
+// it: 64 KiB moved per system call would cost more calls than the copies
+// they spare.
+const splicePipeSize = 1 << 20
+
+// splicePipe is a pipe a direction splices through.
+type splicePipe struct{ r, w int }
+
+// splicePipes holds pipes given back, empty, for the next bulk direction.
+var splicePipes struct {
+	sync.Mutex
+	free []*splicePipe
+}
+
+const maxFreePipes = 64
+
+// getSplicePipe returns an empty pipe, or nil if there is none to be had
+// (no file descriptors left): the direction then goes on with read and
+// write.
+func getSplicePipe() *splicePipe {
+	splicePipes.Lock()
+	if n := len(splicePipes.free); n > 0 {
+		sp := splicePipes.free[n-1]
+		splicePipes.free = splicePipes.free[:n-1]
+		splicePipes.Unlock()
+		return sp
+	}
+	splicePipes.Unlock()
+	var fds [2]int
+	if err := syscall.Pipe2(fds[:], syscall.O_CLOEXEC|syscall.O_NONBLOCK); err != nil {
+		return nil
+	}
+	sp := &splicePipe{fds[0], fds[1]}
+	// A larger pipe, where the system allows it; 64 KiB otherwise.
+	rawSyscall(syscall.SYS_FCNTL, sp.w, syscall.F_SETPIPE_SZ, splicePipeSize)
+	return sp
+}
+
+// release gives an empty pipe back, and returns nil.
+func (sp *splicePipe) release() *splicePipe {
+	splicePipes.Lock()
+	defer splicePipes.Unlock()
+	if len(splicePipes.free) < maxFreePipes {
+		splicePipes.free = append(splicePipes.free, sp)
+	} else {
+		sp.close()
+	}
+	return nil
+}
+
+func (sp *splicePipe) close() {
+	syscall.Close(sp.r)
+	syscall.Close(sp.w)
+}
+
+// splice moves up to n bytes from fd in to fd out, one of them a pipe,
+// without waiting.
+func splice(in, out, n int) (int, error) {
+	const flags = 1 | 2 // SPLICE_F_MOVE | SPLICE_F_NONBLOCK
+	m, _, errno := syscall.RawSyscall6(syscall.SYS_SPLICE, uintptr(in), 0, uintptr(out), 0, uintptr(n), flags)
+	if errno != 0 {
+		return 0, errno
+	}
+	return int(m), nil
 }

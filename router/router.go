@@ -392,11 +392,15 @@ func (r *Router) trackConn(c net.Conn) bool {
 	return true
 }
 
-// noKeepAlive listens without TCP keepalive on the connections accepted,
-// as HAProxy and nginx do by default: Go's default (probes after 15 s)
-// costs four system calls per connection, and idle_timeout already ends
-// connections whose peer went away.
-var noKeepAlive = net.ListenConfig{KeepAlive: -1}
+// listenConfig is how the router's TCP listeners are made. Without TCP
+// keepalive on the connections accepted, as HAProxy and nginx do by
+// default: Go's default (probes after 15 s) costs four system calls per
+// connection, and idle_timeout already ends connections whose peer went
+// away. Where the system has it (Linux's TCP_DEFER_ACCEPT), a connection is
+// accepted once its first bytes, the ClientHello, have come: the read that
+// follows finds them, and a client that connects and sends nothing costs
+// the router nothing.
+var listenConfig = net.ListenConfig{KeepAlive: -1, Control: deferAccept}
 
 // closeWith has c closed by closer at a shutdown.
 func (r *Router) closeWith(c net.Conn, closer io.Closer) {
@@ -651,7 +655,7 @@ func sendAlert(w io.Writer, desc uint8) {
 // dial connects to a route's backend and sends the PROXY header if the
 // route asks for one.
 func (r *Router) dial(c *ech.Conn, name string, rt *Route, alpn string, tlsVersion uint16) (net.Conn, error) {
-	// No TCP keepalive, as for the client's side (see noKeepAlive).
+	// No TCP keepalive, as for the client's side (see listenConfig).
 	d := net.Dialer{Timeout: orDefault(r.DialTimeout, DefaultDialTimeout), KeepAlive: -1}
 	backend, err := d.Dial("tcp", rt.Backend)
 	if err != nil {

@@ -362,7 +362,7 @@ func (s *Server) Listen() error {
 		if l.Network == "udp" {
 			pc, err = net.ListenPacket("udp", l.Address)
 		} else {
-			ln, err = noKeepAlive.Listen(context.Background(), "tcp", l.Address)
+			ln, err = listenConfig.Listen(context.Background(), "tcp", l.Address)
 		}
 		if err != nil {
 			closeAll()

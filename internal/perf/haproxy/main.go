@@ -3,15 +3,16 @@
 // backend behind HAProxy (mode tcp, req.ssl_sni routing) and behind the
 // router (a passthrough route), and reached directly as the baseline.
 //
-//	go run ./internal/perf/haproxy [-duration 5s] [-clients 8] [-idle 500] [-only name]
+//	go run ./internal/perf/haproxy [-duration 5s] [-clients 8] [-idle 500] [-only name] [-pin]
 //
-// For each path it measures new connections per second (TLS handshake, one
-// byte echoed, close; the clients run in this process), the CPU the proxy
+// For each path, on a fresh proxy process, it measures the memory (RSS)
+// the proxy holds per idle connection (first, before other traffic leaves
+// memory behind), new connections per second (TLS handshake, one byte
+// echoed, close; the clients run in this process), the CPU the proxy
 // process spends per connection (from /proc), the round trip of one byte
-// after the handshake, the throughput of 64 MiB echoed through one
-// connection, and the memory (RSS) the proxy holds per idle connection. It
-// needs Linux, haproxy on PATH (Debian package haproxy), and builds the
-// router from this checkout. It prints a Markdown table.
+// after the handshake, and the throughput of 64 MiB echoed through one
+// connection. It needs Linux, haproxy on PATH (Debian package haproxy), and
+// builds the router from this checkout. It prints a Markdown table.
 package main
 
 import (
@@ -55,8 +56,16 @@ func main() {
 	routerPkg := flag.String("router", "./cmd/ech-router", "the router's package")
 	only := flag.String("only", "", "run only the paths whose name contains this")
 	routerEnv := flag.String("router-env", "", "environment settings for the router, such as GOMAXPROCS=1 (space-separated)")
+	pin := flag.Bool("pin", false, "run the proxies on CPU 1 and this process (clients and backend) on CPU 0, as when the proxy has a machine of its own")
 	flag.Parse()
 	log.SetFlags(0)
+	if *pin {
+		// Before this process starts more threads, which inherit it.
+		if out, err := exec.Command("taskset", "-a", "-p", "-c", "0", strconv.Itoa(os.Getpid())).CombinedOutput(); err != nil {
+			log.Fatalf("taskset: %v: %s", err, out)
+		}
+		proxyPrefix = []string{"taskset", "-c", "1"}
+	}
 
 	if _, err := exec.LookPath("haproxy"); err != nil {
 		log.Fatal("haproxy not found: apt-get install haproxy")
@@ -75,15 +84,37 @@ func main() {
 	fmt.Printf("# ech-router vs HAProxy on loopback (%s)\n\n", time.Now().UTC().Format(time.RFC3339))
 	fmt.Printf("%d clients for %v per rate run; %d pings; %d MiB bulk; %d idle connections. HAProxy %s.\n\n",
 		*clients, *duration, *pings, *bulk>>20, *idle, e.haproxyVersion)
+	if *pin {
+		fmt.Printf("Pinned: proxies on CPU 1, clients and backend on CPU 0.\n\n")
+	}
 	fmt.Println("| path | new conns/s | proxy CPU µs/conn | RTT p50 µs | RTT p99 µs | bulk MB/s | proxy KB/idle conn |")
 	fmt.Println("|---|---|---|---|---|---|---|")
 	for _, p := range e.paths() {
 		if !strings.Contains(p.name, *only) {
 			continue
 		}
+		if p.restart {
+			// A fresh router for each path, as HAProxy is fresh for
+			// its one: the memory measure comes first.
+			if err := e.restartRouter(); err != nil {
+				log.Fatal(err)
+			}
+			p.pid = e.router.Process.Pid
+		}
 		r := measure(p, *duration, *clients, *pings, *bulk, *idle)
 		fmt.Printf("| %s | %.0f | %s | %.0f | %.0f | %.0f | %s |\n", p.name, r.rate, orDash(r.cpuPerConn), r.rttP50, r.rttP99, r.mbps, orDash(r.kbPerIdle))
 	}
+}
+
+// proxyPrefix runs the proxies on a CPU of their own with -pin.
+var proxyPrefix []string
+
+// command returns the command of a proxy.
+func command(name string, args ...string) *exec.Cmd {
+	if len(proxyPrefix) > 0 {
+		return exec.Command(proxyPrefix[0], append(append(proxyPrefix[1:len(proxyPrefix):len(proxyPrefix)], name), args...)...)
+	}
+	return exec.Command(name, args...)
 }
 
 func orDash(v float64) string {
@@ -99,6 +130,7 @@ type env struct {
 	router         *exec.Cmd
 	haproxyAddr    string
 	routerAddr     string
+	routerCmd      func() *exec.Cmd
 	haproxyVersion string
 	rootCAs        *tls.Config
 	list           ech.ConfigList
@@ -122,6 +154,19 @@ type path struct {
 	addr string
 	cfg  *tls.Config
 	pid  int // the proxy process, or 0 for the direct path
+	// restart asks for a fresh router process before the path.
+	restart bool
+}
+
+// restartRouter replaces the router process with a fresh one.
+func (e *env) restartRouter() error {
+	e.router.Process.Kill()
+	e.router.Wait()
+	e.router = e.routerCmd()
+	if err := e.router.Start(); err != nil {
+		return err
+	}
+	return waitListening(e.routerAddr)
 }
 
 func (e *env) paths() []path {
@@ -129,10 +174,10 @@ func (e *env) paths() []path {
 	withECH := e.rootCAs.Clone()
 	withECH.EncryptedClientHelloConfigList = e.list
 	return []path{
-		{"direct (baseline)", e.backend.Addr().String(), plain, 0},
-		{"HAProxy, mode tcp, req.ssl_sni", e.haproxyAddr, plain, e.haproxy.Process.Pid},
-		{"ech-router passthrough, no ECH", e.routerAddr, plain, e.router.Process.Pid},
-		{"ech-router passthrough, ECH", e.routerAddr, withECH, e.router.Process.Pid},
+		{"direct (baseline)", e.backend.Addr().String(), plain, 0, false},
+		{"HAProxy, mode tcp, req.ssl_sni", e.haproxyAddr, plain, e.haproxy.Process.Pid, false},
+		{"ech-router passthrough, no ECH", e.routerAddr, plain, e.router.Process.Pid, true},
+		{"ech-router passthrough, ECH", e.routerAddr, withECH, e.router.Process.Pid, true},
 	}
 }
 
@@ -196,7 +241,7 @@ backend be
 	}
 	out, _ := exec.Command("haproxy", "-v").Output()
 	e.haproxyVersion = strings.Fields(string(out) + " ? ? ?")[2]
-	e.haproxy = exec.Command("haproxy", "-db", "-f", filepath.Join(dir, "haproxy.cfg"))
+	e.haproxy = command("haproxy", "-db", "-f", filepath.Join(dir, "haproxy.cfg"))
 	e.haproxy.Stderr = os.Stderr
 	if err := e.haproxy.Start(); err != nil {
 		return nil, err
@@ -245,9 +290,13 @@ backend be
 	if out, err := exec.Command("go", "build", "-o", bin, routerPkg).CombinedOutput(); err != nil {
 		return nil, fmt.Errorf("building %s: %v\n%s", routerPkg, err, out)
 	}
-	e.router = exec.Command(bin, "-config", filepath.Join(dir, "router.json"))
-	e.router.Stdout, e.router.Stderr = io.Discard, io.Discard
-	e.router.Env = append(os.Environ(), routerEnv...)
+	e.routerCmd = func() *exec.Cmd {
+		c := command(bin, "-config", filepath.Join(dir, "router.json"))
+		c.Stdout, c.Stderr = io.Discard, io.Discard
+		c.Env = append(os.Environ(), routerEnv...)
+		return c
+	}
+	e.router = e.routerCmd()
 	if err := e.router.Start(); err != nil {
 		return nil, err
 	}
@@ -309,6 +358,30 @@ func dial(p path) (*tls.Conn, error) {
 
 func measure(p path, duration time.Duration, clients, pings, bulk, idle int) result {
 	var r result
+	buf := make([]byte, 1)
+	// Memory per idle connection, in the proxy process.
+	r.kbPerIdle = -1
+	if p.pid != 0 {
+		time.Sleep(500 * time.Millisecond) // let closed connections go
+		before := procRSS(p.pid)
+		conns := make([]*tls.Conn, 0, idle)
+		for range idle {
+			c, err := dial(p)
+			if err != nil {
+				log.Fatalf("%s: idle: %v", p.name, err)
+			}
+			c.Write([]byte{1})
+			io.ReadFull(c, buf)
+			conns = append(conns, c)
+		}
+		time.Sleep(time.Second)
+		r.kbPerIdle = float64(procRSS(p.pid)-before) / 1024 / float64(idle)
+		for _, c := range conns {
+			c.Close()
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+
 	// New connections per second.
 	cpu0 := procCPU(p.pid)
 	var n, failed atomic.Int64
@@ -348,7 +421,6 @@ func measure(p path, duration time.Duration, clients, pings, bulk, idle int) res
 		log.Fatalf("%s: %v", p.name, err)
 	}
 	rtts := make([]time.Duration, 0, pings)
-	buf := make([]byte, 1)
 	for range pings {
 		t := time.Now()
 		c.Write(buf)
@@ -375,28 +447,6 @@ func measure(p path, duration time.Duration, clients, pings, bulk, idle int) res
 	r.mbps = float64(bulk) / 1e6 / time.Since(t).Seconds()
 	c.Close()
 
-	// Memory per idle connection, in the proxy process.
-	r.kbPerIdle = -1
-	if p.pid != 0 {
-		time.Sleep(500 * time.Millisecond) // let closed connections go
-		before := procRSS(p.pid)
-		conns := make([]*tls.Conn, 0, idle)
-		for range idle {
-			c, err := dial(p)
-			if err != nil {
-				log.Fatalf("%s: idle: %v", p.name, err)
-			}
-			c.Write([]byte{1})
-			io.ReadFull(c, buf)
-			conns = append(conns, c)
-		}
-		time.Sleep(time.Second)
-		r.kbPerIdle = float64(procRSS(p.pid)-before) / 1024 / float64(idle)
-		for _, c := range conns {
-			c.Close()
-		}
-		time.Sleep(500 * time.Millisecond)
-	}
 	return r
 }
 
