@@ -18,7 +18,10 @@
 // to the same sizes. The backend (crypto/tls as a QUIC server, in quic-go
 // for example) completes the handshake for the inner name and confirms ECH
 // acceptance itself. All later datagrams, in both directions, are forwarded
-// unchanged, without allocation.
+// unchanged, without allocation. On Linux, when the [net.PacketConn] is a
+// [*net.UDPConn], they are read and written in batches: recvmmsg(2),
+// sendmmsg(2), and UDP generic segmentation offload when the datagrams of a
+// batch allow it.
 //
 // A ClientHello whose ECH does not decrypt (GREASE, an unknown config, a
 // stale key) is routed by its server_name in the clear and forwarded
@@ -42,7 +45,9 @@
 //
 // Flows are keyed by the client's address and port: one QUIC connection per
 // client socket at a time (a new Initial from the same socket replaces the
-// flow), and no connection migration. A ClientHelloInner longer than the
-// ClientHelloOuter, which the encryption overhead makes rare, must fit in
-// the padding of the Initial packet that ends the outer hello.
+// flow), and no connection migration. A backend's datagrams of more than
+// 4095 bytes are dropped (QUIC stacks send at most about 1500 bytes). A
+// ClientHelloInner longer than the ClientHelloOuter, which the encryption
+// overhead makes rare, must fit in the padding of the Initial packet that
+// ends the outer hello.
 package echquic

@@ -3,6 +3,7 @@ package echquic
 import (
 	"errors"
 	"fmt"
+	"sync"
 )
 
 // Frame types allowed in Initial packets (RFC 9000, Section 12.4, Table 3).
@@ -152,6 +153,11 @@ const maxCryptoRanges = 32
 // span is a half-open range of stream offsets.
 type span struct{ a, b uint64 }
 
+// streamBufSize is the size of the pooled buffers of cryptoBuffer.
+const streamBufSize = 4096
+
+var streamPool = sync.Pool{New: func() any { return new([streamBufSize]byte) }}
+
 // cryptoBuffer reassembles a part of the CRYPTO stream, starting at offset
 // base, from frames that may come out of order, duplicated or overlapping.
 // Data is kept as first received. It holds at most max bytes.
@@ -188,8 +194,12 @@ func (c *cryptoBuffer) write(off uint64, data []byte) error {
 	}
 	if uint64(len(c.buf)) < b {
 		if c.buf == nil {
-			// Most ClientHellos fit: one allocation.
-			c.buf = make([]byte, 0, min(max(b, 4096), c.max))
+			// Most ClientHellos fit in a pooled buffer.
+			if b <= streamBufSize {
+				c.buf = (*streamPool.Get().(*[streamBufSize]byte))[:0]
+			} else {
+				c.buf = make([]byte, 0, min(b, c.max))
+			}
 		}
 		c.buf = append(c.buf, make([]byte, int(b)-len(c.buf))...)
 	}
@@ -237,6 +247,15 @@ func (c *cryptoBuffer) add(s span) error {
 	c.ranges[i] = s
 	c.ranges = append(c.ranges[:i+1], c.ranges[j:]...)
 	return nil
+}
+
+// release empties the buffer and returns its memory to the pool. What
+// [cryptoBuffer.contiguous] returned must no longer be used.
+func (c *cryptoBuffer) release() {
+	if cap(c.buf) == streamBufSize {
+		streamPool.Put((*[streamBufSize]byte)(c.buf[:streamBufSize]))
+	}
+	c.buf, c.ranges = nil, c.ranges[:0]
 }
 
 // contiguous returns the bytes received without a gap from base.

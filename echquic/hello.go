@@ -40,21 +40,49 @@ var hrrRandom = [32]byte{
 }
 
 // memConn is the in-memory [net.Conn] that [ech.NewConn] reads a
-// ClientHello from: Read serves the records in r; what the Conn writes to
-// the client (an alert) is dropped, so that no goroutine is involved.
+// ClientHello from: Read serves msg as TLS handshake records of at most 2^14
+// bytes, framed on the fly so that the message is not copied; what the Conn
+// writes to the client (an alert) is dropped, so that no goroutine is
+// involved.
 type memConn struct {
-	r      []byte
+	msg    []byte // the rest of the handshake message
+	hdr    [recordHeaderLen]byte
+	nhdr   int // bytes at the end of hdr not served yet
+	left   int // bytes of msg in the current record not served yet
 	remote net.Addr
 }
 
 var _ net.Conn = (*memConn)(nil)
 
+// serve makes m serve msg, which m aliases until the next call.
+func (m *memConn) serve(msg []byte) {
+	m.msg, m.nhdr, m.left = msg, 0, 0
+}
+
 func (m *memConn) Read(p []byte) (int, error) {
-	if len(m.r) == 0 {
+	n := 0
+	for n < len(p) {
+		if m.nhdr == 0 && m.left == 0 {
+			if len(m.msg) == 0 {
+				break
+			}
+			l := min(len(m.msg), maxPlaintext)
+			m.hdr = [recordHeaderLen]byte{recordTypeHandshake, recordVersion >> 8, recordVersion & 0xff, byte(l >> 8), byte(l)}
+			m.nhdr, m.left = recordHeaderLen, l
+		}
+		if m.nhdr > 0 {
+			k := copy(p[n:], m.hdr[recordHeaderLen-m.nhdr:])
+			m.nhdr -= k
+			n += k
+			continue
+		}
+		k := copy(p[n:], m.msg[:m.left])
+		m.msg, m.left = m.msg[k:], m.left-k
+		n += k
+	}
+	if n == 0 {
 		return 0, io.EOF
 	}
-	n := copy(p, m.r)
-	m.r = m.r[n:]
 	return n, nil
 }
 
@@ -67,17 +95,6 @@ func (m *memConn) RemoteAddr() net.Addr             { return m.remote }
 func (m *memConn) SetDeadline(time.Time) error      { return nil }
 func (m *memConn) SetReadDeadline(time.Time) error  { return nil }
 func (m *memConn) SetWriteDeadline(time.Time) error { return nil }
-
-// appendRecords appends msg as TLS handshake records of at most 2^14 bytes.
-func appendRecords(dst, msg []byte) []byte {
-	for len(msg) > 0 {
-		n := min(len(msg), maxPlaintext)
-		dst = append(dst, recordTypeHandshake, recordVersion>>8, recordVersion&0xff, byte(n>>8), byte(n))
-		dst = append(dst, msg[:n]...)
-		msg = msg[n:]
-	}
-	return dst
-}
 
 // readMessage reads handshake records from r and appends the handshake
 // message they carry to dst.
@@ -146,7 +163,9 @@ type helloState struct {
 // returns the message to pass on: the ClientHelloInner when ECH was
 // accepted, else nil (the hello goes on as received).
 func (h *helloState) first(msg []byte, remote net.Addr, opts []ech.Option, limit int) ([]byte, error) {
-	h.mc = memConn{r: appendRecords(nil, msg), remote: remote}
+	h.mc = memConn{remote: remote}
+	h.mc.serve(msg)
+	defer h.mc.serve(nil) // msg is the caller's
 	c, err := ech.NewConn(context.Background(), &h.mc, opts...)
 	if err != nil {
 		return nil, &alertError{Alert: alertFor(err), Err: err}
@@ -178,7 +197,8 @@ func (h *helloState) second(msg []byte, limit int) ([]byte, error) {
 	if _, err := h.conn.Write(hrr[:]); err != nil {
 		return nil, &alertError{Alert: alertInternalError, Err: err}
 	}
-	h.mc.r = appendRecords(nil, msg)
+	h.mc.serve(msg)
+	defer h.mc.serve(nil)
 	inner, err := readMessage(h.conn, make([]byte, 0, len(msg)+64), limit)
 	if err != nil {
 		return nil, &alertError{Alert: alertFor(err), Err: err}

@@ -3,12 +3,10 @@ package echquic
 import (
 	"crypto/aes"
 	"crypto/cipher"
-	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash"
 )
 
 // QUIC versions this package reads Initial packets of.
@@ -193,11 +191,15 @@ func appendVarint(b []byte, v uint64) []byte {
 }
 
 // initialKeys protect the Initial packets of one direction
-// (RFC 9001, Section 5.2).
+// (RFC 9001, Section 5.2). One goroutine uses them at a time.
 type initialKeys struct {
 	aead cipher.AEAD
 	iv   [initialIVLen]byte
 	hp   cipher.Block
+	// Scratch for the nonce and the mask: an array passed to an interface
+	// method escapes, and would cost an allocation per packet.
+	nonceBuf [initialIVLen]byte
+	maskBuf  [aes.BlockSize]byte
 }
 
 // newInitialKeys derives the Initial keys of the client (or the server) from
@@ -207,21 +209,15 @@ func newInitialKeys(version uint32, dcid []byte, server bool) (*initialKeys, err
 	if version == version2 {
 		salt, prefix = saltV2, "quicv2 " // RFC 9369, Section 3.3.2
 	}
-	// HKDF-Extract (RFC 5869, Section 2.2).
-	var initial, secret, key, iv, hpKey [sha256.Size]byte
-	h := hmac.New(sha256.New, salt)
-	h.Write(dcid)
-	h.Sum(initial[:0])
 	label := "client in"
 	if server {
 		label = "server in"
 	}
-	h = hmac.New(sha256.New, initial[:])
-	expandLabel(h, secret[:0], label, initialSecretLen)
-	h = hmac.New(sha256.New, secret[:])
-	expandLabel(h, key[:0], prefix+"key", initialKeyLen)
-	expandLabel(h, iv[:0], prefix+"iv", initialIVLen)
-	expandLabel(h, hpKey[:0], prefix+"hp", initialKeyLen)
+	initial := hmacSHA256(salt, dcid) // HKDF-Extract (RFC 5869, Section 2.2)
+	secret := expandLabel(&initial, label, initialSecretLen)
+	key := expandLabel(&secret, prefix+"key", initialKeyLen)
+	iv := expandLabel(&secret, prefix+"iv", initialIVLen)
+	hpKey := expandLabel(&secret, prefix+"hp", initialKeyLen)
 	block, err := aes.NewCipher(key[:initialKeyLen])
 	if err != nil {
 		return nil, err
@@ -237,24 +233,42 @@ func newInitialKeys(version uint32, dcid []byte, server bool) (*initialKeys, err
 	return k, nil
 }
 
-// expandLabel appends HKDF-Expand-Label(secret, label, "", n) to dst, for n
-// of at most one hash output, with h the HMAC keyed with the secret
-// (RFC 8446, Section 7.1; RFC 5869, Section 2.3: T(1) only):
+// hmacSHA256 returns HMAC-SHA256(key, msg) (RFC 2104) for a key and a
+// message of at most one block each, computed on the stack: the Initial
+// keys of every new connection are derived with five of them, and
+// crypto/hmac allocates.
+func hmacSHA256(key, msg []byte) [sha256.Size]byte {
+	const block = 64 // SHA-256 block size
+	var in [2 * block]byte
+	var out [block + sha256.Size]byte
+	copy(in[:], key)
+	copy(out[:], key)
+	for i := range block {
+		in[i] ^= 0x36
+		out[i] ^= 0x5c
+	}
+	n := copy(in[block:], msg)
+	inner := sha256.Sum256(in[:block+n])
+	copy(out[block:], inner[:])
+	return sha256.Sum256(out[:])
+}
+
+// expandLabel returns HKDF-Expand-Label(secret, label, "", n) for n of at
+// most one hash output (RFC 8446, Section 7.1; RFC 5869, Section 2.3: T(1)
+// only) in its first n bytes:
 //
 //	struct {
 //	    uint16 length = Length;
 //	    opaque label<7..255> = "tls13 " + Label;
 //	    opaque context<0..255> = Context;
 //	} HkdfLabel;
-func expandLabel(h hash.Hash, dst []byte, label string, n int) []byte {
+func expandLabel(secret *[sha256.Size]byte, label string, n int) [sha256.Size]byte {
 	var info [64]byte
 	b := append(info[:0], byte(n>>8), byte(n), byte(6+len(label)))
 	b = append(b, "tls13 "...)
 	b = append(b, label...)
 	b = append(b, 0, 1) // empty context, then the counter of T(1)
-	h.Reset()
-	h.Write(b)
-	return h.Sum(dst)[:n]
+	return hmacSHA256(secret[:], b)
 }
 
 // nonce returns the AEAD nonce of packet number pn (RFC 9001, Section 5.3).
@@ -268,9 +282,9 @@ func (k *initialKeys) nonce(pn uint64) [initialIVLen]byte {
 
 // mask computes the header protection mask of a packet whose Packet Number
 // field starts at pnOff (RFC 9001, Section 5.4).
-func (k *initialKeys) mask(pkt []byte, pnOff int) (m [aes.BlockSize]byte) {
-	k.hp.Encrypt(m[:], pkt[pnOff+maxPacketNumLen:pnOff+maxPacketNumLen+sampleLen])
-	return m
+func (k *initialKeys) mask(pkt []byte, pnOff int) *[aes.BlockSize]byte {
+	k.hp.Encrypt(k.maskBuf[:], pkt[pnOff+maxPacketNumLen:pnOff+maxPacketNumLen+sampleLen])
+	return &k.maskBuf
 }
 
 // unprotect removes the header and payload protection of the long header
@@ -287,9 +301,9 @@ func (k *initialKeys) unprotect(pkt []byte, pnOff int, largest int64) (pn uint64
 		truncated = truncated<<8 | uint64(pkt[pnOff+i])
 	}
 	pn = decodePacketNumber(largest, truncated, pnLen)
-	nonce := k.nonce(pn)
+	k.nonceBuf = k.nonce(pn)
 	hdrLen := pnOff + pnLen
-	payload, err = k.aead.Open(pkt[hdrLen:hdrLen], nonce[:], pkt[hdrLen:], pkt[:hdrLen])
+	payload, err = k.aead.Open(pkt[hdrLen:hdrLen], k.nonceBuf[:], pkt[hdrLen:], pkt[:hdrLen])
 	if err != nil {
 		return 0, 0, nil, errUnprotect
 	}
@@ -301,8 +315,8 @@ func (k *initialKeys) unprotect(pkt []byte, pnOff int, largest int64) (pn uint64
 // with room for the tag at the end of pkt, then applies header protection.
 func (k *initialKeys) protect(pkt []byte, pnOff, pnLen int, pn uint64) {
 	hdrLen := pnOff + pnLen
-	nonce := k.nonce(pn)
-	k.aead.Seal(pkt[hdrLen:hdrLen], nonce[:], pkt[hdrLen:len(pkt)-aeadTagLen], pkt[:hdrLen])
+	k.nonceBuf = k.nonce(pn)
+	k.aead.Seal(pkt[hdrLen:hdrLen], k.nonceBuf[:], pkt[hdrLen:len(pkt)-aeadTagLen], pkt[:hdrLen])
 	m := k.mask(pkt, pnOff)
 	pkt[0] ^= m[0] & 0x0f
 	for i := range pnLen {

@@ -26,10 +26,10 @@ const (
 	// incomplete or being routed, in count and bytes.
 	maxQueued      = 32
 	maxQueuedBytes = 64 << 10
-	// backendBufSize is the largest datagram a backend may send. QUIC
+	// maxDatagramSize is the largest datagram a backend may send. QUIC
 	// stacks stay under 1500 bytes (quic-go: 1452); a larger datagram
 	// is dropped.
-	backendBufSize = 4096
+	maxDatagramSize = 4096
 	// transportCryptoBufferExceeded is the QUIC transport error code for
 	// CRYPTO data beyond what the server buffers (RFC 9000, Section 20.1).
 	transportCryptoBufferExceeded = 0x0d
@@ -108,6 +108,7 @@ type flow struct {
 	last    atomic.Int64
 
 	up     *net.UDPConn // set once before routed is set
+	batch  *batchConn   // set with up when the sockets can forward in batches
 	routed atomic.Bool
 	// retryCID is the Source Connection ID of the backend's Retry, once
 	// it sent one.
@@ -172,7 +173,14 @@ func (p *Proxy) Serve(pc net.PacketConn) error {
 		p.mu.Unlock()
 		pc.Close()
 	}()
-	udp, _ := pc.(*net.UDPConn)
+	if udp, ok := pc.(*net.UDPConn); ok {
+		return p.serveBatches(udp)
+	}
+	return p.serveEach(pc, nil)
+}
+
+// serveEach is the loop of Serve that reads one datagram at a time.
+func (p *Proxy) serveEach(pc net.PacketConn, udp *net.UDPConn) error {
 	buf := make([]byte, 1<<16)
 	for {
 		var (
@@ -190,18 +198,8 @@ func (p *Proxy) Serve(pc net.PacketConn) error {
 			}
 		}
 		if err != nil {
-			p.mu.RLock()
-			closed := p.closed
-			p.mu.RUnlock()
-			if closed {
-				return nil
-			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				return err
-			}
-			if errors.Is(err, net.ErrClosed) {
-				return err
+			if p.readFailed(err) {
+				return p.readError(err)
 			}
 			continue // ICMP errors and the like
 		}
@@ -210,6 +208,30 @@ func (p *Proxy) Serve(pc net.PacketConn) error {
 		}
 		p.handle(pc, udp, ap, buf[:n])
 	}
+}
+
+// readFailed reports whether Serve ends after the read error err: when the
+// Proxy or the socket is closed, or on a timeout. Other errors (ICMP
+// errors and the like) are skipped.
+func (p *Proxy) readFailed(err error) bool {
+	p.mu.RLock()
+	closed := p.closed
+	p.mu.RUnlock()
+	if closed {
+		return true
+	}
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout() || errors.Is(err, net.ErrClosed)
+}
+
+// readError is what Serve returns after the read error err.
+func (p *Proxy) readError(err error) error {
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	if p.closed {
+		return nil
+	}
+	return err
 }
 
 // handle processes one datagram from a client.
@@ -228,7 +250,7 @@ func (p *Proxy) handle(pc net.PacketConn, udp *net.UDPConn, ap netip.AddrPort, b
 		p.newFlow(pc, udp, ap, b, nil)
 		return
 	}
-	p.handleLong(f, b, false)
+	p.handleLong(f, b, nil)
 }
 
 // newFlow starts a flow with the client's first datagram, replacing the
@@ -258,10 +280,10 @@ func (p *Proxy) newFlow(pc net.PacketConn, udp *net.UDPConn, ap netip.AddrPort, 
 		return false
 	}
 	// Only a datagram with an Initial that decrypts starts a flow.
-	if _, _, _, err := hs.open(b[:h.end], &h); err != nil {
+	fed := feedResult{}
+	if fed.wait, fed.opened, fed.err = hs.feed(b); fed.opened == 0 {
 		return false
 	}
-	hs.largest = -1
 	now := p.now.Load()
 	f := &flow{client: ap, addr: net.UDPAddrFromAddrPort(ap), pc: pc, udp: udp, created: now, hs: hs}
 	f.last.Store(now)
@@ -275,7 +297,7 @@ func (p *Proxy) newFlow(pc net.PacketConn, udp *net.UDPConn, ap netip.AddrPort, 
 	}
 	p.flows[ap] = f
 	p.mu.Unlock()
-	p.handleLong(f, b, true)
+	p.handleLong(f, b, &fed)
 	return true
 }
 
@@ -286,11 +308,23 @@ func (p *Proxy) maxFlows() int {
 	return DefaultMaxFlows
 }
 
-// handleLong processes a datagram starting with a long header packet.
-func (p *Proxy) handleLong(f *flow, b []byte, fresh bool) {
+// feedResult is the result of [handshake.feed] on a datagram.
+type feedResult struct {
+	wait   bool
+	opened int
+	err    error
+}
+
+// handleLong processes a datagram starting with a long header packet. fed
+// is the result of feeding it to f.hs if that was done already: for the
+// datagram that started f.
+func (p *Proxy) handleLong(f *flow, b []byte, fed *feedResult) {
 	hs := f.hs
-	if h, err := parseLongHeader(b); !fresh && err == nil && hs.ours(&h) {
-		if _, _, _, err := hs.open(b[:h.end], &h); err != nil {
+	if h, err := parseLongHeader(b); fed == nil && err == nil && hs.ours(&h) {
+		s := getScratch()
+		_, _, _, err := hs.open(s, b[:h.end], &h)
+		putScratch(s)
+		if err != nil {
 			// Not an Initial of this connection attempt: the client's
 			// Initials all use the keys of its first Destination
 			// Connection ID (RFC 9001, Section 5.2), whatever the
@@ -316,7 +350,13 @@ func (p *Proxy) handleLong(f *flow, b []byte, fresh bool) {
 		f.up.Write(b)
 		return
 	}
-	wait, err := hs.feed(b)
+	var wait bool
+	var err error
+	if fed != nil {
+		wait, err = fed.wait, fed.err
+	} else {
+		wait, _, err = hs.feed(b)
+	}
 	if err != nil {
 		p.fail(f, transportCryptoBufferExceeded, err)
 		return
@@ -450,17 +490,22 @@ func (p *Proxy) route(f *flow) error {
 		return net.ErrClosed
 	}
 	f.up = up
+	f.batch = newBatchConn(f)
 	f.routed.Store(true)
 	p.wg.Add(1)
 	p.mu.Unlock()
-	go p.readBackend(f)
+	if f.batch != nil {
+		go p.readBackendBatches(f)
+	} else {
+		go p.readBackend(f)
+	}
 	return nil
 }
 
 // readBackend forwards the backend's datagrams of f to the client.
 func (p *Proxy) readBackend(f *flow) {
 	defer p.wg.Done()
-	buf := make([]byte, backendBufSize)
+	buf := make([]byte, maxDatagramSize)
 	for {
 		n, err := f.up.Read(buf)
 		if err != nil {
@@ -478,6 +523,14 @@ func (p *Proxy) readBackend(f *flow) {
 
 // forwardToClient sends a backend datagram to the client.
 func (p *Proxy) forwardToClient(f *flow, b []byte) {
+	p.noteRetry(f, b)
+	f.last.Store(p.now.Load())
+	p.send(f.pc, f.udp, f.client, f.addr, b)
+}
+
+// noteRetry keeps the Source Connection ID of b if it is the backend's
+// first Retry.
+func (p *Proxy) noteRetry(f *flow, b []byte) {
 	if b[0]&headerFormLong != 0 && len(b) >= 5 {
 		v := uint32(b[1])<<24 | uint32(b[2])<<16 | uint32(b[3])<<8 | uint32(b[4])
 		// The client's next Initials carry the Retry's Source Connection
@@ -489,8 +542,6 @@ func (p *Proxy) forwardToClient(f *flow, b []byte) {
 			}
 		}
 	}
-	f.last.Store(p.now.Load())
-	p.send(f.pc, f.udp, f.client, f.addr, b)
 }
 
 func (p *Proxy) send(pc net.PacketConn, udp *net.UDPConn, ap netip.AddrPort, a *net.UDPAddr, b []byte) {

@@ -207,7 +207,8 @@ func (r *relay) initialsIn(t *testing.T) (packets int) {
 			if h.typ == packetInitial {
 				hs, err := newHandshake(&h, 1<<16)
 				require.NoError(t, err)
-				if _, _, _, err := hs.open(d[:h.end], &h); err == nil && hs.frames.nc > 0 {
+				s := getScratch()
+				if _, _, _, err := hs.open(s, d[:h.end], &h); err == nil && s.frames.nc > 0 {
 					packets++
 				}
 			}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"sync"
 )
 
 // Handshake phases of a connection whose ECH was accepted.
@@ -38,11 +39,22 @@ type handshake struct {
 	o1, i1   uint64
 	o2, i2   uint64
 	inner    []byte
-
-	frames initialFrames
-	pkt    []byte // scratch: a packet being unprotected
-	out    []byte // scratch: a packet being rebuilt
 }
+
+// scratch is the memory the processing of one datagram needs and does not
+// keep: the packet being unprotected and its frames. It comes from
+// scratchPool, so that a new connection does not allocate it.
+type scratch struct {
+	frames initialFrames
+	pkt    []byte
+}
+
+var scratchPool = sync.Pool{New: func() any { return &scratch{pkt: make([]byte, 0, 1500)} }}
+
+func getScratch() *scratch { return scratchPool.Get().(*scratch) }
+
+// putScratch returns s to the pool. Its frames alias its own pkt only.
+func putScratch(s *scratch) { scratchPool.Put(s) }
 
 func newHandshake(h *longHeader, limit int) (*handshake, error) {
 	keys, err := newInitialKeys(h.version, h.dcid, false)
@@ -56,8 +68,6 @@ func newHandshake(h *longHeader, limit int) (*handshake, error) {
 		keys:    keys,
 		largest: -1,
 		limit:   limit,
-		pkt:     make([]byte, 0, 1500),
-		out:     make([]byte, 0, 1500),
 	}
 	hs.stream.reset(0, uint64(limit)+handshakeHeaderLen)
 	return hs, nil
@@ -69,15 +79,15 @@ func (hs *handshake) ours(h *longHeader) bool {
 	return h.typ == packetInitial && h.version == hs.version
 }
 
-// open copies the Initial packet pkt to scratch memory, removes its
-// protection and parses its frames into hs.frames.
-func (hs *handshake) open(pkt []byte, h *longHeader) (pn uint64, pnLen int, payload []byte, err error) {
-	hs.pkt = append(hs.pkt[:0], pkt...)
-	pn, pnLen, payload, err = hs.keys.unprotect(hs.pkt, h.pnOff, hs.largest)
+// open copies the Initial packet pkt to s.pkt, removes its protection and
+// parses its frames into s.frames.
+func (hs *handshake) open(s *scratch, pkt []byte, h *longHeader) (pn uint64, pnLen int, payload []byte, err error) {
+	s.pkt = append(s.pkt[:0], pkt...)
+	pn, pnLen, payload, err = hs.keys.unprotect(s.pkt, h.pnOff, hs.largest)
 	if err != nil {
 		return 0, 0, nil, err
 	}
-	if err := parseInitialFrames(payload, &hs.frames); err != nil {
+	if err := parseInitialFrames(payload, &s.frames); err != nil {
 		return 0, 0, nil, err
 	}
 	hs.largest = max(hs.largest, int64(pn))
@@ -88,8 +98,10 @@ func (hs *handshake) open(pkt []byte, h *longHeader) (pn uint64, pnLen int, payl
 // being reassembled. Packets that are not Initials of this attempt, or whose
 // protection does not verify, are skipped (RFC 9001, Section 5.2: dropped).
 // It reports whether the datagram holds CRYPTO data the rewriting has to
-// wait for (see [handshake.needsWait]).
-func (hs *handshake) feed(b []byte) (wait bool, err error) {
+// wait for (see [handshake.needsWait]), and how many Initials it read.
+func (hs *handshake) feed(b []byte) (wait bool, opened int, err error) {
+	s := getScratch()
+	defer putScratch(s)
 	for len(b) > 0 && b[0]&headerFormLong != 0 {
 		h, perr := parseLongHeader(b)
 		if perr != nil {
@@ -100,19 +112,20 @@ func (hs *handshake) feed(b []byte) (wait bool, err error) {
 		if !hs.ours(&h) {
 			continue
 		}
-		if _, _, _, err := hs.open(pkt, &h); err != nil {
+		if _, _, _, err := hs.open(s, pkt, &h); err != nil {
 			continue
 		}
-		for _, cf := range hs.frames.cryptoFrames() {
+		opened++
+		for _, cf := range s.frames.cryptoFrames() {
 			if hs.phase != phaseDone {
 				if err := hs.stream.write(cf.off, cf.data); err != nil {
-					return false, err
+					return false, opened, err
 				}
 			}
 			wait = wait || hs.needsWait(cf)
 		}
 	}
-	return wait, nil
+	return wait, opened, nil
 }
 
 // needsWait reports whether cf holds data that cannot be rewritten yet: any
@@ -155,12 +168,17 @@ func (hs *handshake) firstHello(msg []byte, remote net.Addr, p *Proxy) error {
 		return err
 	}
 	if inner == nil {
+		// The hello goes on as received, and so does all that follows.
+		hs.phase = phaseDone
+		hs.stream.release()
 		return nil
 	}
 	hs.accepted = true
 	hs.o1, hs.i1 = uint64(len(msg)), uint64(len(inner))
 	hs.inner = inner
 	hs.phase = phaseHello2
+	// The second hello, if any, starts with a new buffer.
+	hs.stream.release()
 	hs.stream.reset(hs.o1, uint64(hs.limit)+handshakeHeaderLen)
 	return nil
 }
@@ -174,8 +192,8 @@ func (hs *handshake) secondHello(msg []byte) error {
 	hs.o2, hs.i2 = uint64(len(msg)), uint64(len(inner))
 	hs.inner = append(hs.inner, inner...)
 	hs.phase = phaseDone
+	hs.stream.release()
 	hs.stream.reset(0, 0)
-	hs.stream.buf = nil
 	return nil
 }
 
@@ -195,6 +213,8 @@ func (hs *handshake) secondHello(msg []byte) error {
 // ([errInnerTooLong]). Because the mapping depends only on the frame's
 // range, a retransmitted Initial is rewritten to the same bytes.
 func (hs *handshake) rewrite(dst, b []byte) ([]byte, error) {
+	s := getScratch()
+	defer putScratch(s)
 	for len(b) > 0 {
 		if b[0]&headerFormLong == 0 {
 			return append(dst, b...), nil
@@ -209,40 +229,40 @@ func (hs *handshake) rewrite(dst, b []byte) ([]byte, error) {
 			dst = append(dst, pkt...)
 			continue
 		}
-		pn, pnLen, _, err := hs.open(pkt, &h)
+		pn, pnLen, _, err := hs.open(s, pkt, &h)
 		if err != nil {
 			continue // RFC 9001, Section 5.2: dropped, as the backend would
 		}
-		if hs.frames.nc == 0 {
+		if s.frames.nc == 0 {
 			dst = append(dst, pkt...)
 			continue
 		}
-		if dst, err = hs.rebuild(dst, pkt, &h, pn, pnLen); err != nil {
+		if dst, err = hs.rebuild(s, dst, pkt, &h, pn, pnLen); err != nil {
 			return nil, err
 		}
 	}
 	return dst, nil
 }
 
-// rebuild appends the rewritten form of the packet pkt, opened into hs.pkt
-// and hs.frames.
-func (hs *handshake) rebuild(dst, pkt []byte, h *longHeader, pn uint64, pnLen int) ([]byte, error) {
+// rebuild appends the rewritten form of the packet pkt, opened into s.pkt
+// and s.frames.
+func (hs *handshake) rebuild(s *scratch, dst, pkt []byte, h *longHeader, pn uint64, pnLen int) ([]byte, error) {
 	hdrLen := h.pnOff + pnLen
 	payloadLen := len(pkt) - hdrLen - aeadTagLen
-	out := append(hs.out[:0], hs.pkt[:hdrLen]...)
-	for _, f := range hs.frames.otherFrames() {
-		out = append(out, f...)
+	start := len(dst)
+	dst = append(dst, s.pkt[:hdrLen]...)
+	for _, f := range s.frames.otherFrames() {
+		dst = append(dst, f...)
 	}
-	for _, cf := range hs.frames.cryptoFrames() {
-		out = hs.appendMapped(out, cf)
+	for _, cf := range s.frames.cryptoFrames() {
+		dst = hs.appendMapped(dst, cf)
 	}
-	if len(out)-hdrLen > payloadLen {
-		return nil, fmt.Errorf("%w: %d bytes of frames for a payload of %d", errInnerTooLong, len(out)-hdrLen, payloadLen)
+	if n := len(dst) - start - hdrLen; n > payloadLen {
+		return nil, fmt.Errorf("%w: %d bytes of frames for a payload of %d", errInnerTooLong, n, payloadLen)
 	}
-	out = append(out, make([]byte, len(pkt)-len(out))...) // PADDING frames and the tag's room
-	hs.keys.protect(out, h.pnOff, pnLen, pn)
-	hs.out = out
-	return append(dst, out...), nil
+	dst = append(dst, make([]byte, len(pkt)-(len(dst)-start))...) // PADDING frames and the tag's room
+	hs.keys.protect(dst[start:], h.pnOff, pnLen, pn)
+	return dst, nil
 }
 
 // appendMapped appends the CRYPTO frames that carry, in the inner stream,

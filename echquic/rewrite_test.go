@@ -2,7 +2,12 @@ package echquic
 
 import (
 	"bytes"
+	"crypto/tls"
+	"net"
+	"net/netip"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -23,7 +28,7 @@ func TestRewriteInitials(t *testing.T) {
 	hs, err := newHandshake(&h, ech.DefaultMaxHelloSize)
 	require.NoError(t, err)
 	for _, d := range dgrams {
-		_, err := hs.feed(d)
+		_, _, err := hs.feed(d)
 		require.NoError(t, err)
 	}
 	msg, err := hs.message()
@@ -43,7 +48,7 @@ func TestRewriteInitials(t *testing.T) {
 		require.NoError(t, err)
 		assert.Equal(t, out, again, "a retransmission is rewritten identically")
 		assert.NotEqual(t, d, out)
-		_, err = check.feed(out)
+		_, _, err = check.feed(out)
 		require.NoError(t, err)
 	}
 	got, err := check.message()
@@ -95,4 +100,61 @@ func TestAppendMapped(t *testing.T) {
 			assert.Equal(t, want, got)
 		})
 	}
+}
+
+// TestNotAcceptedGoesOn sends the Initials of a ClientHello without ECH
+// through a Proxy twice, as a client retransmits them: the backend gets
+// them unchanged both times, and the hello is read and routed only once.
+func TestNotAcceptedGoesOn(t *testing.T) {
+	ks := echtest.NewKeySet(t, publicName)
+	hello := quicHello(t, &tls.Config{ServerName: "plain.example", NextProtos: []string{"h3"}, MinVersion: tls.VersionTLS13})
+	var dgrams [][]byte
+	const chunk = 700
+	for off := 0; off < len(hello); off += chunk {
+		end := min(off+chunk, len(hello))
+		dgrams = append(dgrams, sealInitial(t, version1, fuzzDCID, []byte{7, 7, 7, 7}, uint64(off/chunk), cryptoFrameBytes(uint64(off), hello[off:end]), minInitialSize))
+	}
+	require.GreaterOrEqual(t, len(dgrams), 2)
+
+	backend, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	require.NoError(t, err)
+	defer backend.Close()
+	var routed atomic.Int32
+	p := &Proxy{
+		Route: func(info Info) (net.Addr, error) {
+			routed.Add(1)
+			assert.Equal(t, ech.StatusNotOffered, info.Status)
+			assert.Equal(t, "plain.example", info.ServerName)
+			return backend.LocalAddr(), nil
+		},
+		ECHOptions: []ech.Option{ech.WithKeySet(ks)},
+	}
+	p.init()
+	defer p.Close()
+	pc := sinkUDP(t)
+	ap := netip.MustParseAddrPort("127.0.0.1:4433")
+	buf := make([]byte, 2048)
+	var conn *ech.Conn
+	for round := range 2 {
+		for _, d := range dgrams {
+			p.handle(pc, pc, ap, d)
+		}
+		p.mu.RLock()
+		f := p.flows[ap]
+		p.mu.RUnlock()
+		require.NotNil(t, f)
+		assert.Equal(t, phaseDone, f.hs.phase)
+		assert.False(t, f.hs.accepted)
+		if round == 0 {
+			conn = f.hs.hello.conn
+		}
+		assert.True(t, conn == f.hs.hello.conn, "the hello is not read again")
+		require.NoError(t, backend.SetReadDeadline(time.Now().Add(5*time.Second)))
+		for i, d := range dgrams {
+			n, err := backend.Read(buf)
+			require.NoError(t, err)
+			assert.Equal(t, d, buf[:n], "round %d, datagram %d", round, i)
+		}
+	}
+	assert.Equal(t, int32(1), routed.Load())
 }
