@@ -250,7 +250,7 @@ func (l *loop) event(id uint32, side int, events uint32) {
 		// signalled once, maybe with bytes before them.
 		err = p.pump(side, events&(syscall.EPOLLRDHUP|syscall.EPOLLHUP|syscall.EPOLLERR) != 0)
 	}
-	p.afterPump(err)
+	p.afterPump(err, true)
 }
 
 // resolveInLoop records the end of direction dir's goroutine once p has
@@ -276,10 +276,10 @@ func (p *pipe) resolveInLoop(dir int, r dirResult, handed bool) {
 			p.mu.Unlock()
 			return
 		}
-		p.endLoop(-1, nil)
+		p.endLoop(-1, nil, false)
 	case handed:
 		s.inLoop[dir] = true
-		p.afterPump(p.pump(dir, true))
+		p.afterPump(p.pump(dir, true), false)
 	case r.err == nil:
 		// EOF: the goroutine passed the half-close on and started the fin
 		// timeout.
@@ -287,31 +287,31 @@ func (p *pipe) resolveInLoop(dir int, r dirResult, handed bool) {
 		if f := p.finAt.Load(); f != 0 && s.finT == nil {
 			s.finT = time.AfterFunc(time.Until(time.Unix(0, f)), p.onFin)
 		}
-		p.afterPump(nil)
+		p.afterPump(nil, false)
 	case errors.Is(r.err, errIdleTimeout), errors.Is(r.err, errFinTimeout):
-		p.endLoop(-1, r.err)
+		p.endLoop(-1, r.err, false)
 	default:
 		// The goroutine's copy failed, and closed both connections.
 		failed := 0
 		if r.fromBackend {
 			failed = 1
 		}
-		p.endLoop(failed, r.err)
+		p.endLoop(failed, r.err, false)
 	}
 }
 
-// afterPump ends p if err is not nil or both directions are done. p.mu is
-// held, and released.
-func (p *pipe) afterPump(err error) {
+// afterPump ends p if err is not nil or both directions are done; async
+// is endLoop's. p.mu is held, and released.
+func (p *pipe) afterPump(err error, async bool) {
 	s := p.loop
 	var failed *loopError
 	switch {
 	case errors.As(err, &failed):
-		p.endLoop(failed.side, err)
+		p.endLoop(failed.side, err, async)
 	case err != nil:
-		p.endLoop(-1, err)
+		p.endLoop(-1, err, async)
 	case s.dir[0].ended && s.dir[1].ended:
-		p.endLoop(-1, nil)
+		p.endLoop(-1, nil, async)
 	default:
 		p.mu.Unlock()
 	}
@@ -531,7 +531,7 @@ func (p *pipe) onIdle() {
 		p.mu.Unlock()
 		return
 	}
-	p.endLoop(-1, errIdleTimeout)
+	p.endLoop(-1, errIdleTimeout, false)
 }
 
 // onFin ends p when the fin timeout of its first closed side ends.
@@ -541,12 +541,13 @@ func (p *pipe) onFin() {
 		p.mu.Unlock()
 		return
 	}
-	p.endLoop(-1, errFinTimeout)
+	p.endLoop(-1, errFinTimeout, false)
 }
 
-// endLoop closes both connections and reports the end. If failed is a
-// side, the other side's peer gets a reset. p.mu is held, and released.
-func (p *pipe) endLoop(failed int, err error) {
+// endLoop closes both connections and reports the end, on a goroutine of
+// its own if async. If failed is a side, the other side's peer gets a
+// reset. p.mu is held, and released.
+func (p *pipe) endLoop(failed int, err error, async bool) {
 	s := p.loop
 	wasClosed := p.closed
 	p.closed, p.reported = true, true
@@ -584,6 +585,11 @@ func (p *pipe) endLoop(failed int, err error) {
 	p.mu.Unlock()
 	if failed == 1 {
 		err = errors.Join(errBackend, err)
+	}
+	if async {
+		// Logging may wait on a slow log reader: not in the loop.
+		go p.done(in, out, err)
+		return
 	}
 	p.done(in, out, err)
 }

@@ -14,8 +14,12 @@ var useLoops atomic.Bool
 // loopState is empty where there are no loops.
 type loopState struct{}
 
-func (p *pipe) handToLoop([2]bool) error { return errors.New("router: no loops on this system") }
+func (p *pipe) handToLoop() error { return errors.New("router: no loops on this system") }
+
+// resolveInLoop is never called where there are no loops. p.mu is held,
+// and released.
+func (p *pipe) resolveInLoop(int, dirResult, bool) { p.mu.Unlock() }
 
 // endLoop is never called where there are no loops. p.mu is held, and
 // released.
-func (p *pipe) endLoop(int, error) { p.mu.Unlock() }
+func (p *pipe) endLoop(int, error, bool) { p.mu.Unlock() }

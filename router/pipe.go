@@ -221,7 +221,7 @@ func (p *pipe) result() (in, out int64, err error) {
 func (p *pipe) Close() error {
 	p.mu.Lock()
 	if p.loop != nil && !p.closed {
-		p.endLoop(-1, nil)
+		p.endLoop(-1, nil, false)
 		return nil
 	}
 	p.mu.Unlock()
