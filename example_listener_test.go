@@ -2,6 +2,7 @@ package ech_test
 
 import (
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -17,21 +18,7 @@ import (
 // crypto/tls completes each handshake as the ECH backend. A client that
 // sends a broken hello is refused without ever reaching Accept.
 func ExampleNewListener() {
-	key, err := ech.GenerateKey("public.example", &ech.KeyOptions{})
-	if err != nil {
-		log.Fatal(err)
-	}
-	ks, err := ech.NewKeySet(key)
-	if err != nil {
-		log.Fatal(err)
-	}
-	list, err := ks.ConfigList()
-	if err != nil {
-		log.Fatal(err)
-	}
-	ca, _ := testpki.NewCA()
-	cert, _ := ca.Leaf("public.example", "secret.example")
-
+	ks, list, cert, roots := exampleKeys()
 	raw, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		log.Fatal(err)
@@ -70,16 +57,7 @@ func ExampleNewListener() {
 	fmt.Println("listener: refused:", errors.Is(<-refused, ech.ErrNotTLS))
 	bad.Close()
 
-	tc, err := tls.Dial("tcp", raw.Addr().String(), &tls.Config{
-		ServerName:                     "secret.example",
-		RootCAs:                        ca.Pool,
-		EncryptedClientHelloConfigList: list,
-	})
-	if err != nil {
-		log.Fatal(err)
-	}
-	greeting, _ := io.ReadAll(tc)
-	fmt.Printf("client: ECH accepted %v, read %q\n", tc.ConnectionState().ECHAccepted, greeting)
+	exampleClient(raw.Addr().String(), list, roots)
 	ln.Close()
 	<-served
 	// Output:
@@ -92,21 +70,7 @@ func ExampleNewListener() {
 // hello, with Handle, instead of an Accept loop: here crypto/tls completes
 // the handshake as the ECH backend.
 func ExampleListener_Handle() {
-	key, err := ech.GenerateKey("public.example", &ech.KeyOptions{})
-	if err != nil {
-		log.Fatal(err)
-	}
-	ks, err := ech.NewKeySet(key)
-	if err != nil {
-		log.Fatal(err)
-	}
-	list, err := ks.ConfigList()
-	if err != nil {
-		log.Fatal(err)
-	}
-	ca, _ := testpki.NewCA()
-	cert, _ := ca.Leaf("public.example", "secret.example")
-
+	ks, list, cert, roots := exampleKeys()
 	raw, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		log.Fatal(err)
@@ -125,9 +89,44 @@ func ExampleListener_Handle() {
 	go ln.Accept() // returns when the listener is closed
 	defer ln.Close()
 
-	tc, err := tls.Dial("tcp", raw.Addr().String(), &tls.Config{
+	exampleClient(raw.Addr().String(), list, roots)
+	// Output:
+	// client: ECH accepted true, read "hello from secret.example\n"
+}
+
+// exampleKeys returns a key set for public.example, its config list, and a
+// certificate for public.example and secret.example with the pool of its
+// CA.
+func exampleKeys() (*ech.KeySet, ech.ConfigList, tls.Certificate, *x509.CertPool) {
+	key, err := ech.GenerateKey("public.example", &ech.KeyOptions{})
+	if err != nil {
+		log.Fatal(err)
+	}
+	ks, err := ech.NewKeySet(key)
+	if err != nil {
+		log.Fatal(err)
+	}
+	list, err := ks.ConfigList()
+	if err != nil {
+		log.Fatal(err)
+	}
+	ca, err := testpki.NewCA()
+	if err != nil {
+		log.Fatal(err)
+	}
+	cert, err := ca.Leaf("public.example", "secret.example")
+	if err != nil {
+		log.Fatal(err)
+	}
+	return ks, list, cert, ca.Pool
+}
+
+// exampleClient connects to addr as secret.example with ECH and prints
+// what it reads.
+func exampleClient(addr string, list ech.ConfigList, roots *x509.CertPool) {
+	tc, err := tls.Dial("tcp", addr, &tls.Config{
 		ServerName:                     "secret.example",
-		RootCAs:                        ca.Pool,
+		RootCAs:                        roots,
 		EncryptedClientHelloConfigList: list,
 	})
 	if err != nil {
@@ -135,6 +134,4 @@ func ExampleListener_Handle() {
 	}
 	greeting, _ := io.ReadAll(tc)
 	fmt.Printf("client: ECH accepted %v, read %q\n", tc.ConnectionState().ECHAccepted, greeting)
-	// Output:
-	// client: ECH accepted true, read "hello from secret.example\n"
 }

@@ -408,28 +408,18 @@ func (p *pipe) pump(dir int, drain bool) error {
 				d.bulk = false
 			}
 		}
+		var (
+			n   int
+			err error
+		)
 		if d.bulk {
 			if lastIn > 0 && lastIn < splicePipeSize && !drain {
 				return nil // a short read took all the socket had (see below), and it is written
 			}
-			n, err := splice(src, d.pipe.w, splicePipeSize)
-			switch {
-			case err == syscall.EINTR:
-				continue
-			case err == syscall.EAGAIN:
-				return nil
-			case err != nil:
-				return &loopError{dir, err}
-			case n == 0:
-				d.srcEOF = true
-				continue
-			}
-			budget -= n
-			d.inPipe, lastIn = n, n
-			d.bulk = n >= len(s.l.buf) // else the burst is over
-			continue
+			n, err = splice(src, d.pipe.w, splicePipeSize)
+		} else {
+			n, err = rawSyscall(syscall.SYS_READ, src, uintptr(unsafe.Pointer(&s.l.buf[0])), uintptr(len(s.l.buf)))
 		}
-		n, err := rawSyscall(syscall.SYS_READ, src, uintptr(unsafe.Pointer(&s.l.buf[0])), uintptr(len(s.l.buf)))
 		switch {
 		case err == syscall.EINTR:
 			continue
@@ -442,6 +432,11 @@ func (p *pipe) pump(dir int, drain bool) error {
 			continue
 		}
 		budget -= n
+		if d.bulk {
+			d.inPipe, lastIn = n, n
+			d.bulk = n >= len(s.l.buf) // else the burst is over
+			continue
+		}
 		// A short read took all the socket had: the next bytes, or its
 		// end, are a new event (a socket signals each arrival, edge
 		// triggered or not), so there is no need to read until EAGAIN.

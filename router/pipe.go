@@ -73,18 +73,6 @@ type dirResult struct {
 // loop.
 var errHandedOff = errors.New("router: handed to a loop")
 
-// run forwards until both directions are done and returns what start
-// reports.
-func (p *pipe) run() (in, out int64, err error) {
-	ch := make(chan struct{})
-	p.start(func(i, o int64, e error) {
-		in, out, err = i, o, e
-		close(ch)
-	})
-	<-ch
-	return in, out, err
-}
-
 // start copies between client and backend until both directions are done,
 // forwarding a half-close each way, and closes both; then it calls done
 // with the bytes forwarded each way and the error that ended the
