@@ -45,7 +45,7 @@ const (
 type loop struct {
 	epfd int
 	ep   syscall.RawConn // epfd in Go's poller
-	buf  []byte          // the read buffer; only the loop goroutine uses it
+	buf  []byte          // the read buffer of pumps on the loop's goroutine
 
 	mu    sync.Mutex
 	pipes map[uint32]*pipe // by id, the epoll data
@@ -242,13 +242,13 @@ func (l *loop) event(id uint32, side int, events uint32) {
 	const writable = syscall.EPOLLOUT | syscall.EPOLLHUP | syscall.EPOLLERR
 	var err error
 	if events&writable != 0 && s.watchW[side] && s.inLoop[1-side] {
-		err = p.pump(1-side, true)
+		err = p.pump(1-side, true, l.buf)
 	}
 	// A direction still with its goroutine reads in Go.
 	if err == nil && events&readable != 0 && s.inLoop[side] {
 		// After the peer's end or an error, read until EOF: they were
 		// signalled once, maybe with bytes before them.
-		err = p.pump(side, events&(syscall.EPOLLRDHUP|syscall.EPOLLHUP|syscall.EPOLLERR) != 0)
+		err = p.pump(side, events&(syscall.EPOLLRDHUP|syscall.EPOLLHUP|syscall.EPOLLERR) != 0, l.buf)
 	}
 	p.afterPump(err, true)
 }
@@ -279,7 +279,11 @@ func (p *pipe) resolveInLoop(dir int, r dirResult, handed bool) {
 		p.endLoop(-1, nil, false)
 	case handed:
 		s.inLoop[dir] = true
-		p.afterPump(p.pump(dir, true), false)
+		// Not on the loop's goroutine: a buffer of its own.
+		b := loopBufs.Get().(*[]byte)
+		err := p.pump(dir, true, (*b)[:loopBufSize])
+		loopBufs.Put(b)
+		p.afterPump(err, false)
 	case r.err == nil:
 		// EOF: the goroutine passed the half-close on and started the fin
 		// timeout.
@@ -329,9 +333,9 @@ func (e *loopError) Unwrap() error { return e.err }
 // pump moves what it can from side dir to side 1-dir: first what is left
 // from before, then what can be read, until the source has nothing, the
 // destination takes nothing more, or the budget is spent. Unless drain is
-// set, a short read is taken to mean that the source has nothing more. p.mu
-// is held.
-func (p *pipe) pump(dir int, drain bool) error {
+// set, a short read is taken to mean that the source has nothing more. buf
+// is the buffer to read into: the loop's on its goroutine. p.mu is held.
+func (p *pipe) pump(dir int, drain bool, buf []byte) error {
 	s := p.loop
 	d := &s.dir[dir]
 	if d.ended {
@@ -418,7 +422,7 @@ func (p *pipe) pump(dir int, drain bool) error {
 			}
 			n, err = splice(src, d.pipe.w, splicePipeSize)
 		} else {
-			n, err = rawSyscall(syscall.SYS_READ, src, uintptr(unsafe.Pointer(&s.l.buf[0])), uintptr(len(s.l.buf)))
+			n, err = rawSyscall(syscall.SYS_READ, src, uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)))
 		}
 		switch {
 		case err == syscall.EINTR:
@@ -434,14 +438,14 @@ func (p *pipe) pump(dir int, drain bool) error {
 		budget -= n
 		if d.bulk {
 			d.inPipe, lastIn = n, n
-			d.bulk = n >= len(s.l.buf) // else the burst is over
+			d.bulk = n >= len(buf) // else the burst is over
 			continue
 		}
 		// A short read took all the socket had: the next bytes, or its
 		// end, are a new event (a socket signals each arrival, edge
 		// triggered or not), so there is no need to read until EAGAIN.
-		short := n < len(s.l.buf) && !drain
-		w, blocked, err := writeAll(dst, s.l.buf[:n])
+		short := n < len(buf) && !drain
+		w, blocked, err := writeAll(dst, buf[:n])
 		d.n += int64(w)
 		moved = true
 		if err != nil {
@@ -450,14 +454,14 @@ func (p *pipe) pump(dir int, drain bool) error {
 		if blocked {
 			// Keep the rest, and read no more until dst takes it.
 			d.pend = loopBufs.Get().(*[]byte)
-			*d.pend = append((*d.pend)[:0], s.l.buf[w:n]...)
+			*d.pend = append((*d.pend)[:0], buf[w:n]...)
 			return p.watchWrite(1-dir, true)
 		}
 		if short {
 			return nil
 		}
 		// A full buffer: bulk, spliced from now on.
-		d.bulk = n == len(s.l.buf)
+		d.bulk = n == len(buf)
 	}
 }
 

@@ -292,7 +292,7 @@ backend be
 	}
 	e.routerCmd = func() *exec.Cmd {
 		c := command(bin, "-config", filepath.Join(dir, "router.json"))
-		c.Stdout, c.Stderr = io.Discard, io.Discard
+		c.Stdout, c.Stderr = io.Discard, routerStderr()
 		c.Env = append(os.Environ(), routerEnv...)
 		return c
 	}
@@ -483,4 +483,15 @@ func procRSS(pid int) int64 {
 		}
 	}
 	return 0
+}
+
+// routerStderr is where the router's log goes: the file named by
+// $ECH_PERF_ROUTER_LOG, or nowhere.
+func routerStderr() io.Writer {
+	if name := os.Getenv("ECH_PERF_ROUTER_LOG"); name != "" {
+		if f, err := os.Create(name); err == nil {
+			return f
+		}
+	}
+	return io.Discard
 }
