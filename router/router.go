@@ -21,6 +21,12 @@
 // retry configs, and the current ECHConfigList is published over HTTPS at
 // /.well-known/origin-svcb and /ech-config-list.
 //
+// On Linux, a passthrough connection costs a goroutine per direction only
+// through its handshake: then epoll loops, one per processor (at most 4),
+// forward it with non-blocking reads and writes, splicing while a direction
+// moves bulk, so that an idle connection holds no goroutine, buffer or
+// pipe. Terminate routes, and other systems, copy with two goroutines.
+//
 // [Router] is the engine, driven by Go values; [Config] and [Server] are the
 // configuration file and the program around it (cmd/ech-router).
 package router
