@@ -433,7 +433,10 @@ func (c *Conn) log(ctx context.Context, logger *slog.Logger) {
 // the client's bytes. After the handshake messages it is a direct read of
 // the wrapped connection. An error while the Conn watches for a second
 // ClientHello (a bad hello, for which the client got an alert, or a failed
-// read) ends the handshake: Read returns it from then on.
+// read) ends the handshake: Read returns it from then on. A deadline that
+// passes then is such an error: Read returns [os.ErrDeadlineExceeded] once,
+// then an error wrapping [context.DeadlineExceeded], as reading again does
+// not help.
 func (c *Conn) Read(p []byte) (int, error) {
 	if c.rdone.Load() {
 		return c.conn.Read(p)
@@ -450,6 +453,12 @@ func (c *Conn) Read(p []byte) (int, error) {
 		}
 		if err := c.readWatching(); err != nil {
 			c.rerr = err
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				// The handshake is over for good (a part of a record
+				// read is lost): later reads must not look like a
+				// deadline that reading again after would help.
+				c.rerr = fmt.Errorf("ech: the client's handshake timed out: %w (%v)", context.DeadlineExceeded, err)
+			}
 			c.endWatch()
 			return 0, err
 		}

@@ -545,6 +545,11 @@ func TestSecondHelloTimeout(t *testing.T) {
 			var ne net.Error
 			require.ErrorAs(t, err, &ne)
 			assert.True(t, ne.Timeout())
+			// The handshake is over: later reads fail at once, and do
+			// not look like a deadline to read again after.
+			_, err = c.Read(make([]byte, 1))
+			require.ErrorIs(t, err, context.DeadlineExceeded)
+			assert.NotErrorIs(t, err, os.ErrDeadlineExceeded)
 		case <-time.After(testTimeout):
 			t.Fatal("Read waited for the second ClientHello past the handshake timeout")
 		}

@@ -4,6 +4,7 @@ package router
 
 import (
 	"errors"
+	"math"
 	"net"
 	"os"
 	"runtime"
@@ -134,15 +135,26 @@ var useLoops = func() *atomic.Bool {
 }()
 
 // handToLoop registers p's sockets with a loop, which forwards none of
-// its directions yet (see resolveInLoop): the client and the backend are
-// TCP connections. It fails when no loop can take them: the caller then
-// forwards as before. p.mu is held.
-func (p *pipe) handToLoop() error {
+// its directions yet (see resolveInLoop), as direction dir hands off: the
+// client and the backend are TCP connections. The other direction may have
+// ended already, by EOF (its goroutine passed the half-close on). It fails
+// when no loop can take them: the caller then forwards as before. p.mu is
+// held.
+func (p *pipe) handToLoop(dir int) error {
 	l, err := loopFor()
 	if err != nil {
 		return err
 	}
 	s := &loopState{l: l}
+	if other := 1 - dir; p.resolved[other] {
+		// Its end is the loop's to know: it came before the loop.
+		s.dir[other].srcEOF, s.dir[other].ended = true, true
+		if other == 0 {
+			s.in += p.res[0].n
+		} else {
+			s.out += p.res[1].n
+		}
+	}
 	for i, c := range [2]net.Conn{p.clientTCP, p.backend} {
 		sc, ok := c.(syscall.Conn)
 		if !ok {
@@ -169,6 +181,10 @@ func (p *pipe) handToLoop() error {
 	l.mu.Unlock()
 	p.loop = s
 	p.loop.idleT = time.AfterFunc(p.idle, p.onIdle)
+	if f := p.finAt.Load(); f != 0 {
+		// The other direction's EOF started the fin timeout.
+		p.loop.finT = time.AfterFunc(time.Until(time.Unix(0, f)), p.onFin)
+	}
 	for i, fd := range s.fd {
 		ev := syscall.EpollEvent{Events: loopEventsMask, Fd: int32(s.id), Pad: int32(i)}
 		if err := epollCtl(l.epfd, syscall.EPOLL_CTL_ADD, fd, &ev); err != nil {
@@ -181,6 +197,9 @@ func (p *pipe) handToLoop() error {
 			}
 			if i == 1 {
 				epollCtl(l.epfd, syscall.EPOLL_CTL_DEL, s.fd[0], &ev)
+			}
+			if p.loop.finT != nil {
+				p.loop.finT.Stop()
 			}
 			p.loop = nil
 			return err
@@ -334,7 +353,10 @@ func (e *loopError) Unwrap() error { return e.err }
 // from before, then what can be read, until the source has nothing, the
 // destination takes nothing more, or the budget is spent. Unless drain is
 // set, a short read is taken to mean that the source has nothing more. buf
-// is the buffer to read into: the loop's on its goroutine. p.mu is held.
+// is the buffer to read into: the loop's on its goroutine. A pump on the
+// loop's goroutine moves at most loopBudget bytes before it lets the other
+// connections' turn come; one on another goroutine has no budget, as
+// nothing would wake the loop to go on with it. p.mu is held.
 func (p *pipe) pump(dir int, drain bool, buf []byte) error {
 	s := p.loop
 	d := &s.dir[dir]
@@ -348,14 +370,17 @@ func (p *pipe) pump(dir int, drain bool, buf []byte) error {
 			p.active.Store(time.Now().UnixNano())
 		}
 	}()
-	lastIn := 0 // bytes of the last splice into the pipe
 	defer func() {
 		if d.pipe != nil && d.inPipe == 0 {
 			// An idle connection holds no pipe.
 			d.pipe = d.pipe.release()
 		}
 	}()
-	for budget := loopBudget; ; {
+	budget := loopBudget
+	if &buf[0] != &s.l.buf[0] {
+		budget = math.MaxInt
+	}
+	for {
 		for d.inPipe > 0 {
 			n, err := splice(d.pipe.r, dst, d.inPipe)
 			switch {
@@ -417,9 +442,9 @@ func (p *pipe) pump(dir int, drain bool, buf []byte) error {
 			err error
 		)
 		if d.bulk {
-			if lastIn > 0 && lastIn < splicePipeSize && !drain {
-				return nil // a short read took all the socket had (see below), and it is written
-			}
+			// NOTE: a short splice does not mean the socket is drained,
+			// as a short read does (below): the pipe may be full. A
+			// direction splices until EAGAIN.
 			n, err = splice(src, d.pipe.w, splicePipeSize)
 		} else {
 			n, err = rawSyscall(syscall.SYS_READ, src, uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)))
@@ -437,7 +462,7 @@ func (p *pipe) pump(dir int, drain bool, buf []byte) error {
 		}
 		budget -= n
 		if d.bulk {
-			d.inPipe, lastIn = n, n
+			d.inPipe = n
 			d.bulk = n >= len(buf) // else the burst is over
 			continue
 		}

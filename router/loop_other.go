@@ -14,7 +14,7 @@ var useLoops atomic.Bool
 // loopState is empty where there are no loops.
 type loopState struct{}
 
-func (p *pipe) handToLoop() error { return errors.New("router: no loops on this system") }
+func (p *pipe) handToLoop(int) error { return errors.New("router: no loops on this system") }
 
 // resolveInLoop is never called where there are no loops. p.mu is held,
 // and released.

@@ -58,6 +58,7 @@ type pipe struct {
 	closed   bool
 	reported bool         // done was called
 	res      [2]dirResult // what each direction's goroutine ended with
+	resolved [2]bool      // which have
 	nres     int
 	loop     *loopState // set once a direction is handed to a loop
 }
@@ -158,13 +159,15 @@ func (h handoffConn) WriteTo(w io.Writer) (int64, error) {
 func (p *pipe) resolve(dir int, r dirResult) {
 	p.mu.Lock()
 	p.res[dir] = r
+	p.resolved[dir] = true
 	p.nres++
 	handed := errors.Is(r.err, errHandedOff)
 	if handed && p.loop == nil && !p.closed {
-		if err := p.handToLoop(); err != nil {
+		if err := p.handToLoop(dir); err != nil {
 			// No loop: this direction copies on as if there were none
 			// (the other may still hand off, and try again).
 			p.nres--
+			p.resolved[dir] = false
 			go p.direction(dir, r.n, false)
 			p.mu.Unlock()
 			return
@@ -208,12 +211,18 @@ func (p *pipe) result() (in, out int64, err error) {
 // no error.
 func (p *pipe) Close() error {
 	p.mu.Lock()
-	if p.loop != nil && !p.closed {
-		p.endLoop(-1, nil, false)
+	switch {
+	case p.loop != nil && !p.closed:
+		p.endLoop(-1, nil, false) // unlocks
 		return nil
+	case !p.closed:
+		// The goroutines end, and report (a direction that hands off
+		// now finds p closed).
+		p.closed = true
+		p.client.Close()
+		p.backend.Close()
 	}
 	p.mu.Unlock()
-	p.close(nil)
 	return nil
 }
 

@@ -219,6 +219,7 @@ type Router struct {
 	closed    bool
 	listeners map[net.Listener]struct{}
 	conns     map[net.Conn]io.Closer // each with what closes it, or nil
+	closing   bool                   // closeConns has run: no more pipes
 	active    sync.WaitGroup
 	web       *webServer // serves the public name, made by the first Serve
 }
@@ -408,13 +409,18 @@ func (r *Router) trackConn(c net.Conn) bool {
 // the router nothing.
 var listenConfig = net.ListenConfig{KeepAlive: -1, Control: deferAccept}
 
-// closeWith has c closed by closer at a shutdown.
-func (r *Router) closeWith(c net.Conn, closer io.Closer) {
+// closeWith has c closed by closer at a shutdown. It reports false when
+// the connections are being closed already: closer then closes itself.
+func (r *Router) closeWith(c net.Conn, closer io.Closer) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if r.closing {
+		return false
+	}
 	if _, ok := r.conns[c]; ok {
 		r.conns[c] = closer
 	}
+	return true
 }
 
 func (r *Router) untrackConn(c net.Conn) {
@@ -469,6 +475,7 @@ func (r *Router) stop() {
 
 func (r *Router) closeConns() {
 	r.mu.Lock()
+	r.closing = true // a pipe not yet in r.conns closes itself
 	closers := make([]io.Closer, 0, len(r.conns))
 	for c, closer := range r.conns {
 		if closer == nil {
@@ -728,7 +735,9 @@ func (r *Router) pipe(client, clientTCP, backend net.Conn, rt *Route, end func(i
 		idle: orDefault(rt.IdleTimeout, orDefault(r.IdleTimeout, DefaultIdleTimeout)),
 		fin:  orDefault(rt.FinTimeout, orDefault(r.FinTimeout, DefaultFinTimeout)),
 	}
-	r.closeWith(clientTCP, p)
+	if !r.closeWith(clientTCP, p) {
+		p.Close() // a shutdown: the copies end at once
+	}
 	p.start(end)
 }
 
