@@ -510,7 +510,9 @@ func writeAll(fd int, b []byte) (n int, blocked bool, err error) {
 	return n, false, nil
 }
 
-// watchWrite registers side for EPOLLOUT, or no longer.
+// watchWrite registers side for EPOLLOUT, or no longer. If the system
+// refuses, bytes held for side would be lost: the error fails side, whose
+// peer then gets a reset rather than a clean end.
 func (p *pipe) watchWrite(side int, on bool) error {
 	s := p.loop
 	if s.watchW[side] == on {
@@ -521,7 +523,7 @@ func (p *pipe) watchWrite(side int, on bool) error {
 		ev.Events |= syscall.EPOLLOUT
 	}
 	if err := epollCtl(s.l.epfd, syscall.EPOLL_CTL_MOD, s.fd[side], &ev); err != nil {
-		return err
+		return &loopError{1 - side, err}
 	}
 	s.watchW[side] = on
 	return nil
