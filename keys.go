@@ -21,6 +21,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/echkit/ech/internal/boundedfile"
 )
 
 // Key is an ECH key: one serialized ECHConfig, its HPKE private key encoded
@@ -637,8 +639,8 @@ func LoadKeyDir(dir string) ([]Key, error) {
 	sort.Strings(names)
 	var keys []Key
 	for _, n := range names {
-		data, err := readKeyFile(filepath.Join(dir, n))
-		if errors.Is(err, errNotRegular) {
+		data, err := boundedfile.Read(filepath.Join(dir, n), MaxKeyFileSize)
+		if errors.Is(err, boundedfile.ErrNotRegular) {
 			continue
 		}
 		if err != nil {
@@ -653,42 +655,6 @@ func LoadKeyDir(dir string) ([]Key, error) {
 		}
 	}
 	return keys, nil
-}
-
-var errNotRegular = errors.New("ech: not a regular file")
-
-// readKeyFile reads a regular file of at most MaxKeyFileSize bytes. It
-// looks at the file before it opens it, so as not to block on a FIFO, and
-// again after, so that what it checked is what it reads.
-func readKeyFile(name string) ([]byte, error) {
-	if fi, err := os.Stat(name); err != nil {
-		return nil, err
-	} else if !fi.Mode().IsRegular() {
-		return nil, errNotRegular
-	}
-	f, err := os.Open(name)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	if !fi.Mode().IsRegular() {
-		return nil, errNotRegular
-	}
-	if fi.Size() > MaxKeyFileSize {
-		return nil, fmt.Errorf("%d bytes, more than %d", fi.Size(), MaxKeyFileSize)
-	}
-	data, err := io.ReadAll(io.LimitReader(f, MaxKeyFileSize+1))
-	if err != nil {
-		return nil, err
-	}
-	if len(data) > MaxKeyFileSize {
-		return nil, fmt.Errorf("more than %d bytes", MaxKeyFileSize)
-	}
-	return data, nil
 }
 
 // OIDs of the PKCS#8 private key algorithms.

@@ -4,12 +4,13 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/echkit/ech/internal/boundedfile"
 )
 
 // lockName is the lock file in the key directory. It does not end in
@@ -147,29 +148,12 @@ func (l *lock) release() {
 	}
 }
 
-// readBounded reads at most limit bytes of the regular file name.
+// readBounded reads the regular file name, of at most limit bytes; its
+// errors name the file.
 func readBounded(name string, limit int64) ([]byte, error) {
-	f, err := os.Open(name)
+	b, err := boundedfile.Read(name, limit)
 	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	if !fi.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s: not a regular file", filepath.Base(name))
-	}
-	if fi.Size() > limit {
-		return nil, fmt.Errorf("%s: %d bytes, more than %d", filepath.Base(name), fi.Size(), limit)
-	}
-	b, err := io.ReadAll(io.LimitReader(f, limit+1))
-	if err != nil {
-		return nil, err
-	}
-	if int64(len(b)) > limit {
-		return nil, fmt.Errorf("%s: more than %d bytes", filepath.Base(name), limit)
+		return nil, fmt.Errorf("%s: %w", filepath.Base(name), err)
 	}
 	return b, nil
 }

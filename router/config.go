@@ -19,6 +19,9 @@ import (
 	"github.com/echkit/ech/echquic"
 )
 
+// errMissing is the error of a required setting left out.
+var errMissing = errors.New("missing")
+
 // Config is the router's configuration file, in JSON:
 //
 //	{
@@ -292,16 +295,15 @@ func (c *Config) check(at func(path string, err error) error) error {
 	if err := c.checkAuto(dur, at); err != nil {
 		return err
 	}
-	missing := errors.New("missing")
 	switch {
 	case c.Keys.Dir == "":
-		return at("keys.dir", missing)
+		return at("keys.dir", errMissing)
 	case c.Public.Name == "":
-		return at("public.name", missing)
+		return at("public.name", errMissing)
 	case c.Public.Cert == "":
-		return at("public.cert", missing)
+		return at("public.cert", errMissing)
 	case c.Public.Key == "":
-		return at("public.key", missing)
+		return at("public.key", errMissing)
 	case len(c.Listeners) == 0:
 		return at("listeners", errors.New("no listener"))
 	}
@@ -424,16 +426,15 @@ func (c *Config) checkAuto(dur func(path, s string, def time.Duration) (time.Dur
 	if p == nil {
 		return nil
 	}
-	missing := errors.New("missing")
 	switch {
 	case p.RFC2136.Server == "":
-		return at("keys.publish.rfc2136.server", missing)
+		return at("keys.publish.rfc2136.server", errMissing)
 	case p.RFC2136.Zone == "":
-		return at("keys.publish.rfc2136.zone", missing)
+		return at("keys.publish.rfc2136.zone", errMissing)
 	case p.RFC2136.KeyName == "":
-		return at("keys.publish.rfc2136.key_name", missing)
+		return at("keys.publish.rfc2136.key_name", errMissing)
 	case p.RFC2136.SecretFile == "":
-		return at("keys.publish.rfc2136.secret_file", missing)
+		return at("keys.publish.rfc2136.secret_file", errMissing)
 	}
 	if err := checkHostPort(p.RFC2136.Server); err != nil {
 		return at("keys.publish.rfc2136.server", err)
@@ -447,12 +448,11 @@ func (c *Config) checkAuto(dur func(path, s string, def time.Duration) (time.Dur
 }
 
 func (c *Config) checkRoute(p string, r RouteConfig, at func(string, error) error) error {
-	missing := errors.New("missing")
 	if r.Name == "" {
-		return at(p+".name", missing)
+		return at(p+".name", errMissing)
 	}
 	if len(r.ServerNames) == 0 {
-		return at(p+".server_names", missing)
+		return at(p+".server_names", errMissing)
 	}
 	for k, n := range r.ServerNames {
 		if err := checkNamePattern(n); err != nil {
@@ -486,7 +486,7 @@ func (c *Config) checkRoute(p string, r RouteConfig, at func(string, error) erro
 		return at(p+".mode", fmt.Errorf(`%q is not "passthrough" or "terminate"`, r.Mode))
 	}
 	if r.Backend == "" {
-		return at(p+".backend", missing)
+		return at(p+".backend", errMissing)
 	}
 	if err := checkHostPort(r.Backend); err != nil {
 		return at(p+".backend", err)

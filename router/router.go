@@ -563,25 +563,31 @@ func (r *Router) log(l *connLog) {
 		slog.Int64("bytes_out", l.out),
 		slog.Duration("duration", time.Since(l.start)),
 	)
-	level := slog.LevelInfo
-	if l.err != nil {
-		attrs = append(attrs, slog.String("error", l.err.Error()))
-		if errors.Is(l.err, errBackend) {
-			// The backend failed the client: the operator should know.
-			level = slog.LevelWarn
-		}
-	}
-	r.logger().LogAttrs(context.Background(), level, "connection", attrs...)
+	r.logConnection(attrs, l.route, l.err)
 	if r.Metrics != nil {
-		if errors.Is(l.err, errBackend) {
-			r.Metrics.DialFailure(l.route)
-		}
 		label := echRefused
 		if !l.refused {
 			label = echLabel(l.status, l.outerName, r.PublicName)
 		}
 		r.Metrics.Connection(l.listener, l.route, label, l.hello, l.in, l.out)
 	}
+}
+
+// logConnection logs the "connection" line with attrs and err, at warn
+// level when the backend failed the client (the operator should know), and
+// counts that failure for route.
+func (r *Router) logConnection(attrs []slog.Attr, route string, err error) {
+	level := slog.LevelInfo
+	if err != nil {
+		attrs = append(attrs, slog.String("error", err.Error()))
+		if errors.Is(err, errBackend) {
+			level = slog.LevelWarn
+			if r.Metrics != nil {
+				r.Metrics.DialFailure(route)
+			}
+		}
+	}
+	r.logger().LogAttrs(context.Background(), level, "connection", attrs...)
 }
 
 // handle routes c, whose ClientHello the ech.Listener read, accepted at

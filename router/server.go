@@ -733,18 +733,8 @@ func (r *Router) logQUIC(l *quicLog) {
 		slog.String("route", l.route),
 		slog.String("mode", ModePassthrough.String()),
 	)
-	level := slog.LevelInfo
-	if l.err != nil {
-		attrs = append(attrs, slog.String("error", l.err.Error()))
-		if errors.Is(l.err, errBackend) {
-			level = slog.LevelWarn
-		}
-	}
-	r.logger().LogAttrs(context.Background(), level, "connection", attrs...)
+	r.logConnection(attrs, l.route, l.err)
 	if r.Metrics != nil {
-		if errors.Is(l.err, errBackend) {
-			r.Metrics.DialFailure(l.route)
-		}
 		r.Metrics.QUICConnection(l.listener, l.route, echLabel(l.info.Status, l.info.OuterServerName, r.PublicName))
 	}
 }
