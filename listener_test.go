@@ -275,14 +275,7 @@ func TestListenerClose(t *testing.T) {
 		require.Eventually(t, func() bool { return s.raw.accepted.Load() == 7 }, testTimeout, time.Millisecond,
 			"the listener did not take the clients")
 
-		closed := make(chan error, 1)
-		go func() { closed <- s.ln.Close() }()
-		select {
-		case err := <-closed:
-			require.NoError(t, err)
-		case <-time.After(testTimeout):
-			t.Fatal("Close did not return")
-		}
+		closeBounded(t, s.ln, "Close did not return")
 		for _, conn := range idle {
 			conn.SetReadDeadline(time.Now().Add(testTimeout))
 			n, err := conn.Read(make([]byte, 1))
@@ -552,14 +545,7 @@ func TestListenerHandle(t *testing.T) {
 		t.Fatal("OnError was not called")
 	}
 
-	closed := make(chan error, 1)
-	go func() { closed <- s.ln.Close() }()
-	select {
-	case err := <-closed:
-		require.NoError(t, err)
-	case <-time.After(testTimeout):
-		t.Fatal("Close waited for Handle")
-	}
+	closeBounded(t, s.ln, "Close waited for Handle")
 	select {
 	case err := <-acceptErr:
 		assert.ErrorIs(t, err, net.ErrClosed)
@@ -567,4 +553,18 @@ func TestListenerHandle(t *testing.T) {
 		t.Fatal("Accept did not return after Close")
 	}
 	close(release)
+}
+
+// closeBounded closes ln and fails with msg unless Close returns, without
+// an error, within testTimeout.
+func closeBounded(t *testing.T, ln *ech.Listener, msg string) {
+	t.Helper()
+	closed := make(chan error, 1)
+	go func() { closed <- ln.Close() }()
+	select {
+	case err := <-closed:
+		require.NoError(t, err)
+	case <-time.After(testTimeout):
+		t.Fatal(msg)
+	}
 }

@@ -24,27 +24,18 @@ func sinkBackend(tb testing.TB, helloLen int, down bool) string {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(tb, err)
 	tb.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
+	go acceptLoop(ln, func(c net.Conn) {
+		if helloLen > 0 {
+			if _, err := io.ReadFull(c, make([]byte, helloLen)); err != nil {
 				return
 			}
-			go func() {
-				defer c.Close()
-				if helloLen > 0 {
-					if _, err := io.ReadFull(c, make([]byte, helloLen)); err != nil {
-						return
-					}
-				}
-				if down {
-					io.Copy(c, io.LimitReader(zeros{}, benchSize))
-					return
-				}
-				io.Copy(io.Discard, c)
-			}()
 		}
-	}()
+		if down {
+			io.Copy(c, io.LimitReader(zeros{}, benchSize))
+			return
+		}
+		io.Copy(io.Discard, c)
+	})
 	return ln.Addr().String()
 }
 
