@@ -128,11 +128,9 @@ type loopDir struct {
 
 // useLoops says that passthrough connections go to loops once past the
 // handshake; benchmarks clear it for their baseline.
-var useLoops = func() *atomic.Bool {
-	var b atomic.Bool
-	b.Store(true)
-	return &b
-}()
+var useLoops atomic.Bool
+
+func init() { useLoops.Store(true) }
 
 // handToLoop registers p's sockets with a loop, which forwards none of
 // its directions yet (see resolveInLoop), as direction dir hands off: the
@@ -150,9 +148,9 @@ func (p *pipe) handToLoop(dir int) error {
 		// Its end is the loop's to know: it came before the loop.
 		s.dir[other].srcEOF, s.dir[other].ended = true, true
 		if other == 0 {
-			s.in += p.res[0].n
+			s.in = p.res[0].n
 		} else {
-			s.out += p.res[1].n
+			s.out = p.res[1].n
 		}
 	}
 	for i, c := range [2]net.Conn{p.clientTCP, p.backend} {
@@ -179,31 +177,24 @@ func (p *pipe) handToLoop(dir int) error {
 	s.id = l.next
 	l.pipes[s.id] = p
 	l.mu.Unlock()
-	p.loop = s
-	p.loop.idleT = time.AfterFunc(p.idle, p.onIdle)
-	if f := p.finAt.Load(); f != 0 {
-		// The other direction's EOF started the fin timeout.
-		p.loop.finT = time.AfterFunc(time.Until(time.Unix(0, f)), p.onFin)
-	}
+	// An event from now on waits for p.mu, held, and finds p.loop set.
 	for i, fd := range s.fd {
 		ev := syscall.EpollEvent{Events: loopEventsMask, Fd: int32(s.id), Pad: int32(i)}
 		if err := epollCtl(l.epfd, syscall.EPOLL_CTL_ADD, fd, &ev); err != nil {
-			l.mu.Lock()
-			delete(l.pipes, s.id)
-			l.mu.Unlock()
-			p.loop.idleT.Stop()
-			if p.loop.finT != nil {
-				p.loop.finT.Stop()
-			}
 			if i == 1 {
 				epollCtl(l.epfd, syscall.EPOLL_CTL_DEL, s.fd[0], &ev)
 			}
-			if p.loop.finT != nil {
-				p.loop.finT.Stop()
-			}
-			p.loop = nil
+			l.mu.Lock()
+			delete(l.pipes, s.id)
+			l.mu.Unlock()
 			return err
 		}
+	}
+	p.loop = s
+	s.idleT = time.AfterFunc(p.idle, p.onIdle)
+	if f := p.finAt.Load(); f != 0 {
+		// The other direction's EOF started the fin timeout.
+		s.finT = time.AfterFunc(time.Until(time.Unix(0, f)), p.onFin)
 	}
 	return nil
 }
