@@ -3,7 +3,7 @@
 // backend behind HAProxy (mode tcp, req.ssl_sni routing) and behind the
 // router (a passthrough route), and reached directly as the baseline.
 //
-//	go run ./internal/perf/haproxy [-duration 5s] [-clients 8] [-idle 500] [-only name] [-pin]
+//	go run ./internal/perf/haproxy [-duration 5s] [-clients 8] [-idle 500] [-only name] [-pin] [-rounds 1]
 //
 // For each path, on a fresh proxy process, it measures the memory (RSS)
 // the proxy holds per idle connection (first, before other traffic leaves
@@ -56,6 +56,7 @@ func main() {
 	routerPkg := flag.String("router", "./cmd/ech-router", "the router's package")
 	only := flag.String("only", "", "run only the paths whose name contains this")
 	routerEnv := flag.String("router-env", "", "environment settings for the router, such as GOMAXPROCS=1 (space-separated)")
+	rounds := flag.Int("rounds", 1, "measure every path this many times, in turn, and print the medians")
 	pin := flag.Bool("pin", false, "run the proxies on CPU 1 and this process (clients and backend) on CPU 0, as when the proxy has a machine of its own")
 	flag.Parse()
 	log.SetFlags(0)
@@ -87,22 +88,63 @@ func main() {
 	if *pin {
 		fmt.Printf("Pinned: proxies on CPU 1, clients and backend on CPU 0.\n\n")
 	}
+	if *rounds > 1 {
+		fmt.Printf("Medians of %d rounds, the paths in turn in each; memory from the first round, on fresh processes.\n\n", *rounds)
+	}
 	fmt.Println("| path | new conns/s | proxy CPU µs/conn | RTT p50 µs | RTT p99 µs | bulk MB/s | proxy KB/idle conn |")
 	fmt.Println("|---|---|---|---|---|---|---|")
+	var paths []path
 	for _, p := range e.paths() {
-		if !strings.Contains(p.name, *only) {
-			continue
+		if strings.Contains(p.name, *only) {
+			paths = append(paths, p)
 		}
-		if p.restart {
-			// A fresh router for each path, as HAProxy is fresh for
-			// its one: the memory measure comes first.
-			if err := e.restartRouter(); err != nil {
-				log.Fatal(err)
+	}
+	results := make([][]result, len(paths))
+	for round := range max(*rounds, 1) {
+		for i, p := range paths {
+			if p.restart {
+				// A fresh router for each path, as HAProxy is fresh for
+				// its one: the memory measure comes first.
+				if err := e.restartRouter(); err != nil {
+					log.Fatal(err)
+				}
+				p.pid = e.router.Process.Pid
 			}
-			p.pid = e.router.Process.Pid
+			n := *idle
+			if round > 0 {
+				n = 0 // HAProxy is not fresh any more
+			}
+			r := measure(p, *duration, *clients, *pings, *bulk, n)
+			if *rounds > 1 {
+				log.Printf("round %d: %s: %.0f conns/s, %.1f µs/conn, RTT %.0f µs, %.0f MB/s", round+1, p.name, r.rate, r.cpuPerConn, r.rttP50, r.mbps)
+			}
+			results[i] = append(results[i], r)
 		}
-		r := measure(p, *duration, *clients, *pings, *bulk, *idle)
+	}
+	for i, p := range paths {
+		r := median(results[i])
 		fmt.Printf("| %s | %.0f | %s | %.0f | %.0f | %.0f | %s |\n", p.name, r.rate, orDash(r.cpuPerConn), r.rttP50, r.rttP99, r.mbps, orDash(r.kbPerIdle))
+	}
+}
+
+// median returns each figure's median over rs, and the memory figure of
+// the first.
+func median(rs []result) result {
+	m := func(f func(result) float64) float64 {
+		v := make([]float64, len(rs))
+		for i, r := range rs {
+			v[i] = f(r)
+		}
+		slices.Sort(v)
+		return v[len(v)/2]
+	}
+	return result{
+		rate:       m(func(r result) float64 { return r.rate }),
+		cpuPerConn: m(func(r result) float64 { return r.cpuPerConn }),
+		rttP50:     m(func(r result) float64 { return r.rttP50 }),
+		rttP99:     m(func(r result) float64 { return r.rttP99 }),
+		mbps:       m(func(r result) float64 { return r.mbps }),
+		kbPerIdle:  rs[0].kbPerIdle,
 	}
 }
 
@@ -361,7 +403,7 @@ func measure(p path, duration time.Duration, clients, pings, bulk, idle int) res
 	buf := make([]byte, 1)
 	// Memory per idle connection, in the proxy process.
 	r.kbPerIdle = -1
-	if p.pid != 0 {
+	if p.pid != 0 && idle > 0 {
 		time.Sleep(500 * time.Millisecond) // let closed connections go
 		before := procRSS(p.pid)
 		conns := make([]*tls.Conn, 0, idle)
