@@ -4,10 +4,13 @@ package router
 
 import (
 	"errors"
+	"fmt"
 	"math"
 	"net"
 	"os"
 	"runtime"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -24,12 +27,19 @@ import (
 // through one buffer of its own, so an idle connection holds no goroutine
 // and no buffer, only its pipe and the two sockets. A direction whose
 // destination does not take all it read keeps the rest in a buffer of its
-// own and stops reading until the destination is writable again.
+// own and stops reading until the destination is writable again (see
+// block).
 
 const (
-	// loopBufSize is the buffer a loop reads into, and the most a
-	// direction holds when its destination is slow.
-	loopBufSize = 64 << 10
+	// loopBufSize is the most a loop reads at once, and the most a
+	// direction holds when its destination is slow: 16 KiB, a TLS record
+	// and HAProxy's default. Reads of 16 KiB pass each record on as it
+	// comes, and keep the endpoints of a bulk transfer busy; larger reads,
+	// and splice through pipes of 1 MiB, forward in bursts that cost the
+	// endpoints more wake-ups than they spare the router (measured with
+	// internal/perf/haproxy -pin: 398 MB/s with 16 KiB reads, 390 with
+	// 32 KiB, 309 with splice, against 419 direct and 407 for HAProxy).
+	loopBufSize = 16 << 10
 	// loopBudget is how many bytes one direction moves before the loop
 	// turns to the other ready connections.
 	loopBudget = 1 << 20
@@ -85,6 +95,9 @@ func loopFor() (*loop, error) {
 				loops.err = err
 				return
 			}
+			if goEpfd < 0 {
+				goEpfd = findGoEpoll(fd)
+			}
 			l := &loop{epfd: fd, ep: ep, buf: make([]byte, loopBufSize), pipes: make(map[uint32]*pipe)}
 			loops.l = append(loops.l, l)
 			go l.run()
@@ -96,6 +109,40 @@ func loopFor() (*loop, error) {
 	return loops.l[int(loops.rr.Add(1))%len(loops.l)], nil
 }
 
+// goEpfd is the epoll set of Go's poller, or -1 if it could not be found.
+// A socket stays in it while the loop forwards it, and each segment would
+// then wake a thread waiting in Go's poller for nothing (on a virtual
+// machine, an interrupt sent by the peer's processor each time, which made
+// both endpoints of a bulk transfer slower by a third): once neither
+// direction reads in Go, the loop takes its sockets out of that set. Go
+// does not look at the result of taking them out again when it closes
+// them.
+var goEpfd = -1
+
+// findGoEpoll returns the epoll set of Go's poller, found as the one that
+// holds epfd (a loop's set, registered in Go's poller by os.NewFile), or -1.
+func findGoEpoll(epfd int) int {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return -1
+	}
+	want := fmt.Sprintf("tfd: %8d events:", epfd)
+	for _, e := range ents {
+		fd, err := strconv.Atoi(e.Name())
+		if err != nil || fd == epfd {
+			continue
+		}
+		if link, _ := os.Readlink("/proc/self/fd/" + e.Name()); link != "anon_inode:[eventpoll]" {
+			continue
+		}
+		info, _ := os.ReadFile("/proc/self/fdinfo/" + e.Name())
+		if strings.Contains(string(info), want) {
+			return fd
+		}
+	}
+	return -1
+}
+
 // loopState is a pipe's state once handed to a loop. The pipe's mutex
 // guards it.
 type loopState struct {
@@ -104,7 +151,9 @@ type loopState struct {
 	fd      [2]int // 0 the client's socket, 1 the backend's
 	dir     [2]loopDir
 	inLoop  [2]bool // whether direction i is the loop's, its goroutine gone
-	watchW  [2]bool // whether side i is registered for EPOLLOUT
+	blocked [2]bool // whether direction i waits for its destination: see block
+	leftGo  bool    // whether the sockets left Go's poller
+	events  int     // events served, for tests
 	idleT   *time.Timer
 	finT    *time.Timer
 	in, out int64 // bytes forwarded by the goroutines
@@ -112,13 +161,6 @@ type loopState struct {
 
 // loopDir is one direction, from side i to side 1-i.
 type loopDir struct {
-	// A direction moving bulk (a read filled the loop's buffer) splices
-	// through a pipe, which spares the copies to and from the buffer,
-	// until a read returns less than that buffer. It holds the pipe only
-	// while the pipe has bytes the destination did not take.
-	bulk   bool
-	pipe   *splicePipe
-	inPipe int     // bytes in the pipe, not yet written
 	pend   *[]byte // bytes read and not yet written, from off
 	off    int
 	srcEOF bool // the source ended
@@ -248,10 +290,11 @@ func (l *loop) event(id uint32, side int, events uint32) {
 		p.mu.Unlock()
 		return
 	}
+	s.events++
 	const readable = syscall.EPOLLIN | syscall.EPOLLRDHUP | syscall.EPOLLHUP | syscall.EPOLLERR
 	const writable = syscall.EPOLLOUT | syscall.EPOLLHUP | syscall.EPOLLERR
 	var err error
-	if events&writable != 0 && s.watchW[side] && s.inLoop[1-side] {
+	if events&writable != 0 && s.blocked[1-side] && s.inLoop[1-side] {
 		err = p.pump(1-side, true, l.buf)
 	}
 	// A direction still with its goroutine reads in Go.
@@ -289,6 +332,7 @@ func (p *pipe) resolveInLoop(dir int, r dirResult, handed bool) {
 		p.endLoop(-1, nil, false)
 	case handed:
 		s.inLoop[dir] = true
+		p.leaveGoPoller()
 		// Not on the loop's goroutine: a buffer of its own.
 		b := loopBufs.Get().(*[]byte)
 		err := p.pump(dir, true, (*b)[:loopBufSize])
@@ -298,6 +342,7 @@ func (p *pipe) resolveInLoop(dir int, r dirResult, handed bool) {
 		// EOF: the goroutine passed the half-close on and started the fin
 		// timeout.
 		s.dir[dir].srcEOF, s.dir[dir].ended = true, true
+		p.leaveGoPoller()
 		if f := p.finAt.Load(); f != 0 && s.finT == nil {
 			s.finT = time.AfterFunc(time.Until(time.Unix(0, f)), p.onFin)
 		}
@@ -311,6 +356,17 @@ func (p *pipe) resolveInLoop(dir int, r dirResult, handed bool) {
 			failed = 1
 		}
 		p.endLoop(failed, r.err, false)
+	}
+}
+
+// leaveGoPoller takes p's sockets out of Go's poller once neither
+// direction's goroutine reads them (see goEpfd). p.mu is held.
+func (p *pipe) leaveGoPoller() {
+	if s := p.loop; goEpfd >= 0 && p.nres == 2 && !s.leftGo {
+		s.leftGo = true
+		for _, fd := range s.fd {
+			epollCtl(goEpfd, syscall.EPOLL_CTL_DEL, fd, &syscall.EpollEvent{})
+		}
 	}
 }
 
@@ -361,36 +417,11 @@ func (p *pipe) pump(dir int, drain bool, buf []byte) error {
 			p.active.Store(time.Now().UnixNano())
 		}
 	}()
-	defer func() {
-		if d.pipe != nil && d.inPipe == 0 {
-			// An idle connection holds no pipe.
-			d.pipe = d.pipe.release()
-		}
-	}()
 	budget := loopBudget
 	if &buf[0] != &s.l.buf[0] {
 		budget = math.MaxInt
 	}
 	for {
-		for d.inPipe > 0 {
-			n, err := splice(d.pipe.r, dst, d.inPipe)
-			switch {
-			case err == syscall.EINTR:
-				continue
-			case err == syscall.EAGAIN:
-				return p.watchWrite(1-dir, true)
-			case err != nil:
-				return &loopError{1 - dir, err}
-			}
-			d.inPipe -= n
-			d.n += int64(n)
-			moved = true
-			if d.inPipe == 0 {
-				if err := p.watchWrite(1-dir, false); err != nil {
-					return err
-				}
-			}
-		}
 		if d.pend != nil {
 			b := (*d.pend)[d.off:]
 			n, blocked, err := writeAll(dst, b)
@@ -401,11 +432,11 @@ func (p *pipe) pump(dir int, drain bool, buf []byte) error {
 				return &loopError{1 - dir, err}
 			}
 			if blocked {
-				return p.watchWrite(1-dir, true)
+				return p.block(dir, true)
 			}
 			loopBufs.Put(d.pend)
 			d.pend, d.off = nil, 0
-			if err := p.watchWrite(1-dir, false); err != nil {
+			if err := p.block(dir, false); err != nil {
 				return err
 			}
 		}
@@ -423,23 +454,7 @@ func (p *pipe) pump(dir int, drain bool, buf []byte) error {
 			s.l.mu.Unlock()
 			return nil
 		}
-		if d.bulk && d.pipe == nil {
-			if d.pipe = getSplicePipe(); d.pipe == nil {
-				d.bulk = false
-			}
-		}
-		var (
-			n   int
-			err error
-		)
-		if d.bulk {
-			// NOTE: a short splice does not mean the socket is drained,
-			// as a short read does (below): the pipe may be full. A
-			// direction splices until EAGAIN.
-			n, err = splice(src, d.pipe.w, splicePipeSize)
-		} else {
-			n, err = rawSyscall(syscall.SYS_READ, src, uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)))
-		}
+		n, err := rawSyscall(syscall.SYS_READ, src, uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)))
 		switch {
 		case err == syscall.EINTR:
 			continue
@@ -452,11 +467,6 @@ func (p *pipe) pump(dir int, drain bool, buf []byte) error {
 			continue
 		}
 		budget -= n
-		if d.bulk {
-			d.inPipe = n
-			d.bulk = n >= len(buf) // else the burst is over
-			continue
-		}
 		// A short read took all the socket had: the next bytes, or its
 		// end, are a new event (a socket signals each arrival, edge
 		// triggered or not), so there is no need to read until EAGAIN.
@@ -471,13 +481,11 @@ func (p *pipe) pump(dir int, drain bool, buf []byte) error {
 			// Keep the rest, and read no more until dst takes it.
 			d.pend = loopBufs.Get().(*[]byte)
 			*d.pend = append((*d.pend)[:0], buf[w:n]...)
-			return p.watchWrite(1-dir, true)
+			return p.block(dir, true)
 		}
 		if short {
 			return nil
 		}
-		// A full buffer: bulk, spliced from now on.
-		d.bulk = n == len(buf)
 	}
 }
 
@@ -501,22 +509,40 @@ func writeAll(fd int, b []byte) (n int, blocked bool, err error) {
 	return n, false, nil
 }
 
-// watchWrite registers side for EPOLLOUT, or no longer. If the system
-// refuses, bytes held for side would be lost: the error fails side, whose
-// peer then gets a reset rather than a clean end.
-func (p *pipe) watchWrite(side int, on bool) error {
+// block says whether direction dir is blocked on its destination: then
+// the destination is registered for EPOLLOUT, and the source no longer for
+// EPOLLIN, as HAProxy does. Edge triggered, a source still registered
+// would wake the loop at each segment it receives, for nothing, and the
+// wake-ups (each an inter-processor interrupt sent by the peer's CPU) cost
+// more than the copies. Unblocked, the pump reads the source on until
+// EAGAIN, and registering it again signals bytes that came since. If the
+// system refuses, bytes held would be lost or the source never read
+// again: the error fails that side, whose peer then gets a reset rather
+// than a clean end.
+func (p *pipe) block(dir int, on bool) error {
 	s := p.loop
-	if s.watchW[side] == on {
+	if s.blocked[dir] == on {
 		return nil
 	}
-	ev := syscall.EpollEvent{Events: loopEventsMask, Fd: int32(s.id), Pad: int32(side)}
-	if on {
-		ev.Events |= syscall.EPOLLOUT
+	s.blocked[dir] = on
+	// Registered for EPOLLOUT before the source is left, and the source
+	// registered again before EPOLLOUT is left.
+	order := [2]int{1 - dir, dir}
+	if !on {
+		order = [2]int{dir, 1 - dir}
 	}
-	if err := epollCtl(s.l.epfd, syscall.EPOLL_CTL_MOD, s.fd[side], &ev); err != nil {
-		return &loopError{1 - side, err}
+	for _, side := range order {
+		ev := syscall.EpollEvent{Events: 1 << 31, Fd: int32(s.id), Pad: int32(side)} // EPOLLET
+		if !s.blocked[side] {
+			ev.Events |= syscall.EPOLLIN | syscall.EPOLLRDHUP
+		}
+		if s.blocked[1-side] {
+			ev.Events |= syscall.EPOLLOUT
+		}
+		if err := epollCtl(s.l.epfd, syscall.EPOLL_CTL_MOD, s.fd[side], &ev); err != nil {
+			return &loopError{side, err}
+		}
 	}
-	s.watchW[side] = on
 	return nil
 }
 
@@ -580,14 +606,6 @@ func (p *pipe) endLoop(failed int, err error, async bool) {
 			loopBufs.Put(d.pend)
 			d.pend = nil
 		}
-		if d := &s.dir[i]; d.pipe != nil {
-			if d.inPipe > 0 {
-				d.pipe.close() // it holds bytes that go nowhere
-			} else {
-				d.pipe.release()
-			}
-			d.pipe = nil
-		}
 	}
 	if !wasClosed {
 		if failed >= 0 {
@@ -639,70 +657,4 @@ func epollPoll(epfd int, events []syscall.EpollEvent) (int, error) {
 		return 0, errno
 	}
 	return int(n), nil
-}
-
-// splicePipeSize is the size of a loop's pipes, as Go's own splice sets
-// it: 64 KiB moved per system call would cost more calls than the copies
-// they spare.
-const splicePipeSize = 1 << 20
-
-// splicePipe is a pipe a direction splices through.
-type splicePipe struct{ r, w int }
-
-// splicePipes holds pipes given back, empty, for the next bulk direction.
-var splicePipes struct {
-	sync.Mutex
-	free []*splicePipe
-}
-
-const maxFreePipes = 64
-
-// getSplicePipe returns an empty pipe, or nil if there is none to be had
-// (no file descriptors left): the direction then goes on with read and
-// write.
-func getSplicePipe() *splicePipe {
-	splicePipes.Lock()
-	if n := len(splicePipes.free); n > 0 {
-		sp := splicePipes.free[n-1]
-		splicePipes.free = splicePipes.free[:n-1]
-		splicePipes.Unlock()
-		return sp
-	}
-	splicePipes.Unlock()
-	var fds [2]int
-	if err := syscall.Pipe2(fds[:], syscall.O_CLOEXEC|syscall.O_NONBLOCK); err != nil {
-		return nil
-	}
-	sp := &splicePipe{fds[0], fds[1]}
-	// A larger pipe, where the system allows it; 64 KiB otherwise.
-	rawSyscall(syscall.SYS_FCNTL, sp.w, syscall.F_SETPIPE_SZ, splicePipeSize)
-	return sp
-}
-
-// release gives an empty pipe back, and returns nil.
-func (sp *splicePipe) release() *splicePipe {
-	splicePipes.Lock()
-	defer splicePipes.Unlock()
-	if len(splicePipes.free) < maxFreePipes {
-		splicePipes.free = append(splicePipes.free, sp)
-	} else {
-		sp.close()
-	}
-	return nil
-}
-
-func (sp *splicePipe) close() {
-	syscall.Close(sp.r)
-	syscall.Close(sp.w)
-}
-
-// splice moves up to n bytes from fd in to fd out, one of them a pipe,
-// without waiting.
-func splice(in, out, n int) (int, error) {
-	const flags = 1 | 2 // SPLICE_F_MOVE | SPLICE_F_NONBLOCK
-	m, _, errno := syscall.RawSyscall6(syscall.SYS_SPLICE, uintptr(in), 0, uintptr(out), 0, uintptr(n), flags)
-	if errno != 0 {
-		return 0, errno
-	}
-	return int(m), nil
 }

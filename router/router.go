@@ -23,9 +23,9 @@
 //
 // On Linux, a passthrough connection costs a goroutine per direction only
 // through its handshake: then epoll loops, one per processor (at most 4),
-// forward it with non-blocking reads and writes, splicing while a direction
-// moves bulk, so that an idle connection holds no goroutine, buffer or
-// pipe. Terminate routes, and other systems, copy with two goroutines.
+// forward it with non-blocking reads and writes of at most 16 KiB, so that
+// an idle connection holds no goroutine and no buffer. Terminate routes,
+// and other systems, copy with two goroutines.
 //
 // [Router] is the engine, driven by Go values; [Config] and [Server] are the
 // configuration file and the program around it (cmd/ech-router).
