@@ -4,6 +4,8 @@ package router
 
 import (
 	"bytes"
+	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -14,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/echkit/ech"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -111,18 +114,18 @@ func TestLoopBlockedSourceNotRead(t *testing.T) {
 	assert.Zero(t, backendMask&out, "unblocked: %#x", backendMask)
 }
 
-// TestLoopLeavesGoPoller: once both directions are the loop's, their
-// sockets are out of Go's poller, which would otherwise wake a thread for
-// nothing at each segment; the connection still forwards both ways and
-// closes.
+// TestLoopLeavesGoPoller: once a connection in a loop moves bulk, its
+// sockets leave Go's poller, which would otherwise wake a thread for
+// nothing at each segment; before, they stay (taking them out costs more
+// than a few small messages). Either way the connection forwards both
+// ways and closes.
 func TestLoopLeavesGoPoller(t *testing.T) {
 	t.Parallel()
 	p, client, backend, ended := loopPair(t)
 	require.GreaterOrEqual(t, goEpfd, 0, "Go's epoll set not found")
 	registered := func(fd int) bool {
-		info, err := os.ReadFile(fmt.Sprintf("/proc/self/fdinfo/%d", goEpfd))
-		require.NoError(t, err)
-		return strings.Contains(string(info), fmt.Sprintf("tfd: %8d events:", fd))
+		_, ok := epollMask(t, goEpfd, fd)
+		return ok
 	}
 	rc, err := client.SyscallConn()
 	require.NoError(t, err)
@@ -132,9 +135,25 @@ func TestLoopLeavesGoPoller(t *testing.T) {
 	p.mu.Lock()
 	fds := p.loop.fd
 	p.mu.Unlock()
-	for _, fd := range fds {
-		assert.False(t, registered(fd), "socket %d of a loop connection is in Go's poller", fd)
+	echo := func(from, to *net.TCPConn, size int) {
+		t.Helper()
+		_, err := from.Write(make([]byte, size))
+		require.NoError(t, err)
+		to.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, err = io.ReadFull(to, make([]byte, size))
+		require.NoError(t, err)
 	}
+	echo(client, backend, 100)
+	echo(backend, client, 100)
+	for _, fd := range fds {
+		assert.True(t, registered(fd), "socket %d left Go's poller for small messages", fd)
+	}
+	echo(client, backend, 1<<20)
+	p.mu.Lock() // the registrations do not change under p.mu
+	for _, fd := range fds {
+		assert.False(t, registered(fd), "socket %d of a loop connection moving bulk is in Go's poller", fd)
+	}
+	p.mu.Unlock()
 
 	for _, dir := range []struct{ from, to *net.TCPConn }{{client, backend}, {backend, client}} {
 		_, err := dir.from.Write([]byte("ping"))
@@ -157,5 +176,31 @@ func TestLoopLeavesGoPoller(t *testing.T) {
 		assert.NoError(t, err)
 	case <-time.After(5 * time.Second):
 		t.Fatal("the connection did not end after both half-closes")
+	}
+}
+
+// TestSettledToClient: a hello without ECH leaves nothing to watch in
+// what the backend sends, so that direction goes to a loop without a
+// goroutine; an accepted ECH hello does not, as the server's first
+// message (a HelloRetryRequest or not) must be seen.
+func TestSettledToClient(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	for _, tc := range []struct {
+		name    string
+		list    ech.ConfigList
+		settled bool
+	}{{"no ECH", nil, true}, {"ECH", e.list, false}} {
+		t.Run(tc.name, func(t *testing.T) {
+			routerSide, client := tcpPair(t)
+			go tls.Client(client, e.clientConfig(tlsName, tc.list)).Handshake()
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			c, err := ech.NewConn(ctx, routerSide, ech.WithKeySet(e.ks))
+			require.NoError(t, err)
+			assert.Equal(t, tc.name == "ECH", c.Status() == ech.StatusAccepted)
+			p := &pipe{client: c, clientTCP: routerSide}
+			assert.Equal(t, tc.settled, p.settledToClient())
+		})
 	}
 }

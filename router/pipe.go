@@ -94,8 +94,40 @@ func (p *pipe) start(done func(in, out int64, err error)) {
 	p.active.Store(time.Now().UnixNano())
 	_, passthrough := p.client.(*ech.Conn) // not under a TLS layer
 	handoff := useLoops.Load() && passthrough && isTCP(p.clientTCP) && isTCP(p.backend)
-	go p.direction(1, 0, handoff)
+	if handoff && p.settledToClient() {
+		// No goroutine for a direction with nothing to watch: the
+		// loop's from the start.
+		p.resolve(1, dirResult{err: errHandedOff})
+	} else {
+		go p.direction(1, 0, handoff)
+	}
 	p.direction(0, 0, handoff)
+}
+
+// settledToClient reports whether the client's ech.Conn has nothing to
+// watch in what the backend sends (no ECH, or nothing left of the
+// handshake), so that the direction from the backend can go to a loop at
+// once. It asks ech.Conn's ReadFrom with a source that only answers
+// whether ReadFrom went straight to the client's TCP connection; if
+// ReadFrom would read through ech.Conn first, the source fails its first
+// read, before anything is copied.
+func (p *pipe) settledToClient() bool {
+	_, err := p.client.(io.ReaderFrom).ReadFrom(settledProbe{p})
+	return errors.Is(err, errHandedOff)
+}
+
+// settledProbe is the source of settledToClient.
+type settledProbe struct{ p *pipe }
+
+var errNotSettled = errors.New("router: handshake to watch")
+
+func (settledProbe) Read([]byte) (int, error) { return 0, errNotSettled }
+
+func (s settledProbe) WriteTo(w io.Writer) (int64, error) {
+	if w == s.p.clientTCP {
+		return 0, errHandedOff
+	}
+	return 0, errNotSettled
 }
 
 func isTCP(c net.Conn) bool {
