@@ -13,6 +13,10 @@
 // after the handshake, and the throughput of 64 MiB echoed through one
 // connection. It needs Linux, haproxy on PATH (Debian package haproxy), and
 // builds the router from this checkout. It prints a Markdown table.
+//
+// Both proxies log each connection, HAProxy with option tcplog, as
+// operators run them; the logs go nowhere, or to the files named by
+// $ECH_PERF_ROUTER_LOG and $ECH_PERF_HAPROXY_LOG.
 package main
 
 import (
@@ -263,10 +267,15 @@ func setup(dir, routerPkg string, routerEnv []string) (*env, error) {
 
 	// HAProxy.
 	e.haproxyAddr = freeAddr()
+	// Both proxies log each connection, as operators run them: HAProxy
+	// to its standard error with option tcplog, as the router does.
 	hcfg := fmt.Sprintf(`global
   maxconn 8000
+  log stderr format raw local0 info
 defaults
   mode tcp
+  log global
+  option tcplog
   timeout connect 5s
   timeout client 1h
   timeout server 1h
@@ -284,7 +293,7 @@ backend be
 	out, _ := exec.Command("haproxy", "-v").Output()
 	e.haproxyVersion = strings.Fields(string(out) + " ? ? ?")[2]
 	e.haproxy = command("haproxy", "-db", "-f", filepath.Join(dir, "haproxy.cfg"))
-	e.haproxy.Stderr = os.Stderr
+	e.haproxy.Stderr = logSink("ECH_PERF_HAPROXY_LOG")
 	if err := e.haproxy.Start(); err != nil {
 		return nil, err
 	}
@@ -334,7 +343,7 @@ backend be
 	}
 	e.routerCmd = func() *exec.Cmd {
 		c := command(bin, "-config", filepath.Join(dir, "router.json"))
-		c.Stdout, c.Stderr = io.Discard, routerStderr()
+		c.Stdout, c.Stderr = io.Discard, logSink("ECH_PERF_ROUTER_LOG")
 		c.Env = append(os.Environ(), routerEnv...)
 		return c
 	}
@@ -527,10 +536,10 @@ func procRSS(pid int) int64 {
 	return 0
 }
 
-// routerStderr is where the router's log goes: the file named by
-// $ECH_PERF_ROUTER_LOG, or nowhere.
-func routerStderr() io.Writer {
-	if name := os.Getenv("ECH_PERF_ROUTER_LOG"); name != "" {
+// logSink is where a proxy's log goes: the file named by $env, or
+// nowhere.
+func logSink(env string) io.Writer {
+	if name := os.Getenv(env); name != "" {
 		if f, err := os.Create(name); err == nil {
 			return f
 		}
