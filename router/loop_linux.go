@@ -627,10 +627,56 @@ func (p *pipe) endLoop(failed int, err error, async bool) {
 	}
 	if async {
 		// Logging may wait on a slow log reader: not in the loop.
-		go p.done(in, out, err)
+		queueEnd(endReport{p, in, out, err})
 		return
 	}
 	p.done(in, out, err)
+}
+
+// endReport is the end of a connection, to report.
+type endReport struct {
+	p       *pipe
+	in, out int64
+	err     error
+}
+
+// ends queues the ends the loops report, for one goroutine to report in
+// turn: a loop neither waits for a slow log reader nor starts a goroutine
+// for each connection that ends. While the log is stuck, each end waiting
+// holds only its entry here, not a goroutine.
+var ends struct {
+	sync.Mutex
+	once  sync.Once
+	queue []endReport
+	wake  chan struct{} // one token: the queue has ends
+}
+
+func queueEnd(r endReport) {
+	ends.once.Do(func() {
+		ends.wake = make(chan struct{}, 1)
+		go reportEnds()
+	})
+	ends.Lock()
+	ends.queue = append(ends.queue, r)
+	ends.Unlock()
+	select {
+	case ends.wake <- struct{}{}:
+	default: // a token is waiting already
+	}
+}
+
+// reportEnds reports the queued ends, for ever.
+func reportEnds() {
+	var batch []endReport
+	for range ends.wake {
+		ends.Lock()
+		batch, ends.queue = ends.queue, batch[:0]
+		ends.Unlock()
+		for i, r := range batch {
+			r.p.done(r.in, r.out, r.err)
+			batch[i] = endReport{}
+		}
+	}
 }
 
 // The loop's system calls never block (its sockets are non-blocking, its

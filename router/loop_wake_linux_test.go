@@ -190,3 +190,66 @@ func TestSettledToClient(t *testing.T) {
 		})
 	}
 }
+
+// TestLoopSlowLogReader: while reporting one connection's end waits (a
+// log reader that does not read), the loop forwards other connections,
+// and the ends that come meanwhile wait in the queue, each as an entry
+// rather than a goroutine; all are reported once the log moves.
+func TestLoopSlowLogReader(t *testing.T) {
+	// Not parallel: it holds the one reporter of every loop.
+	release := make(chan struct{})
+	reported := make(chan error, 100)
+	blocking := func(p *pipe) {
+		p.mu.Lock()
+		p.done = func(in, out int64, err error) {
+			select {
+			case <-release:
+			case <-t.Context().Done(): // the test failed
+			}
+			reported <- err
+		}
+		p.mu.Unlock()
+	}
+	const n = 20
+	for i := range n {
+		p, client, backend, _ := loopPair(t)
+		blocking(p)
+		client.Close()
+		backend.Close()
+		if i == 0 {
+			// The first end is in the reporter, waiting.
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		ends.Lock()
+		queued := len(ends.queue)
+		ends.Unlock()
+		if queued == n-1 {
+			break
+		}
+		require.True(t, time.Now().Before(deadline), "%d ends queued, want %d", queued, n-1)
+		time.Sleep(5 * time.Millisecond)
+	}
+
+	p, client, backend, _ := loopPair(t)
+	blocking(p)
+	for _, dir := range []struct{ from, to *net.TCPConn }{{client, backend}, {backend, client}} {
+		_, err := dir.from.Write([]byte("ping"))
+		require.NoError(t, err)
+		dir.to.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, err = io.ReadFull(dir.to, make([]byte, 4))
+		require.NoError(t, err, "the loop forwards while the log is stuck")
+	}
+	client.Close()
+	backend.Close()
+	close(release)
+	for i := range n + 1 {
+		select {
+		case <-reported:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%d of %d ends reported once the log moved", i, n+1)
+		}
+	}
+}
