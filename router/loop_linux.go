@@ -44,9 +44,9 @@ const (
 	// turns to the other ready connections.
 	loopBudget = 1 << 20
 	loopEvents = 128
-	// loopEventsMask is what a loop waits for on each socket, edge
-	// triggered (EPOLLET, which package syscall gives as a negative int).
-	loopEventsMask = syscall.EPOLLIN | syscall.EPOLLRDHUP | 1<<31
+	// epollET asks for edge-triggered events (EPOLLET, which package
+	// syscall gives as a negative int).
+	epollET = 1 << 31
 )
 
 // loop is one event loop: one goroutine, which waits for its epoll set in
@@ -126,7 +126,6 @@ func findGoEpoll(epfd int) int {
 	if err != nil {
 		return -1
 	}
-	want := fmt.Sprintf("tfd: %8d events:", epfd)
 	for _, e := range ents {
 		fd, err := strconv.Atoi(e.Name())
 		if err != nil || fd == epfd {
@@ -135,12 +134,28 @@ func findGoEpoll(epfd int) int {
 		if link, _ := os.Readlink("/proc/self/fd/" + e.Name()); link != "anon_inode:[eventpoll]" {
 			continue
 		}
-		info, _ := os.ReadFile("/proc/self/fdinfo/" + e.Name())
-		if strings.Contains(string(info), want) {
+		if _, ok := epollMask(fd, epfd); ok {
 			return fd
 		}
 	}
 	return -1
+}
+
+// epollMask returns the events fd is registered for in the epoll set epfd,
+// as /proc tells them, and whether it is registered at all.
+func epollMask(epfd, fd int) (uint32, bool) {
+	info, err := os.ReadFile(fmt.Sprintf("/proc/self/fdinfo/%d", epfd))
+	if err != nil {
+		return 0, false
+	}
+	for line := range strings.Lines(string(info)) {
+		var tfd int
+		var mask uint32
+		if n, _ := fmt.Sscanf(line, "tfd: %d events: %x", &tfd, &mask); n == 2 && tfd == fd {
+			return mask, true
+		}
+	}
+	return 0, false
 }
 
 // loopState is a pipe's state once handed to a loop. The pipe's mutex
@@ -152,8 +167,6 @@ type loopState struct {
 	dir     [2]loopDir
 	inLoop  [2]bool // whether direction i is the loop's, its goroutine gone
 	blocked [2]bool // whether direction i waits for its destination: see block
-	leftGo  bool    // whether the sockets left Go's poller
-	events  int     // events served, for tests
 	idleT   *time.Timer
 	finT    *time.Timer
 	in, out int64 // bytes forwarded by the goroutines
@@ -221,7 +234,7 @@ func (p *pipe) handToLoop(dir int) error {
 	l.mu.Unlock()
 	// An event from now on waits for p.mu, held, and finds p.loop set.
 	for i, fd := range s.fd {
-		ev := syscall.EpollEvent{Events: loopEventsMask, Fd: int32(s.id), Pad: int32(i)}
+		ev := s.interest(i)
 		if err := epollCtl(l.epfd, syscall.EPOLL_CTL_ADD, fd, &ev); err != nil {
 			if i == 1 {
 				epollCtl(l.epfd, syscall.EPOLL_CTL_DEL, s.fd[0], &ev)
@@ -290,7 +303,6 @@ func (l *loop) event(id uint32, side int, events uint32) {
 		p.mu.Unlock()
 		return
 	}
-	s.events++
 	const readable = syscall.EPOLLIN | syscall.EPOLLRDHUP | syscall.EPOLLHUP | syscall.EPOLLERR
 	const writable = syscall.EPOLLOUT | syscall.EPOLLHUP | syscall.EPOLLERR
 	var err error
@@ -360,15 +372,15 @@ func (p *pipe) resolveInLoop(dir int, r dirResult, handed bool) {
 }
 
 // leaveGoPoller takes p's sockets out of Go's poller (see goEpfd) once
-// neither direction's goroutine reads them. Even for a connection that
+// neither direction's goroutine reads them: when the second direction is
+// resolved, which happens once. Even for a connection that
 // exchanges a few small messages, that costs less than it spares: the
 // round trip of one byte through the router took 64-92 µs with the
 // sockets out, against 104-124 µs with them left in until the connection
 // moved bulk, for about the same CPU per connection. p.mu is held.
 func (p *pipe) leaveGoPoller() {
-	if s := p.loop; goEpfd >= 0 && p.nres == 2 && !s.leftGo {
-		s.leftGo = true
-		for _, fd := range s.fd {
+	if goEpfd >= 0 && p.nres == 2 {
+		for _, fd := range p.loop.fd {
 			epollCtl(goEpfd, syscall.EPOLL_CTL_DEL, fd, &syscall.EpollEvent{})
 		}
 	}
@@ -513,6 +525,19 @@ func writeAll(fd int, b []byte) (n int, blocked bool, err error) {
 	return n, false, nil
 }
 
+// interest is what the loop waits for on side's socket, edge triggered:
+// EPOLLIN unless its direction is blocked, EPOLLOUT if the other one is.
+func (s *loopState) interest(side int) syscall.EpollEvent {
+	ev := syscall.EpollEvent{Events: epollET, Fd: int32(s.id), Pad: int32(side)}
+	if !s.blocked[side] {
+		ev.Events |= syscall.EPOLLIN | syscall.EPOLLRDHUP
+	}
+	if s.blocked[1-side] {
+		ev.Events |= syscall.EPOLLOUT
+	}
+	return ev
+}
+
 // block says whether direction dir is blocked on its destination: then
 // the destination is registered for EPOLLOUT, and the source no longer for
 // EPOLLIN, as HAProxy does. Edge triggered, a source still registered
@@ -536,13 +561,7 @@ func (p *pipe) block(dir int, on bool) error {
 		order = [2]int{dir, 1 - dir}
 	}
 	for _, side := range order {
-		ev := syscall.EpollEvent{Events: 1 << 31, Fd: int32(s.id), Pad: int32(side)} // EPOLLET
-		if !s.blocked[side] {
-			ev.Events |= syscall.EPOLLIN | syscall.EPOLLRDHUP
-		}
-		if s.blocked[1-side] {
-			ev.Events |= syscall.EPOLLOUT
-		}
+		ev := s.interest(side)
 		if err := epollCtl(s.l.epfd, syscall.EPOLL_CTL_MOD, s.fd[side], &ev); err != nil {
 			return &loopError{side, err}
 		}

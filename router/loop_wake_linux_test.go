@@ -6,12 +6,9 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
-	"fmt"
 	"io"
 	"math/rand/v2"
 	"net"
-	"os"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -40,22 +37,6 @@ func loopPair(t *testing.T) (p *pipe, client, backend *net.TCPConn, ended chan e
 	require.True(t, p.loop.inLoop[0] && p.loop.inLoop[1])
 	t.Cleanup(func() { p.Close() })
 	return p, client, backend, ended
-}
-
-// epollMask returns the events fd is registered for in the epoll set
-// epfd, from /proc, and whether it is registered at all.
-func epollMask(t *testing.T, epfd, fd int) (uint32, bool) {
-	t.Helper()
-	info, err := os.ReadFile(fmt.Sprintf("/proc/self/fdinfo/%d", epfd))
-	require.NoError(t, err)
-	for _, line := range strings.Split(string(info), "\n") {
-		var tfd int
-		var mask uint32
-		if n, _ := fmt.Sscanf(line, "tfd: %d events: %x", &tfd, &mask); n == 2 && tfd == fd {
-			return mask, true
-		}
-	}
-	return 0, false
 }
 
 // TestLoopBlockedSourceNotRead: while a backend does not read, the loop
@@ -93,8 +74,8 @@ func TestLoopBlockedSourceNotRead(t *testing.T) {
 		time.Sleep(time.Millisecond)
 	}
 	p.mu.Lock() // the registrations do not change under p.mu
-	clientMask, ok0 := epollMask(t, epfd, fds[0])
-	backendMask, ok1 := epollMask(t, epfd, fds[1])
+	clientMask, ok0 := epollMask(epfd, fds[0])
+	backendMask, ok1 := epollMask(epfd, fds[1])
 	p.mu.Unlock()
 	require.True(t, ok0 && ok1)
 	assert.Zero(t, clientMask&in, "blocked, the client's socket is not read: %#x", clientMask)
@@ -107,8 +88,8 @@ func TestLoopBlockedSourceNotRead(t *testing.T) {
 	require.NoError(t, <-written)
 	assert.True(t, bytes.Equal(data, got), "got %d of %d bytes, or others", len(got), len(data))
 	p.mu.Lock()
-	clientMask, _ = epollMask(t, epfd, fds[0])
-	backendMask, _ = epollMask(t, epfd, fds[1])
+	clientMask, _ = epollMask(epfd, fds[0])
+	backendMask, _ = epollMask(epfd, fds[1])
 	p.mu.Unlock()
 	assert.NotZero(t, clientMask&in, "unblocked, the client's socket is read again: %#x", clientMask)
 	assert.Zero(t, backendMask&out, "unblocked: %#x", backendMask)
@@ -123,7 +104,7 @@ func TestLoopLeavesGoPoller(t *testing.T) {
 	p, client, backend, ended := loopPair(t)
 	require.GreaterOrEqual(t, goEpfd, 0, "Go's epoll set not found")
 	registered := func(fd int) bool {
-		_, ok := epollMask(t, goEpfd, fd)
+		_, ok := epollMask(goEpfd, fd)
 		return ok
 	}
 	rc, err := client.SyscallConn()
@@ -226,10 +207,10 @@ func TestLoopSlowLogReader(t *testing.T) {
 		ends.Lock()
 		queued := len(ends.queue)
 		ends.Unlock()
-		if queued == n-1 {
+		if queued >= n-1 { // or more, from other tests' connections
 			break
 		}
-		require.True(t, time.Now().Before(deadline), "%d ends queued, want %d", queued, n-1)
+		require.True(t, time.Now().Before(deadline), "%d ends queued, want at least %d", queued, n-1)
 		time.Sleep(5 * time.Millisecond)
 	}
 
