@@ -464,18 +464,39 @@ func (c *Conn) Read(p []byte) (int, error) {
 		}
 	}
 	n := c.replay.read(p)
-	if c.replay.empty() {
-		c.replay.release()
-		if c.watch == nil && c.rerr == nil {
-			// Nothing more to replay or watch: from now on reads are
-			// direct, and WriteTo hands the connection to io.Copy (and
-			// splice) now rather than after one more buffered read,
-			// which would hold its buffer for as long as the client is
-			// idle.
-			c.rdone.Store(true)
-		}
-	}
+	// Settled, reads are direct from now on, and WriteTo hands the
+	// connection to io.Copy (and splice) now rather than after one more
+	// buffered read, which would hold its buffer for as long as the
+	// client is idle.
+	c.settleLocked()
 	return n, nil
+}
+
+// serverAnswered reports whether the server answered the first
+// ClientHello with a ServerHello, and no client handshake message is
+// partly read: no second ClientHello can come.
+func (c *Conn) serverAnswered() bool {
+	return c.rstate.Load() == serverDone && !c.hr.inMessage()
+}
+
+// settleLocked reports whether every handshake message has been passed on
+// and no second ClientHello can come; reads are then direct (rdone). It
+// gives the replay's buffer back once it is empty. c.rmu is held.
+func (c *Conn) settleLocked() bool {
+	if !c.replay.empty() {
+		return false // it may alias the watch's buffer
+	}
+	c.replay.release()
+	if c.rerr != nil {
+		return false
+	}
+	if c.watch != nil && c.serverAnswered() {
+		c.endWatch()
+	}
+	if c.watch == nil {
+		c.rdone.Store(true)
+	}
+	return c.watch == nil
 }
 
 // readWatching reads the next client record after an accepted hello, while
@@ -489,7 +510,7 @@ func (c *Conn) Read(p []byte) (int, error) {
 // resumes a handshake after a failed read.
 func (c *Conn) readWatching() error {
 	w := c.watch
-	if c.rstate.Load() == serverDone && !c.hr.inMessage() {
+	if c.serverAnswered() {
 		c.endWatch() // the server accepted the first hello: no second one
 		return nil
 	}
@@ -684,13 +705,6 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 	return n + m, err
 }
 
-// copyBufPool holds the buffers of copyHandshake, which every connection
-// copied by WriteTo or ReadFrom needs for its first records.
-var copyBufPool = sync.Pool{New: func() any {
-	b := make([]byte, recordHeaderLen+maxCiphertext)
-	return &b
-}}
-
 // readSettled reports whether every handshake message has been passed on
 // and no second ClientHello can come: reads are then direct. Unlike Read,
 // it does not wait for the client's next record to learn that the server
@@ -702,17 +716,7 @@ func (c *Conn) readSettled() bool {
 	}
 	c.rmu.Lock()
 	defer c.rmu.Unlock()
-	if !c.replay.empty() || c.rerr != nil {
-		return false // the replay may alias the watch's buffer
-	}
-	if c.watch != nil && c.rstate.Load() == serverDone && !c.hr.inMessage() {
-		c.endWatch()
-	}
-	if c.watch == nil {
-		c.replay.release()
-		c.rdone.Store(true)
-	}
-	return c.rdone.Load()
+	return c.settleLocked()
 }
 
 // copyHandshake copies src to dst through a buffer until done reports
@@ -721,15 +725,14 @@ func copyHandshake(dst io.Writer, src io.Reader, done func() bool) (n int64, end
 	if done() {
 		return 0, false, nil
 	}
-	bp := copyBufPool.Get().(*[]byte)
-	buf, used := *bp, 0
-	defer func() {
-		clear(buf[:used]) // it may have held a ClientHelloInner
-		copyBufPool.Put(bp)
-	}()
+	// A pooled buffer, cleared when put back: it may hold a
+	// ClientHelloInner.
+	bp := getBuf()
+	defer putBuf(bp)
+	*bp = slices.Grow((*bp)[:0], recordHeaderLen+maxCiphertext)
+	buf := (*bp)[:recordHeaderLen+maxCiphertext]
 	for !done() {
 		m, rerr := src.Read(buf)
-		used = max(used, m)
 		if m > 0 {
 			wm, werr := dst.Write(buf[:m])
 			n += int64(wm)

@@ -169,7 +169,6 @@ type loopState struct {
 	blocked [2]bool // whether direction i waits for its destination: see block
 	idleT   *time.Timer
 	finT    *time.Timer
-	in, out int64 // bytes forwarded by the goroutines
 }
 
 // loopDir is one direction, from side i to side 1-i.
@@ -178,7 +177,7 @@ type loopDir struct {
 	off    int
 	srcEOF bool // the source ended
 	ended  bool // and the end was passed on: the direction is done
-	n      int64
+	n      int64 // bytes forwarded, by the loop and before by the goroutine
 }
 
 // useLoops says that passthrough connections go to loops once past the
@@ -202,11 +201,7 @@ func (p *pipe) handToLoop(dir int) error {
 	if other := 1 - dir; p.resolved[other] {
 		// Its end is the loop's to know: it came before the loop.
 		s.dir[other].srcEOF, s.dir[other].ended = true, true
-		if other == 0 {
-			s.in = p.res[0].n
-		} else {
-			s.out = p.res[1].n
-		}
+		s.dir[other].n = p.res[other].n
 	}
 	for i, c := range [2]net.Conn{p.clientTCP, p.backend} {
 		sc, ok := c.(syscall.Conn)
@@ -247,18 +242,16 @@ func (p *pipe) handToLoop(dir int) error {
 	}
 	p.loop = s
 	s.idleT = time.AfterFunc(p.idle, p.onIdle)
-	if f := p.finAt.Load(); f != 0 {
-		// The other direction's EOF started the fin timeout.
-		s.finT = time.AfterFunc(time.Until(time.Unix(0, f)), p.onFin)
-	}
+	p.armFin() // the other direction's EOF may have started the fin timeout
 	return nil
 }
 
 func (l *loop) run() {
 	events := make([]syscall.EpollEvent, loopEvents)
 	var (
-		n   int
-		err error
+		n     int
+		err   error
+		ready []loopReady // the directions to go on with, swapped with l.ready
 	)
 	poll := func(fd uintptr) bool {
 		n, err = epollPoll(int(fd), events)
@@ -279,8 +272,7 @@ func (l *loop) run() {
 			l.event(uint32(ev.Fd), int(ev.Pad), ev.Events)
 		}
 		l.mu.Lock()
-		ready := l.ready
-		l.ready = nil
+		ready, l.ready = l.ready, ready[:0]
 		l.mu.Unlock()
 		for _, r := range ready {
 			l.event(r.id, r.dir, syscall.EPOLLIN|syscall.EPOLLRDHUP) // read on until EAGAIN
@@ -307,13 +299,13 @@ func (l *loop) event(id uint32, side int, events uint32) {
 	const writable = syscall.EPOLLOUT | syscall.EPOLLHUP | syscall.EPOLLERR
 	var err error
 	if events&writable != 0 && s.blocked[1-side] && s.inLoop[1-side] {
-		err = p.pump(1-side, true, l.buf)
+		err = p.pump(1-side, true, l.buf, loopBudget)
 	}
 	// A direction still with its goroutine reads in Go.
 	if err == nil && events&readable != 0 && s.inLoop[side] {
 		// After the peer's end or an error, read until EOF: they were
 		// signalled once, maybe with bytes before them.
-		err = p.pump(side, events&(syscall.EPOLLRDHUP|syscall.EPOLLHUP|syscall.EPOLLERR) != 0, l.buf)
+		err = p.pump(side, events&(syscall.EPOLLRDHUP|syscall.EPOLLHUP|syscall.EPOLLERR) != 0, l.buf, loopBudget)
 	}
 	p.afterPump(err, true)
 }
@@ -325,11 +317,7 @@ func (l *loop) event(id uint32, side int, events uint32) {
 // p.mu is held, and released.
 func (p *pipe) resolveInLoop(dir int, r dirResult, handed bool) {
 	s := p.loop
-	if dir == 0 {
-		s.in += r.n
-	} else {
-		s.out += r.n
-	}
+	s.dir[dir].n += r.n // what its goroutine forwarded
 	closedByOther := p.closed && (handed || r.err == nil) || errors.Is(r.err, net.ErrClosed)
 	switch {
 	case p.reported:
@@ -337,7 +325,7 @@ func (p *pipe) resolveInLoop(dir int, r dirResult, handed bool) {
 	case closedByOther:
 		// By the other direction's goroutine, which reports why when it
 		// ends, unless it has.
-		if p.nres < 2 {
+		if !p.bothResolved() {
 			p.mu.Unlock()
 			return
 		}
@@ -345,9 +333,10 @@ func (p *pipe) resolveInLoop(dir int, r dirResult, handed bool) {
 	case handed:
 		s.inLoop[dir] = true
 		p.leaveGoPoller()
-		// Not on the loop's goroutine: a buffer of its own.
+		// Not on the loop's goroutine: a buffer of its own, and no
+		// budget, as nothing would wake the loop to go on with it.
 		b := loopBufs.Get().(*[]byte)
-		err := p.pump(dir, true, (*b)[:loopBufSize])
+		err := p.pump(dir, true, (*b)[:loopBufSize], math.MaxInt)
 		loopBufs.Put(b)
 		p.afterPump(err, false)
 	case r.err == nil:
@@ -355,9 +344,7 @@ func (p *pipe) resolveInLoop(dir int, r dirResult, handed bool) {
 		// timeout.
 		s.dir[dir].srcEOF, s.dir[dir].ended = true, true
 		p.leaveGoPoller()
-		if f := p.finAt.Load(); f != 0 && s.finT == nil {
-			s.finT = time.AfterFunc(time.Until(time.Unix(0, f)), p.onFin)
-		}
+		p.armFin()
 		p.afterPump(nil, false)
 	case errors.Is(r.err, errIdleTimeout), errors.Is(r.err, errFinTimeout):
 		p.endLoop(-1, r.err, false)
@@ -379,7 +366,7 @@ func (p *pipe) resolveInLoop(dir int, r dirResult, handed bool) {
 // sockets out, against 104-124 µs with them left in until the connection
 // moved bulk, for about the same CPU per connection. p.mu is held.
 func (p *pipe) leaveGoPoller() {
-	if goEpfd >= 0 && p.nres == 2 {
+	if goEpfd >= 0 && p.bothResolved() {
 		for _, fd := range p.loop.fd {
 			epollCtl(goEpfd, syscall.EPOLL_CTL_DEL, fd, &syscall.EpollEvent{})
 		}
@@ -416,11 +403,10 @@ func (e *loopError) Unwrap() error { return e.err }
 // from before, then what can be read, until the source has nothing, the
 // destination takes nothing more, or the budget is spent. Unless drain is
 // set, a short read is taken to mean that the source has nothing more. buf
-// is the buffer to read into: the loop's on its goroutine. A pump on the
-// loop's goroutine moves at most loopBudget bytes before it lets the other
-// connections' turn come; one on another goroutine has no budget, as
-// nothing would wake the loop to go on with it. p.mu is held.
-func (p *pipe) pump(dir int, drain bool, buf []byte) error {
+// is the buffer to read into: the loop's on its goroutine. Once it has
+// moved budget bytes, the pump queues the direction to go on with after
+// the other connections' turn. p.mu is held.
+func (p *pipe) pump(dir int, drain bool, buf []byte, budget int) error {
 	s := p.loop
 	d := &s.dir[dir]
 	if d.ended {
@@ -433,10 +419,6 @@ func (p *pipe) pump(dir int, drain bool, buf []byte) error {
 			p.active.Store(time.Now().UnixNano())
 		}
 	}()
-	budget := loopBudget
-	if &buf[0] != &s.l.buf[0] {
-		budget = math.MaxInt
-	}
 	for {
 		if d.pend != nil {
 			b := (*d.pend)[d.off:]
@@ -580,8 +562,15 @@ func (p *pipe) startFinLoop() {
 	if s.dir[0].ended && s.dir[1].ended {
 		return // both done: the connection ends now
 	}
-	if p.finAt.CompareAndSwap(0, time.Now().Add(p.fin).UnixNano()) {
-		s.finT = time.AfterFunc(p.fin, p.onFin)
+	p.finAt.CompareAndSwap(0, time.Now().Add(p.fin).UnixNano())
+	p.armFin()
+}
+
+// armFin starts the timer of the fin timeout once it has started (finAt),
+// if it has none yet. p.mu is held.
+func (p *pipe) armFin() {
+	if f := p.finAt.Load(); f != 0 && p.loop.finT == nil {
+		p.loop.finT = time.AfterFunc(time.Until(time.Unix(0, f)), p.onFin)
 	}
 }
 
@@ -631,15 +620,15 @@ func (p *pipe) endLoop(failed int, err error, async bool) {
 		}
 	}
 	if !wasClosed {
-		if failed >= 0 {
-			syscall.SetsockoptLinger(s.fd[1-failed], syscall.SOL_SOCKET, syscall.SO_LINGER, &syscall.Linger{Onoff: 1})
-		}
 		// Closing the sockets takes them out of the epoll set, and ends a
 		// goroutine still reading one.
-		p.clientTCP.Close()
-		p.backend.Close()
+		var failedConn net.Conn
+		if failed >= 0 {
+			failedConn = [2]net.Conn{p.client, p.backend}[failed]
+		}
+		p.closeConns(failedConn)
 	}
-	in, out := s.in+s.dir[0].n, s.out+s.dir[1].n
+	in, out := s.dir[0].n, s.dir[1].n
 	p.mu.Unlock()
 	if failed == 1 {
 		err = errors.Join(errBackend, err)

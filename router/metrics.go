@@ -4,7 +4,6 @@ import (
 	"crypto/x509"
 	"net/http"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -28,14 +27,13 @@ const (
 
 // echLabel returns the metrics label of a connection's ECH outcome, from
 // its status and the name it sent in the clear. A rejected hello is stale
-// when the router's public name serves it, as Router.handle decides: no
-// name, or the public name with or without a final dot.
+// when the router's public name serves it (isPublicName).
 func echLabel(status ech.Status, outerName, publicName string) string {
 	switch status {
 	case ech.StatusAccepted:
 		return echAccepted
 	case ech.StatusRejected:
-		if name := strings.TrimSuffix(outerName, "."); name == "" || strings.EqualFold(name, publicName) {
+		if isPublicName(outerName, publicName) {
 			return echStale
 		}
 		return echGREASE

@@ -59,7 +59,6 @@ type pipe struct {
 	reported bool         // done was called
 	res      [2]dirResult // what each direction's goroutine ended with
 	resolved [2]bool      // which have
-	nres     int
 	loop     *loopState // set once a direction is handed to a loop
 }
 
@@ -192,13 +191,11 @@ func (p *pipe) resolve(dir int, r dirResult) {
 	p.mu.Lock()
 	p.res[dir] = r
 	p.resolved[dir] = true
-	p.nres++
 	handed := errors.Is(r.err, errHandedOff)
 	if handed && p.loop == nil && !p.closed {
 		if err := p.handToLoop(dir); err != nil {
 			// No loop: this direction copies on as if there were none
 			// (the other may still hand off, and try again).
-			p.nres--
 			p.resolved[dir] = false
 			go p.direction(dir, r.n, false)
 			p.mu.Unlock()
@@ -209,16 +206,19 @@ func (p *pipe) resolve(dir int, r dirResult) {
 		p.resolveInLoop(dir, r, handed) // unlocks
 		return
 	}
-	if p.nres < 2 {
+	if !p.bothResolved() {
 		p.mu.Unlock()
 		return
 	}
 	p.closed = true
+	p.closeConns(nil)
 	p.mu.Unlock()
-	p.client.Close()
-	p.backend.Close()
 	p.done(p.result())
 }
+
+// bothResolved reports whether both directions' goroutines have ended.
+// p.mu is held.
+func (p *pipe) bothResolved() bool { return p.resolved[0] && p.resolved[1] }
 
 // result returns what the connection ended with: the first error of a
 // direction that is not a close by the other.
@@ -362,6 +362,12 @@ func (p *pipe) close(failed net.Conn) {
 		return
 	}
 	p.closed = true
+	p.closeConns(failed)
+}
+
+// closeConns closes both connections, resetting the peer of the one that
+// did not fail. p.mu is held.
+func (p *pipe) closeConns(failed net.Conn) {
 	switch failed {
 	case p.client:
 		abort(p.backend)

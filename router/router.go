@@ -628,7 +628,7 @@ func (r *Router) handle(c *ech.Conn, listener string, start time.Time, routes []
 			return
 		}
 	}
-	if name == "" || strings.EqualFold(name, r.PublicName) {
+	if isPublicName(c.ServerName(), r.PublicName) {
 		l.route, l.mode = "public", "terminate"
 		cc := &countingConn{Conn: c}
 		l.negotiated, l.err = r.servePublic(c, cc)
@@ -771,4 +771,13 @@ func (c *countingConn) CloseWrite() error {
 		return cw.CloseWrite()
 	}
 	return c.Conn.Close()
+}
+
+// isPublicName reports whether a hello naming name in the clear is the
+// public name's to serve: no name, or the public name, with or without a
+// final dot. Any other name routes, even when the hello's ECH did not
+// decrypt (a GREASE client names the real server in the clear).
+func isPublicName(name, public string) bool {
+	name = strings.TrimSuffix(name, ".")
+	return name == "" || strings.EqualFold(name, public)
 }

@@ -657,7 +657,7 @@ func (r *Router) QUICProxy(l QUICListener) (*echquic.Proxy, error) {
 		// or for no name goes to the public name's server, which sends
 		// retry configs; a hello whose ECH did not decrypt is routed by
 		// its name in the clear.
-		if host == "" || strings.EqualFold(host, r.PublicName) {
+		if isPublicName(info.ServerName, r.PublicName) {
 			lg.route = "public"
 			if l.PublicBackend == "" {
 				lg.err = errNoPublicQUIC
