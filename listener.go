@@ -204,7 +204,15 @@ func (l *Listener) acceptLoop(onError func(net.Conn, error), handle func(*Conn))
 		delay = 0
 		hellos.Add(1)
 		go func() {
-			c := l.readHello(conn, onError, handle == nil)
+			c := l.readHello(conn, onError)
+			if c != nil && handle == nil {
+				select {
+				case l.ready <- c: // for Accept
+				case <-l.ctx.Done():
+					c.Close()
+				}
+				c = nil
+			}
 			<-l.slots
 			hellos.Done()
 			if c != nil {
@@ -214,9 +222,10 @@ func (l *Listener) acceptLoop(onError func(net.Conn, error), handle func(*Conn))
 	}
 }
 
-// readHello runs NewConn on conn and hands the result to Accept, or, if
-// not toAccept, returns it.
-func (l *Listener) readHello(conn net.Conn, onError func(net.Conn, error), toAccept bool) *Conn {
+// readHello runs NewConn on conn and returns the Conn, or nil if NewConn
+// failed (conn is closed, and the error reported to onError) or the
+// Listener was closed meanwhile.
+func (l *Listener) readHello(conn net.Conn, onError func(net.Conn, error)) *Conn {
 	c, err := NewConn(l.ctx, conn, l.opts...)
 	if err != nil {
 		conn.Close()
@@ -225,19 +234,11 @@ func (l *Listener) readHello(conn net.Conn, onError func(net.Conn, error), toAcc
 		}
 		return nil
 	}
-	if !toAccept {
-		if l.ctx.Err() != nil {
-			c.Close()
-			return nil
-		}
-		return c
-	}
-	select {
-	case l.ready <- c:
-	case <-l.ctx.Done():
+	if l.ctx.Err() != nil {
 		c.Close()
+		return nil
 	}
-	return nil
+	return c
 }
 
 // temporaryAcceptError reports whether err, from the wrapped listener's

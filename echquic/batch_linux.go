@@ -346,8 +346,8 @@ func (p *Proxy) serveBatches(udp *net.UDPConn) error {
 	b := newBatch(1 << 16) // any datagram, as serveEach reads
 	for {
 		if _, err := b.read(rc); err != nil {
-			if p.readFailed(err) {
-				return p.readError(err)
+			if stop, ret := p.readEnd(err); stop {
+				return ret
 			}
 			continue
 		}
@@ -417,7 +417,6 @@ func (p *Proxy) flushUp(b *batch, f *flow) {
 // closeFlow holds while it closes the socket.
 func (p *Proxy) readBackendBatches(f *flow) {
 	defer p.wg.Done()
-	var errno syscall.Errno
 	fn := func(fd uintptr) bool {
 		for {
 			b := batchPool.Get().(*batch)
@@ -425,9 +424,9 @@ func (p *Proxy) readBackendBatches(f *flow) {
 				batchPool.Put(b)
 				return false
 			}
-			if errno = b.errno; errno != 0 {
+			if b.errno != 0 {
 				batchPool.Put(b)
-				return true
+				return true // the error ends this Read
 			}
 			for i := range b.n {
 				d := b.datagram(i)
@@ -447,7 +446,6 @@ func (p *Proxy) readBackendBatches(f *flow) {
 		}
 	}
 	for {
-		errno = 0
 		if err := f.batch.up.Read(fn); err != nil && errors.Is(err, net.ErrClosed) {
 			return
 		}

@@ -198,8 +198,8 @@ func (p *Proxy) serveEach(pc net.PacketConn, udp *net.UDPConn) error {
 			}
 		}
 		if err != nil {
-			if p.readFailed(err) {
-				return p.readError(err)
+			if stop, ret := p.readEnd(err); stop {
+				return ret
 			}
 			continue // ICMP errors and the like
 		}
@@ -210,28 +210,19 @@ func (p *Proxy) serveEach(pc net.PacketConn, udp *net.UDPConn) error {
 	}
 }
 
-// readFailed reports whether Serve ends after the read error err: when the
-// Proxy or the socket is closed, or on a timeout. Other errors (ICMP
-// errors and the like) are skipped.
-func (p *Proxy) readFailed(err error) bool {
+// readEnd reports whether Serve ends after the read error err, and what
+// it returns then: nil when the Proxy was closed, err when the socket was
+// closed or on a timeout. Other errors (ICMP errors and the like) are
+// skipped.
+func (p *Proxy) readEnd(err error) (stop bool, ret error) {
 	p.mu.RLock()
 	closed := p.closed
 	p.mu.RUnlock()
 	if closed {
-		return true
+		return true, nil
 	}
 	var ne net.Error
-	return errors.As(err, &ne) && ne.Timeout() || errors.Is(err, net.ErrClosed)
-}
-
-// readError is what Serve returns after the read error err.
-func (p *Proxy) readError(err error) error {
-	p.mu.RLock()
-	defer p.mu.RUnlock()
-	if p.closed {
-		return nil
-	}
-	return err
+	return errors.As(err, &ne) && ne.Timeout() || errors.Is(err, net.ErrClosed), err
 }
 
 // handle processes one datagram from a client.

@@ -175,8 +175,8 @@ type loopState struct {
 type loopDir struct {
 	pend   *[]byte // bytes read and not yet written, from off
 	off    int
-	srcEOF bool // the source ended
-	ended  bool // and the end was passed on: the direction is done
+	srcEOF bool  // the source ended
+	ended  bool  // and the end was passed on: the direction is done
 	n      int64 // bytes forwarded, by the loop and before by the goroutine
 }
 

@@ -59,7 +59,7 @@ type pipe struct {
 	reported bool         // done was called
 	res      [2]dirResult // what each direction's goroutine ended with
 	resolved [2]bool      // which have
-	loop     *loopState // set once a direction is handed to a loop
+	loop     *loopState   // set once a direction is handed to a loop
 }
 
 // dirResult is how one direction's goroutine ended.

@@ -178,7 +178,7 @@ func TestServerQUIC(t *testing.T) {
 	})
 
 	t.Run("public_quic_backend wins", func(t *testing.T) {
-		assert.Empty(t, srv.publicQUICAddr(), "no QUIC server of the router's own for the public name")
+		assert.Empty(t, e.publicQUICAddr(), "no QUIC server of the router's own for the public name")
 		body, err := h3Get(reqCtx, udpAddr, e.clientConfig(publicName, nil))
 		require.NoError(t, err)
 		assert.Equal(t, "public "+publicName, body, "the configured backend answered")

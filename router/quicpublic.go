@@ -3,7 +3,6 @@ package router
 import (
 	"context"
 	"crypto/tls"
-	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -59,8 +58,8 @@ type publicQUIC struct {
 // socket at addr, such as "127.0.0.1:0". The caller closes it with
 // [publicQUIC.close].
 func (r *Router) listenPublicQUIC(addr string) (*publicQUIC, error) {
-	if r.Keys == nil || r.PublicCertificate == nil && r.GetPublicCertificate == nil || r.PublicName == "" {
-		return nil, errors.New("router: Keys, PublicName and PublicCertificate are required")
+	if err := r.checkPublic(); err != nil {
+		return nil, err
 	}
 	base := &tls.Config{
 		MinVersion:     tls.VersionTLS13, // RFC 9001, Section 4.2

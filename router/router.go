@@ -233,12 +233,20 @@ func (r *Router) Serve(ln net.Listener, routes []Route) error {
 	return r.ServeListener(ln, Listener{Routes: routes})
 }
 
+// checkPublic reports a missing field that serving the public name needs.
+func (r *Router) checkPublic() error {
+	if r.Keys == nil || r.PublicCertificate == nil && r.GetPublicCertificate == nil || r.PublicName == "" {
+		return errors.New("router: Keys, PublicName and PublicCertificate are required")
+	}
+	return nil
+}
+
 // ServeListener is [Router.Serve] with the settings of l.
 func (r *Router) ServeListener(ln net.Listener, l Listener) error {
 	routes := l.Routes
-	if r.Keys == nil || r.PublicCertificate == nil && r.GetPublicCertificate == nil || r.PublicName == "" {
+	if err := r.checkPublic(); err != nil {
 		ln.Close()
-		return errors.New("router: Keys, PublicName and PublicCertificate are required")
+		return err
 	}
 	for i, rt := range routes {
 		if rt.Mode == ModeTerminate && rt.Certificate == nil && rt.GetCertificate == nil {

@@ -46,9 +46,6 @@ type Server struct {
 	pcs       []net.PacketConn
 	open      bool
 	metricsLn net.Listener
-	// pubQUIC is the public name's QUIC server of the UDP listeners
-	// without public_quic_backend, while Run runs.
-	pubQUIC *publicQUIC
 }
 
 // New loads the keys and certificates that cfg names and returns a Server
@@ -442,9 +439,6 @@ func (s *Server) Run(ctx context.Context, reload <-chan struct{}) error {
 	defer func() {
 		if pub != nil {
 			pub.close()
-			s.mu.Lock()
-			s.pubQUIC = nil
-			s.mu.Unlock()
 		}
 	}()
 	proxies := make([]*echquic.Proxy, len(lns))
@@ -462,9 +456,6 @@ func (s *Server) Run(ctx context.Context, reload <-chan struct{}) error {
 					return err
 				}
 				pub = p
-				s.mu.Lock()
-				s.pubQUIC = pub
-				s.mu.Unlock()
 				s.logger.Info("public name's QUIC server", slog.String("address", pub.addr().String()))
 			}
 			backend = pub.addr().String()
