@@ -167,8 +167,11 @@ type loopState struct {
 	dir     [2]loopDir
 	inLoop  [2]bool // whether direction i is the loop's, its goroutine gone
 	blocked [2]bool // whether direction i waits for its destination: see block
-	idleT   *time.Timer
-	finT    *time.Timer
+	// connecting says that the loop connects the backend's socket itself
+	// (see passthroughInLoop), and it has not taken a byte yet.
+	connecting bool
+	idleT      *time.Timer
+	finT       *time.Timer
 }
 
 // loopDir is one direction, from side i to side 1-i.
@@ -204,21 +207,43 @@ func (p *pipe) handToLoop(dir int) error {
 		s.dir[other].n = p.res[other].n
 	}
 	for i, c := range [2]net.Conn{p.clientTCP, p.backend} {
-		sc, ok := c.(syscall.Conn)
-		if !ok {
-			return errors.New("router: not a socket")
-		}
-		rc, err := sc.SyscallConn()
-		if err != nil {
-			return err
-		}
-		if err := rc.Control(func(fd uintptr) { s.fd[i] = int(fd) }); err != nil {
+		if s.fd[i], err = socketFD(c); err != nil {
 			return err
 		}
 	}
 	// The handshake is over: the sockets now belong to the loop. Go's
 	// poller keeps them registered, and ignores their events, as nobody
 	// waits on them.
+	if err := p.register(s); err != nil {
+		return err
+	}
+	s.idleT = time.AfterFunc(p.idle, p.onIdle)
+	p.armFin() // the other direction's EOF may have started the fin timeout
+	return nil
+}
+
+// socketFD returns the descriptor of c's socket.
+func socketFD(c net.Conn) (int, error) {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return -1, errors.New("router: not a socket")
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	fd := -1
+	if err := rc.Control(func(u uintptr) { fd = int(u) }); err != nil {
+		return -1, err
+	}
+	return fd, nil
+}
+
+// register gives p, in state s, to s's loop, with both sockets, and sets
+// p.loop. p.mu is held: an event from now on waits for it, and finds
+// p.loop set.
+func (p *pipe) register(s *loopState) error {
+	l := s.l
 	l.mu.Lock()
 	l.next++
 	for l.pipes[l.next] != nil || l.next == 0 {
@@ -227,7 +252,6 @@ func (p *pipe) handToLoop(dir int) error {
 	s.id = l.next
 	l.pipes[s.id] = p
 	l.mu.Unlock()
-	// An event from now on waits for p.mu, held, and finds p.loop set.
 	for i, fd := range s.fd {
 		ev := s.interest(i)
 		if err := epollCtl(l.epfd, syscall.EPOLL_CTL_ADD, fd, &ev); err != nil {
@@ -241,43 +265,47 @@ func (p *pipe) handToLoop(dir int) error {
 		}
 	}
 	p.loop = s
-	s.idleT = time.AfterFunc(p.idle, p.onIdle)
-	p.armFin() // the other direction's EOF may have started the fin timeout
 	return nil
 }
 
 func (l *loop) run() {
 	events := make([]syscall.EpollEvent, loopEvents)
-	var (
-		n     int
-		err   error
-		ready []loopReady // the directions to go on with, swapped with l.ready
-	)
-	poll := func(fd uintptr) bool {
-		n, err = epollPoll(int(fd), events)
-		if n > 0 || err != nil && err != syscall.EINTR {
-			return true
+	var ready []loopReady // the directions to go on with, swapped with l.ready
+	// serve serves the events and the directions queued until it has
+	// taken every event there was, and nothing is queued: it then waits
+	// in Go's poller, which calls it again once the epoll set is readable
+	// (readable anew since serve's last poll: the set wakes its pollers at
+	// each socket that gets ready, even during a poll, and Go's poller
+	// has it edge triggered). All of it runs in one call of RawRead,
+	// which clears a readiness that came before only when it starts: a
+	// loop that called RawRead for each wake-up would have to poll once
+	// more each time, to learn whether one came while it served.
+	serve := func(fd uintptr) bool {
+		for {
+			n, err := epollPoll(int(fd), events)
+			if err != nil && err != syscall.EINTR {
+				return true // not recoverable (EBADF, EFAULT, EINVAL)
+			}
+			for _, ev := range events[:n] {
+				l.event(uint32(ev.Fd), int(ev.Pad), ev.Events)
+			}
+			l.mu.Lock()
+			ready, l.ready = l.ready, ready[:0]
+			l.mu.Unlock()
+			for _, r := range ready {
+				l.event(r.id, r.dir, syscall.EPOLLIN|syscall.EPOLLRDHUP) // read on until EAGAIN
+			}
+			l.mu.Lock()
+			more := len(l.ready) > 0
+			l.mu.Unlock()
+			if n < len(events) && err == nil && !more {
+				return false // wait in Go's poller
+			}
 		}
-		l.mu.Lock()
-		defer l.mu.Unlock()
-		return len(l.ready) > 0 // else wait in Go's poller
 	}
-	for {
-		if rerr := l.ep.Read(poll); rerr != nil || err != nil {
-			// Not recoverable (EBADF, EFAULT, EINVAL): the connections
-			// end at their idle timeout.
-			return
-		}
-		for _, ev := range events[:n] {
-			l.event(uint32(ev.Fd), int(ev.Pad), ev.Events)
-		}
-		l.mu.Lock()
-		ready, l.ready = l.ready, ready[:0]
-		l.mu.Unlock()
-		for _, r := range ready {
-			l.event(r.id, r.dir, syscall.EPOLLIN|syscall.EPOLLRDHUP) // read on until EAGAIN
-		}
-	}
+	// Returns only on an error: the connections end at their idle
+	// timeout.
+	l.ep.Read(serve)
 }
 
 // event serves the events of side of pipe id: side's reads when readable
@@ -298,7 +326,7 @@ func (l *loop) event(id uint32, side int, events uint32) {
 	const readable = syscall.EPOLLIN | syscall.EPOLLRDHUP | syscall.EPOLLHUP | syscall.EPOLLERR
 	const writable = syscall.EPOLLOUT | syscall.EPOLLHUP | syscall.EPOLLERR
 	var err error
-	if events&writable != 0 && s.blocked[1-side] && s.inLoop[1-side] {
+	if events&writable != 0 && s.waitsFor(1-side) && s.inLoop[1-side] {
 		err = p.pump(1-side, true, l.buf, loopBudget)
 	}
 	// A direction still with its goroutine reads in Go.
@@ -367,8 +395,10 @@ func (p *pipe) resolveInLoop(dir int, r dirResult, handed bool) {
 // moved bulk, for about the same CPU per connection. p.mu is held.
 func (p *pipe) leaveGoPoller() {
 	if goEpfd >= 0 && p.bothResolved() {
-		for _, fd := range p.loop.fd {
-			epollCtl(goEpfd, syscall.EPOLL_CTL_DEL, fd, &syscall.EpollEvent{})
+		for i, fd := range p.loop.fd {
+			if _, raw := p.backend.(*rawSocket); i == 0 || !raw {
+				epollCtl(goEpfd, syscall.EPOLL_CTL_DEL, fd, &syscall.EpollEvent{})
+			}
 		}
 	}
 }
@@ -426,13 +456,21 @@ func (p *pipe) pump(dir int, drain bool, buf []byte, budget int) error {
 			d.off += n
 			d.n += int64(n)
 			moved = moved || n > 0
+			if s.connecting && err != nil {
+				err = dialError(p.backend.(*rawSocket).addr, os.NewSyscallError("connect", err))
+			} else if s.connecting && n > 0 {
+				p.connected()
+			}
 			if err != nil {
 				return &loopError{1 - dir, err}
 			}
 			if blocked {
+				if s.connecting {
+					return nil // EPOLLOUT comes once connected
+				}
 				return p.block(dir, true)
 			}
-			loopBufs.Put(d.pend)
+			putLoopBuf(d.pend)
 			d.pend, d.off = nil, 0
 			if err := p.block(dir, false); err != nil {
 				return err
@@ -508,16 +546,28 @@ func writeAll(fd int, b []byte) (n int, blocked bool, err error) {
 }
 
 // interest is what the loop waits for on side's socket, edge triggered:
-// EPOLLIN unless its direction is blocked, EPOLLOUT if the other one is.
+// EPOLLIN unless its direction is blocked, EPOLLOUT if the other one waits
+// for it.
 func (s *loopState) interest(side int) syscall.EpollEvent {
 	ev := syscall.EpollEvent{Events: epollET, Fd: int32(s.id), Pad: int32(side)}
 	if !s.blocked[side] {
 		ev.Events |= syscall.EPOLLIN | syscall.EPOLLRDHUP
 	}
-	if s.blocked[1-side] {
+	if s.waitsFor(1 - side) {
 		ev.Events |= syscall.EPOLLOUT
 	}
 	return ev
+}
+
+// waitsFor reports whether direction dir waits for its destination to be
+// writable: it is blocked, or its destination is the backend's socket
+// that the loop is connecting. Once connected, the backend stays
+// registered for EPOLLOUT, edge triggered, until its next change: that
+// costs no wake-up (a socket that has room signals EPOLLOUT only with
+// other events, or after a write that found it full), and spares two
+// changes of the epoll set per connection.
+func (s *loopState) waitsFor(dir int) bool {
+	return s.blocked[dir] || dir == 0 && s.connecting
 }
 
 // block says whether direction dir is blocked on its destination: then
@@ -556,6 +606,14 @@ var loopBufs = sync.Pool{New: func() any {
 	return &b
 }}
 
+// putLoopBuf puts b back in loopBufs, unless a hello larger than
+// loopBufSize made it grow.
+func putLoopBuf(b *[]byte) {
+	if cap(*b) == loopBufSize {
+		loopBufs.Put(b)
+	}
+}
+
 // startFinLoop starts the fin timeout, once. p.mu is held.
 func (p *pipe) startFinLoop() {
 	s := p.loop
@@ -579,6 +637,11 @@ func (p *pipe) onIdle() {
 	p.mu.Lock()
 	if p.reported || p.loop == nil {
 		p.mu.Unlock()
+		return
+	}
+	if p.loop.connecting {
+		// The timer was the dial timeout.
+		p.endLoop(1, dialError(p.backend.(*rawSocket).addr, os.ErrDeadlineExceeded), false)
 		return
 	}
 	if left := p.idle - time.Since(time.Unix(0, p.active.Load())); left > 0 {
@@ -615,7 +678,7 @@ func (p *pipe) endLoop(failed int, err error, async bool) {
 	s.l.mu.Unlock()
 	for i := range s.dir {
 		if d := &s.dir[i]; d.pend != nil {
-			loopBufs.Put(d.pend)
+			putLoopBuf(d.pend)
 			d.pend = nil
 		}
 	}
@@ -628,7 +691,7 @@ func (p *pipe) endLoop(failed int, err error, async bool) {
 		}
 		p.closeConns(failedConn)
 	}
-	in, out := s.dir[0].n, s.dir[1].n
+	in, out := max(s.dir[0].n, 0), s.dir[1].n // less a PROXY header not written
 	p.mu.Unlock()
 	if failed == 1 {
 		err = errors.Join(errBackend, err)

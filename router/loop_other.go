@@ -5,6 +5,8 @@ package router
 import (
 	"errors"
 	"sync/atomic"
+
+	"github.com/echkit/ech"
 )
 
 // useLoops is false: this system has no loops, and every connection is
@@ -23,3 +25,8 @@ func (p *pipe) resolveInLoop(int, dirResult, bool) { p.mu.Unlock() }
 // endLoop is never called where there are no loops. p.mu is held, and
 // released.
 func (p *pipe) endLoop(int, error, bool) { p.mu.Unlock() }
+
+// passthroughInLoop never takes a connection where there are no loops.
+func (r *Router) passthroughInLoop(*ech.Conn, string, *Route, func(in, out int64, err error)) bool {
+	return false
+}

@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"syscall"
 	"testing"
 	"time"
 
@@ -262,11 +263,17 @@ func TestServerMetrics(t *testing.T) {
 	assert.Equal(t, 1.0, metricValue(t, f, "ech_router_reloads_total", map[string]string{"result": "ok"}))
 }
 
-// closedAddr returns a loopback address where nothing listens.
+// closedAddr returns a loopback address where nothing listens, for the
+// test's duration: a socket bound to it, not listening, keeps it from
+// another test's listener, and a connection to it is refused. (A listener
+// closed at once would free the port for the listeners of tests running
+// in parallel.)
 func closedAddr(t *testing.T) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
 	require.NoError(t, err)
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
+	t.Cleanup(func() { syscall.Close(fd) })
+	require.NoError(t, syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}))
+	sa, err := syscall.Getsockname(fd)
+	require.NoError(t, err)
+	return net.JoinHostPort("127.0.0.1", strconv.Itoa(sa.(*syscall.SockaddrInet4).Port))
 }

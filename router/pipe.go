@@ -382,8 +382,8 @@ func (p *pipe) closeConns(failed net.Conn) {
 
 // abort closes c so that its peer gets a TCP reset.
 func abort(c net.Conn) {
-	if tc, ok := c.(*net.TCPConn); ok {
-		tc.SetLinger(0)
+	if lc, ok := c.(interface{ SetLinger(int) error }); ok {
+		lc.SetLinger(0)
 	}
 	c.Close()
 }

@@ -703,6 +703,9 @@ func (r *Router) dial(c *ech.Conn, name string, rt *Route, alpn string, tlsVersi
 
 // passthrough forwards c to rt's backend as it is, and calls end once.
 func (r *Router) passthrough(c *ech.Conn, name string, rt *Route, end func(in, out int64, err error)) {
+	if r.passthroughInLoop(c, name, rt, end) {
+		return
+	}
 	backend, err := r.dial(c, name, rt, "", 0)
 	if err != nil {
 		abort(c.NetConn()) // the backend failed: the client gets a reset
@@ -744,15 +747,20 @@ func (r *Router) terminate(c *ech.Conn, name string, rt *Route, l *connLog, end 
 // pipe forwards between client, whose TCP connection is clientTCP, and
 // backend with rt's timeouts, and calls end once when both are closed.
 func (r *Router) pipe(client, clientTCP, backend net.Conn, rt *Route, end func(in, out int64, err error)) {
-	p := &pipe{
-		client: client, backend: backend, clientTCP: clientTCP,
-		idle: orDefault(rt.IdleTimeout, orDefault(r.IdleTimeout, DefaultIdleTimeout)),
-		fin:  orDefault(rt.FinTimeout, orDefault(r.FinTimeout, DefaultFinTimeout)),
-	}
+	p := r.newPipe(client, clientTCP, backend, rt)
 	if !r.closeWith(clientTCP, p) {
 		p.Close() // a shutdown: the copies end at once
 	}
 	p.start(end)
+}
+
+// newPipe returns a pipe between client and backend with rt's timeouts.
+func (r *Router) newPipe(client, clientTCP, backend net.Conn, rt *Route) *pipe {
+	return &pipe{
+		client: client, backend: backend, clientTCP: clientTCP,
+		idle: orDefault(rt.IdleTimeout, orDefault(r.IdleTimeout, DefaultIdleTimeout)),
+		fin:  orDefault(rt.FinTimeout, orDefault(r.FinTimeout, DefaultFinTimeout)),
+	}
 }
 
 // countingConn counts the bytes read from and written to the client.

@@ -656,12 +656,9 @@ func TestNoRoute(t *testing.T) {
 func TestBackendDown(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	dead := ln.Addr().String()
-	ln.Close()
+	dead := closedAddr(t)
 	addr := e.serve(Route{Name: "tls", ServerNames: []string{tlsName}, Mode: ModePassthrough, Backend: dead})
-	_, _, _, err = exchange(addr, e.clientConfig(tlsName, e.list))
+	_, _, _, err := exchange(addr, e.clientConfig(tlsName, e.list))
 	require.Error(t, err)
 	assert.Contains(t, e.log()["error"], "router: backend")
 }
