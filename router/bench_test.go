@@ -3,6 +3,7 @@ package router
 import (
 	"crypto/tls"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"runtime"
@@ -110,6 +111,69 @@ func BenchmarkRouterThroughput(b *testing.B) {
 				}
 			})
 		}
+	}
+}
+
+// BenchmarkRouterNewConnection makes one short connection per operation,
+// directly and through a passthrough route: the client sends a hello
+// without ECH, the backend reads it, answers one byte and closes, and the
+// client reads to EOF. Through the router, a loop connects to the backend
+// itself, or without loops Go's dialer does and two goroutines forward;
+// the difference from direct is what the router costs a new connection.
+func BenchmarkRouterNewConnection(b *testing.B) {
+	hello := captureHello(&testing.T{}, &tls.Config{ServerName: tlsName})
+	backend := func(b *testing.B) string {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		require.NoError(b, err)
+		b.Cleanup(func() { ln.Close() })
+		go acceptLoop(ln, func(c net.Conn) {
+			defer c.Close()
+			if _, err := io.ReadFull(c, make([]byte, len(hello))); err == nil {
+				c.Write([]byte{1})
+			}
+		})
+		return ln.Addr().String()
+	}
+	connect := func(b *testing.B, addr string) {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := c.Write(hello); err != nil {
+			b.Fatal(err)
+		}
+		if got, err := io.ReadAll(c); err != nil || len(got) != 1 {
+			b.Fatalf("read %d bytes: %v", len(got), err)
+		}
+	}
+	b.Run("direct", func(b *testing.B) {
+		addr := backend(b)
+		for b.Loop() {
+			connect(b, addr)
+		}
+	})
+	for _, loops := range []bool{true, false} {
+		name := "router"
+		if !loops {
+			if !useLoops.Load() {
+				continue // no loops on this system: the same as above
+			}
+			name = "router-no-loops" // Go's dialer, two goroutines
+		}
+		b.Run(name, func(b *testing.B) {
+			if !loops {
+				useLoops.Store(false)
+				defer useLoops.Store(true)
+			}
+			e := newEnv(b)
+			e.r.Logger = slog.New(slog.DiscardHandler)
+			addr := e.serve(Route{Name: "one", ServerNames: []string{tlsName}, Mode: ModePassthrough, Backend: backend(b)})
+			for b.Loop() {
+				connect(b, addr)
+			}
+		})
 	}
 }
 
