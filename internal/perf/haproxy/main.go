@@ -95,8 +95,8 @@ func main() {
 	if *rounds > 1 {
 		fmt.Printf("Medians of %d rounds, the paths in turn in each; memory from the first round, on fresh processes.\n\n", *rounds)
 	}
-	fmt.Println("| path | new conns/s | proxy CPU µs/conn | RTT p50 µs | RTT p99 µs | bulk MB/s | proxy KB/idle conn |")
-	fmt.Println("|---|---|---|---|---|---|---|")
+	fmt.Println("| path | new conns/s | proxy CPU µs/conn | endpoints' CPU µs/conn | RTT p50 µs | RTT p99 µs | bulk MB/s | proxy KB/idle conn |")
+	fmt.Println("|---|---|---|---|---|---|---|---|")
 	var paths []path
 	for _, p := range e.paths() {
 		if strings.Contains(p.name, *only) {
@@ -120,14 +120,14 @@ func main() {
 			}
 			r := measure(p, *duration, *clients, *pings, *bulk, n)
 			if *rounds > 1 {
-				log.Printf("round %d: %s: %.0f conns/s, %.1f µs/conn, RTT %.0f µs, %.0f MB/s", round+1, p.name, r.rate, r.cpuPerConn, r.rttP50, r.mbps)
+				log.Printf("round %d: %s: %.0f conns/s, %.1f µs/conn, ends %.1f µs/conn, RTT %.0f µs, %.0f MB/s", round+1, p.name, r.rate, r.cpuPerConn, r.endsCPUPerConn, r.rttP50, r.mbps)
 			}
 			results[i] = append(results[i], r)
 		}
 	}
 	for i, p := range paths {
 		r := median(results[i])
-		fmt.Printf("| %s | %.0f | %s | %.0f | %.0f | %.0f | %s |\n", p.name, r.rate, orDash(r.cpuPerConn), r.rttP50, r.rttP99, r.mbps, orDash(r.kbPerIdle))
+		fmt.Printf("| %s | %.0f | %s | %.0f | %.0f | %.0f | %.0f | %s |\n", p.name, r.rate, orDash(r.cpuPerConn), r.endsCPUPerConn, r.rttP50, r.rttP99, r.mbps, orDash(r.kbPerIdle))
 	}
 }
 
@@ -143,12 +143,13 @@ func median(rs []result) result {
 		return v[len(v)/2]
 	}
 	return result{
-		rate:       m(func(r result) float64 { return r.rate }),
-		cpuPerConn: m(func(r result) float64 { return r.cpuPerConn }),
-		rttP50:     m(func(r result) float64 { return r.rttP50 }),
-		rttP99:     m(func(r result) float64 { return r.rttP99 }),
-		mbps:       m(func(r result) float64 { return r.mbps }),
-		kbPerIdle:  rs[0].kbPerIdle,
+		rate:           m(func(r result) float64 { return r.rate }),
+		cpuPerConn:     m(func(r result) float64 { return r.cpuPerConn }),
+		endsCPUPerConn: m(func(r result) float64 { return r.endsCPUPerConn }),
+		rttP50:         m(func(r result) float64 { return r.rttP50 }),
+		rttP99:         m(func(r result) float64 { return r.rttP99 }),
+		mbps:           m(func(r result) float64 { return r.mbps }),
+		kbPerIdle:      rs[0].kbPerIdle,
 	}
 }
 
@@ -389,6 +390,9 @@ func waitListening(addr string) error {
 
 type result struct {
 	rate, cpuPerConn, rttP50, rttP99, mbps, kbPerIdle float64
+	// endsCPUPerConn is the CPU per connection of this process, the
+	// clients' and the backend's: what a proxy costs the endpoints.
+	endsCPUPerConn float64
 }
 
 func dial(p path) (*tls.Conn, error) {
@@ -434,7 +438,7 @@ func measure(p path, duration time.Duration, clients, pings, bulk, idle int) res
 	}
 
 	// New connections per second.
-	cpu0 := procCPU(p.pid)
+	cpu0, ends0 := procCPU(p.pid), procCPU(os.Getpid())
 	var n, failed atomic.Int64
 	stop := time.Now().Add(duration)
 	var wg sync.WaitGroup
@@ -459,6 +463,9 @@ func measure(p path, duration time.Duration, clients, pings, bulk, idle int) res
 	wg.Wait()
 	r.rate = float64(n.Load()) / duration.Seconds()
 	r.cpuPerConn = -1
+	if n.Load() > 0 {
+		r.endsCPUPerConn = (procCPU(os.Getpid()) - ends0).Seconds() * 1e6 / float64(n.Load())
+	}
 	if p.pid != 0 && n.Load() > 0 {
 		r.cpuPerConn = (procCPU(p.pid) - cpu0).Seconds() * 1e6 / float64(n.Load())
 	}
