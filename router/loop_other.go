@@ -4,6 +4,7 @@ package router
 
 import (
 	"errors"
+	"net"
 	"sync/atomic"
 
 	"github.com/echkit/ech"
@@ -30,3 +31,10 @@ func (p *pipe) endLoop(int, error, bool) { p.mu.Unlock() }
 func (r *Router) passthroughInLoop(*ech.Conn, string, *Route, func(in, out int64, err error)) bool {
 	return false
 }
+
+// routesToLoop is false where there are no loops.
+func (r *Router) routesToLoop(*ech.Conn, []Route) bool { return false }
+
+// helloArrived is false where there are no loops: each hello is read on a
+// goroutine of its own.
+func helloArrived(net.Conn) bool { return false }

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strings"
 	"syscall"
 	"time"
 	"unsafe"
@@ -32,9 +33,9 @@ import (
 // it took c; if not, the caller forwards c as before, and nothing of c was
 // read.
 func (r *Router) passthroughInLoop(c *ech.Conn, name string, rt *Route, end func(in, out int64, err error)) bool {
-	ap, err := netip.ParseAddrPort(rt.Backend)
-	if err != nil || ap.Addr().Zone() != "" || !useLoops.Load() || !isTCP(c.NetConn()) {
-		return false // a name, for Go's resolver, or a scoped address
+	ap, ok := loopBackend(rt.Backend)
+	if !ok || !useLoops.Load() || !isTCP(c.NetConn()) {
+		return false
 	}
 	l, err := loopFor()
 	if err != nil {
@@ -102,6 +103,80 @@ func (r *Router) passthroughInLoop(c *ech.Conn, name string, rt *Route, end func
 		p.Close() // a shutdown
 	}
 	return true
+}
+
+// loopBackend returns the address a loop connects to for backend: an IP
+// address and port. A name is for Go's resolver, and a scoped address for
+// Go's dialer.
+func loopBackend(backend string) (netip.AddrPort, bool) {
+	ap, err := netip.ParseAddrPort(backend)
+	return ap, err == nil && ap.Addr().Zone() == ""
+}
+
+// routesToLoop reports whether c, whose hello was read, goes to a loop
+// from the start, through passthroughInLoop: nothing on its way blocks the
+// goroutine that routes it. A hello whose ECH was accepted is not (its
+// server's first message is watched), nor one for the public name, nor
+// one refused.
+func (r *Router) routesToLoop(c *ech.Conn, routes []Route) bool {
+	if c.ECHAccepted() || isPublicName(c.ServerName(), r.PublicName) || !useLoops.Load() || !isTCP(c.NetConn()) {
+		return false
+	}
+	if _, err := loopFor(); err != nil {
+		return false
+	}
+	name := strings.TrimSuffix(c.ServerName(), ".")
+	if checkServerName(name) != nil {
+		return false
+	}
+	rt := findRoute(routes, name, c.ALPNProtos())
+	if rt == nil || rt.Mode != ModePassthrough {
+		return false
+	}
+	_, ok := loopBackend(rt.Backend)
+	return ok
+}
+
+// helloPeekSize is the most of a hello helloArrived looks at: more than a
+// hello with a post-quantum key share and ECH. A larger hello is read on
+// a goroutine of its own.
+const helloPeekSize = 8 << 10
+
+// helloArrived reports whether conn's socket holds a whole ClientHello
+// already, without reading it: NewConn then reads it without waiting.
+func helloArrived(conn net.Conn) bool {
+	fd, err := socketFD(conn)
+	if err != nil {
+		return false
+	}
+	var buf [helloPeekSize]byte
+	n, _, errno := syscall.RawSyscall6(syscall.SYS_RECVFROM, uintptr(fd), uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)),
+		syscall.MSG_PEEK|syscall.MSG_DONTWAIT, 0, 0)
+	return errno == 0 && helloComplete(buf[:n])
+}
+
+// helloComplete reports whether b starts with a whole handshake message in
+// handshake records: records of type 22 whose bodies add up to the four
+// bytes of the message's header and the length it announces. NewConn then
+// needs nothing more to read the message, or to refuse it.
+func helloComplete(b []byte) bool {
+	var hdr [4]byte // the message's header
+	total := 0      // the message's bytes in the records so far
+	for len(b) >= 5 && b[0] == 22 {
+		n := int(b[3])<<8 | int(b[4])
+		if len(b) < 5+n {
+			return false
+		}
+		for i := 0; i < n && total+i < len(hdr); i++ {
+			hdr[total+i] = b[5+i]
+		}
+		total += n
+		if total >= len(hdr) && total >= len(hdr)+(int(hdr[1])<<16|int(hdr[2])<<8|int(hdr[3])) {
+			return true
+		}
+		b = b[5+n:]
+	}
+	return false
 }
 
 // helloCapture is the writer passthroughInLoop gives ech.Conn's WriteTo:
