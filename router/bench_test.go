@@ -77,7 +77,7 @@ func transfer(b *testing.B, addr string, hello []byte, down bool) {
 // forwarded by a loop and, on systems with loops, by two goroutines, so
 // that their MB/s compare in one run.
 func BenchmarkRouterThroughput(b *testing.B) {
-	hello := captureHello(&testing.T{}, &tls.Config{ServerName: tlsName})
+	hello := captureHello(b, &tls.Config{ServerName: tlsName})
 	for _, dir := range []struct {
 		name string
 		down bool
@@ -121,7 +121,7 @@ func BenchmarkRouterThroughput(b *testing.B) {
 // itself, or without loops Go's dialer does and two goroutines forward;
 // the difference from direct is what the router costs a new connection.
 func BenchmarkRouterNewConnection(b *testing.B) {
-	hello := captureHello(&testing.T{}, &tls.Config{ServerName: tlsName})
+	hello := captureHello(b, &tls.Config{ServerName: tlsName})
 	backend := func(b *testing.B) string {
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		require.NoError(b, err)
@@ -187,7 +187,7 @@ const idleConns = 500
 // both and their difference, router-B/conn, and the router's file
 // descriptors per connection (on Linux).
 func BenchmarkIdleConnectionMemory(b *testing.B) {
-	hello := captureHello(&testing.T{}, &tls.Config{ServerName: tlsName})
+	hello := captureHello(b, &tls.Config{ServerName: tlsName})
 	var holding atomic.Int64 // connections the backend holds
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(b, err)

@@ -36,7 +36,7 @@ const (
 )
 
 // captureHello returns the ClientHello record crypto/tls sends for cfg.
-func captureHello(t *testing.T, cfg *tls.Config) []byte {
+func captureHello(t testing.TB, cfg *tls.Config) []byte {
 	t.Helper()
 	c1, c2 := net.Pipe()
 	defer c1.Close()

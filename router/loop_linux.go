@@ -1,4 +1,4 @@
-//go:build linux
+//go:build linux && !386
 
 package router
 
@@ -79,8 +79,17 @@ var loops struct {
 }
 
 // loopFor returns a loop to hand a connection to, starting the loops the
-// first time: one per processor the runtime uses, at most 4.
+// first time (see haveLoops).
 func loopFor() (*loop, error) {
+	if !haveLoops() {
+		return nil, loops.err
+	}
+	return loops.l[int(loops.rr.Add(1))%len(loops.l)], nil
+}
+
+// haveLoops reports whether the loops run, starting them the first time:
+// one per processor the runtime uses, at most 4.
+func haveLoops() bool {
 	loops.once.Do(func() {
 		for range min(runtime.GOMAXPROCS(0), 4) {
 			fd, err := syscall.EpollCreate1(syscall.EPOLL_CLOEXEC)
@@ -103,10 +112,7 @@ func loopFor() (*loop, error) {
 			go l.run()
 		}
 	})
-	if len(loops.l) == 0 {
-		return nil, loops.err
-	}
-	return loops.l[int(loops.rr.Add(1))%len(loops.l)], nil
+	return len(loops.l) > 0
 }
 
 // goEpfd is the epoll set of Go's poller, or -1 if it could not be found.
@@ -694,7 +700,7 @@ func (p *pipe) endLoop(failed int, err error, async bool) {
 	in, out := max(s.dir[0].n, 0), s.dir[1].n // less a PROXY header not written
 	p.mu.Unlock()
 	if failed == 1 {
-		err = errors.Join(errBackend, err)
+		err = fmt.Errorf("%w: %w", errBackend, err)
 	}
 	if async {
 		// Logging may wait on a slow log reader: not in the loop.

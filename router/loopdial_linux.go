@@ -1,19 +1,22 @@
-//go:build linux
+//go:build linux && !386
 
 package router
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
 	"os"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 	"unsafe"
 
 	"github.com/echkit/ech"
+	"golang.org/x/crypto/cryptobyte"
 )
 
 // A passthrough connection with nothing left to watch of its handshake (no
@@ -28,13 +31,12 @@ import (
 // CPU (see internal/perf/haproxy).
 
 // passthroughInLoop forwards c to rt's backend as passthrough does, and
-// calls end once, if a loop can connect to the backend: rt.Backend is an
-// IP address, and c's handshake has nothing to watch. It reports whether
-// it took c; if not, the caller forwards c as before, and nothing of c was
-// read.
+// calls end once, if a loop can connect to the backend (see loopable). It
+// reports whether it took c; if not, the caller forwards c as before, and
+// nothing of c was read. Once it took c, nothing it does waits.
 func (r *Router) passthroughInLoop(c *ech.Conn, name string, rt *Route, end func(in, out int64, err error)) bool {
-	ap, ok := loopBackend(rt.Backend)
-	if !ok || !useLoops.Load() || !isTCP(c.NetConn()) {
+	ap, ok := loopable(c, rt)
+	if !ok {
 		return false
 	}
 	l, err := loopFor()
@@ -43,15 +45,22 @@ func (r *Router) passthroughInLoop(c *ech.Conn, name string, rt *Route, end func
 	}
 	p := r.newPipe(c, c.NetConn(), nil, rt)
 	if !p.settledToClient() {
-		return false
+		return false // not after loopable: a hello whose ECH was accepted
 	}
 	pend := loopBufs.Get().(*[]byte)
 	*pend = (*pend)[:0]
+	fail := func(err error) bool {
+		putLoopBuf(pend)
+		abort(c.NetConn()) // the client gets a reset, as when a dial fails
+		end(0, 0, err)
+		return true
+	}
 	if rt.ProxyProtocol {
-		if *pend, err = appendProxyHeader(*pend, c.RemoteAddr(), c.LocalAddr(), name, "", 0); err != nil {
-			loopBufs.Put(pend)
-			return false // the caller's dial fails the same way, and says why
+		hdr, err := appendProxyHeader(*pend, c.RemoteAddr(), c.LocalAddr(), name, "", 0)
+		if err != nil {
+			return fail(fmt.Errorf("router: PROXY header: %w", err))
 		}
+		*pend = hdr
 	}
 	header := len(*pend)
 
@@ -61,47 +70,48 @@ func (r *Router) passthroughInLoop(c *ech.Conn, name string, rt *Route, end func
 	_, err = c.WriteTo(hc)
 	*pend = hc.b
 	if !errors.Is(err, errHandedOff) {
-		putLoopBuf(pend)
-		abort(c.NetConn())
-		end(0, 0, err)
-		return true
+		return fail(err)
+	}
+	clientFD, err := socketFD(c.NetConn())
+	if err != nil {
+		return fail(err)
 	}
 	fd, err := rawConnect(ap)
 	if err != nil {
-		putLoopBuf(pend)
-		abort(c.NetConn()) // the backend failed: the client gets a reset
-		end(0, 0, errors.Join(errBackend, dialError(ap, os.NewSyscallError("connect", err))))
-		return true
+		return fail(fmt.Errorf("%w: %w", errBackend, dialError(ap, err)))
 	}
 	p.backend = &rawSocket{fd: fd, addr: ap}
 	p.done = end
 	p.active.Store(time.Now().UnixNano())
+	// At a shutdown from now on, p is closed with the client's connection
+	// (before the loop has it, by Close, which closes both sockets).
+	if !r.closeWith(c.NetConn(), p) {
+		p.backend.Close()
+		return fail(nil)
+	}
 	// The client's bytes wait for the backend's socket to be connected
 	// (see waitsFor).
-	s := &loopState{l: l, inLoop: [2]bool{true, true}, connecting: true}
+	s := &loopState{l: l, fd: [2]int{clientFD, fd}, inLoop: [2]bool{true, true}, connecting: true}
 	s.dir[0].pend = pend
 	s.dir[0].n = -int64(header) // the bytes forwarded are the client's
-	if s.fd[0], err = socketFD(c.NetConn()); err == nil {
-		s.fd[1] = fd
-		p.mu.Lock()
-		p.resolved = [2]bool{true, true} // no goroutine copies
-		err = p.register(s)
-		if err == nil {
-			p.leaveGoPoller()
-			s.idleT = time.AfterFunc(orDefault(r.DialTimeout, DefaultDialTimeout), p.onIdle)
-		}
+	p.mu.Lock()
+	if p.closed {
+		// A shutdown closed both sockets meanwhile.
 		p.mu.Unlock()
-	}
-	if err != nil {
 		putLoopBuf(pend)
-		p.backend.Close()
-		abort(c.NetConn())
-		end(0, 0, err)
+		end(0, 0, nil)
 		return true
 	}
-	if !r.closeWith(c.NetConn(), p) {
-		p.Close() // a shutdown
+	p.resolved = [2]bool{true, true} // no goroutine copies
+	if err := p.register(s); err != nil {
+		p.closed = true
+		p.backend.Close()
+		p.mu.Unlock()
+		return fail(err)
 	}
+	p.leaveGoPoller()
+	s.idleT = time.AfterFunc(orDefault(r.DialTimeout, DefaultDialTimeout), p.onIdle)
+	p.mu.Unlock()
 	return true
 }
 
@@ -113,16 +123,20 @@ func loopBackend(backend string) (netip.AddrPort, bool) {
 	return ap, err == nil && ap.Addr().Zone() == ""
 }
 
+// loopable returns the address a loop connects to for c on route rt, if
+// one can: rt's backend is an IP address, c's handshake has nothing to
+// watch (its ECH was not accepted), c is over TCP, and the loops run.
+func loopable(c *ech.Conn, rt *Route) (netip.AddrPort, bool) {
+	ap, ok := loopBackend(rt.Backend)
+	return ap, ok && rt.Mode == ModePassthrough && !c.ECHAccepted() && isTCP(c.NetConn()) && useLoops.Load() && haveLoops()
+}
+
 // routesToLoop reports whether c, whose hello was read, goes to a loop
 // from the start, through passthroughInLoop: nothing on its way blocks the
-// goroutine that routes it. A hello whose ECH was accepted is not (its
-// server's first message is watched), nor one for the public name, nor
-// one refused.
+// goroutine that routes it. A hello for the public name does not, nor one
+// refused.
 func (r *Router) routesToLoop(c *ech.Conn, routes []Route) bool {
-	if c.ECHAccepted() || isPublicName(c.ServerName(), r.PublicName) || !useLoops.Load() || !isTCP(c.NetConn()) {
-		return false
-	}
-	if _, err := loopFor(); err != nil {
+	if isPublicName(c.ServerName(), r.PublicName) {
 		return false
 	}
 	name := strings.TrimSuffix(c.ServerName(), ".")
@@ -130,10 +144,10 @@ func (r *Router) routesToLoop(c *ech.Conn, routes []Route) bool {
 		return false
 	}
 	rt := findRoute(routes, name, c.ALPNProtos())
-	if rt == nil || rt.Mode != ModePassthrough {
+	if rt == nil {
 		return false
 	}
-	_, ok := loopBackend(rt.Backend)
+	_, ok := loopable(c, rt)
 	return ok
 }
 
@@ -143,38 +157,82 @@ func (r *Router) routesToLoop(c *ech.Conn, routes []Route) bool {
 const helloPeekSize = 8 << 10
 
 // helloArrived reports whether conn's socket holds a whole ClientHello
-// already, without reading it: NewConn then reads it without waiting.
+// without ECH already, without reading it: NewConn then reads it without
+// waiting, and without the work of decrypting, which is for the
+// goroutines of the ech.Listener to share out among the processors.
 func helloArrived(conn net.Conn) bool {
 	fd, err := socketFD(conn)
 	if err != nil {
 		return false
 	}
-	var buf [helloPeekSize]byte
+	buf := peekBufs.Get().(*[helloPeekSize]byte)
+	defer peekBufs.Put(buf)
 	n, _, errno := syscall.RawSyscall6(syscall.SYS_RECVFROM, uintptr(fd), uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)),
 		syscall.MSG_PEEK|syscall.MSG_DONTWAIT, 0, 0)
-	return errno == 0 && helloComplete(buf[:n])
+	if errno != 0 {
+		return false
+	}
+	msg, ok := helloMessage(buf[:n])
+	return ok && !offersECH(msg)
 }
 
-// helloComplete reports whether b starts with a whole handshake message in
-// handshake records: records of type 22 whose bodies add up to the four
-// bytes of the message's header and the length it announces. NewConn then
-// needs nothing more to read the message, or to refuse it.
-func helloComplete(b []byte) bool {
-	var hdr [4]byte // the message's header
-	total := 0      // the message's bytes in the records so far
+// peekBufs holds helloArrived's buffers (not on the stack: the parsers
+// keep slices of them).
+var peekBufs = sync.Pool{New: func() any { return new([helloPeekSize]byte) }}
+
+// helloMessage returns the handshake message b starts with, if b holds it
+// whole: records of type 22 whose bodies add up to the four bytes of the
+// message's header and the length it announces. NewConn then needs nothing
+// more to read the message, or to refuse it.
+func helloMessage(b []byte) ([]byte, bool) {
+	var msg []byte // the message so far, when it spans records
 	for len(b) >= 5 && b[0] == 22 {
 		n := int(b[3])<<8 | int(b[4])
 		if len(b) < 5+n {
-			return false
+			return nil, false
 		}
-		for i := 0; i < n && total+i < len(hdr); i++ {
-			hdr[total+i] = b[5+i]
+		body := b[5 : 5+n]
+		if msg == nil && n >= 4 {
+			if l := 4 + (int(body[1])<<16 | int(body[2])<<8 | int(body[3])); n >= l {
+				return body[:l], true // in one record, as usual
+			}
 		}
-		total += n
-		if total >= len(hdr) && total >= len(hdr)+(int(hdr[1])<<16|int(hdr[2])<<8|int(hdr[3])) {
-			return true
+		msg = append(msg, body...)
+		if len(msg) >= 4 {
+			if l := 4 + (int(msg[1])<<16 | int(msg[2])<<8 | int(msg[3])); len(msg) >= l {
+				return msg[:l], true
+			}
 		}
 		b = b[5+n:]
+	}
+	return nil, false
+}
+
+// offersECH reports whether the ClientHello msg has an
+// encrypted_client_hello extension, or cannot be parsed as far as its
+// extensions.
+func offersECH(msg []byte) bool {
+	s := cryptobyte.String(msg[4:])
+	var sessionID, suites, compression, exts cryptobyte.String
+	if !s.Skip(2+32) || !s.ReadUint8LengthPrefixed(&sessionID) || !s.ReadUint16LengthPrefixed(&suites) ||
+		!s.ReadUint8LengthPrefixed(&compression) {
+		return true
+	}
+	if s.Empty() {
+		return false // no extensions
+	}
+	if !s.ReadUint16LengthPrefixed(&exts) {
+		return true
+	}
+	for !exts.Empty() {
+		var typ uint16
+		var body cryptobyte.String
+		if !exts.ReadUint16(&typ) || !exts.ReadUint16LengthPrefixed(&body) {
+			return true
+		}
+		if typ == extensionECH {
+			return true
+		}
 	}
 	return false
 }
@@ -256,18 +314,20 @@ func rawConnect(ap netip.AddrPort) (int, error) {
 	fd, _, errno := syscall.RawSyscall(syscall.SYS_SOCKET, uintptr(family),
 		syscall.SOCK_STREAM|syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC, 0)
 	if errno != 0 {
-		return -1, errno
+		return -1, os.NewSyscallError("socket", errno)
 	}
 	one := int32(1)
 	err := setsockopt(int(fd), syscall.IPPROTO_TCP, syscall.TCP_NODELAY, unsafe.Pointer(&one), unsafe.Sizeof(one))
-	if err == nil {
+	if err != nil {
+		err = os.NewSyscallError("setsockopt", err)
+	} else {
 		_, _, errno = syscall.RawSyscall(syscall.SYS_CONNECT, fd, uintptr(sa), salen)
 		switch errno {
 		case 0, syscall.EINPROGRESS, syscall.EINTR:
 			// Connected, or its end is an EPOLLOUT of the loop.
 			return int(fd), nil
 		}
-		err = errno
+		err = os.NewSyscallError("connect", errno)
 	}
 	rawSyscall(syscall.SYS_CLOSE, int(fd), 0, 0)
 	return -1, err

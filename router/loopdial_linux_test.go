@@ -1,4 +1,4 @@
-//go:build linux
+//go:build linux && !386
 
 package router
 
@@ -9,6 +9,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -33,7 +34,7 @@ type loopDialResult struct {
 // "ping", and reads the echo. It returns whether passthroughInLoop took the
 // connection, the client's result (the bytes it wrote and read on TCP), and
 // the end's.
-func startLoopDial(t *testing.T, e *env, cfg *tls.Config, rt Route) (took bool, client <-chan loopDialResult, ended <-chan loopDialResult, c *ech.Conn) {
+func startLoopDial(t *testing.T, e *env, cfg *tls.Config, rt Route) (took bool, client <-chan loopDialResult, ended chan loopDialResult, c *ech.Conn) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
@@ -114,10 +115,15 @@ func TestPassthroughInLoop(t *testing.T) {
 	})
 	t.Run("ECH accepted", func(t *testing.T) {
 		// The server's first message is to watch: goroutines forward.
-		took, client, _, c := startLoopDial(t, e, e.clientConfig(tlsName, e.list), Route{Mode: ModePassthrough, Backend: e.tlsBackend(tlsName)})
+		rt := Route{Mode: ModePassthrough, Backend: e.tlsBackend(tlsName)}
+		took, client, ended, c := startLoopDial(t, e, e.clientConfig(tlsName, e.list), rt)
 		assert.False(t, took)
-		c.Close()
-		assert.Error(t, (<-client).err)
+		// Nothing of the hello was read: the goroutines forward it all.
+		e.r.passthrough(c, tlsName, &rt, func(in, out int64, err error) {
+			ended <- loopDialResult{in, out, err}
+		})
+		require.NoError(t, (<-client).err)
+		assert.NoError(t, (<-ended).err)
 	})
 	t.Run("backend by name", func(t *testing.T) {
 		_, port, err := net.SplitHostPort(e.tlsBackend(tlsName))
@@ -147,31 +153,7 @@ func TestPassthroughInLoopDialTimeout(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
 	e.r.DialTimeout = 300 * time.Millisecond
-	// A listener whose accept queue is full drops the SYNs that come: a
-	// backend that never answers.
-	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
-	require.NoError(t, err)
-	defer syscall.Close(fd)
-	require.NoError(t, syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}))
-	require.NoError(t, syscall.Listen(fd, 0))
-	sa, err := syscall.Getsockname(fd)
-	require.NoError(t, err)
-	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(sa.(*syscall.SockaddrInet4).Port))
-	var fill []net.Conn
-	defer func() {
-		for _, c := range fill {
-			c.Close()
-		}
-	}()
-	for {
-		c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
-		if err != nil {
-			break // the queue is full
-		}
-		fill = append(fill, c)
-		require.Less(t, len(fill), 16, "the accept queue never filled")
-	}
-
+	addr := silentAddr(t)
 	start := time.Now()
 	took, client, ended, _ := startLoopDial(t, e, e.clientConfig(tlsName, nil), Route{Mode: ModePassthrough, Backend: addr})
 	require.True(t, took)
@@ -195,7 +177,7 @@ func fragment(rec []byte, size int) []byte {
 	return out
 }
 
-func TestHelloComplete(t *testing.T) {
+func TestHelloMessage(t *testing.T) {
 	t.Parallel()
 	hello := captureHello(t, &tls.Config{ServerName: tlsName})
 	third := (len(hello)-5)/3 + 1
@@ -217,9 +199,25 @@ func TestHelloComplete(t *testing.T) {
 		{"nothing", nil, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			assert.Equal(t, tc.want, helloComplete(tc.b))
+			msg, ok := helloMessage(tc.b)
+			require.Equal(t, tc.want, ok)
+			if ok {
+				assert.Equal(t, hello[5:], msg)
+			}
 		})
 	}
+}
+
+func TestOffersECH(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	plain := captureHello(t, &tls.Config{ServerName: tlsName})
+	withECH := captureHello(t, e.clientConfig(tlsName, e.list))
+	assert.False(t, offersECH(plain[5:]))
+	assert.True(t, offersECH(withECH[5:]))
+	assert.True(t, offersECH(plain[5:60]), "cut short: NewConn is to judge it")
+	tls12 := captureHello(t, &tls.Config{ServerName: tlsName, MaxVersion: tls.VersionTLS12, InsecureSkipVerify: true})
+	assert.False(t, offersECH(tls12[5:]))
 }
 
 // errWouldBlock is what a stalledConn's reads return once its bytes are
@@ -250,30 +248,31 @@ func (c *stalledConn) SetWriteDeadline(time.Time) error { return nil }
 func (c *stalledConn) RemoteAddr() net.Addr             { return &net.TCPAddr{} }
 func (c *stalledConn) LocalAddr() net.Addr              { return &net.TCPAddr{} }
 
-// FuzzHelloComplete checks the promise the accepting goroutine relies on:
-// when helloComplete says the bytes hold a whole hello, NewConn reads it,
+// FuzzHelloMessage checks the promise the accepting goroutine relies on:
+// when helloMessage says the bytes hold a whole hello, NewConn reads it,
 // or refuses it, without waiting for more bytes (which would hold up
-// every connection behind it).
-func FuzzHelloComplete(f *testing.F) {
+// every connection behind it); and offersECH does not panic.
+func FuzzHelloMessage(f *testing.F) {
 	ks, err := ech.NewKeySet(newKey(f))
 	require.NoError(f, err)
 	list, err := ks.ConfigList()
 	require.NoError(f, err)
-	t := &testing.T{}
 	for _, cfg := range []*tls.Config{
 		{ServerName: tlsName},
 		{ServerName: tlsName, EncryptedClientHelloConfigList: list, MinVersion: tls.VersionTLS13},
 	} {
-		hello := captureHello(t, cfg)
+		hello := captureHello(f, cfg)
 		f.Add(hello)
 		f.Add(fragment(hello, 1))
 		f.Add(fragment(hello, 100))
 		f.Add(hello[:len(hello)-1])
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
-		if !helloComplete(b) {
+		msg, ok := helloMessage(b)
+		if !ok {
 			return
 		}
+		offersECH(msg)
 		_, err := ech.NewConn(context.Background(), &stalledConn{b: b}, ech.WithKeySet(ks))
 		assert.NotErrorIs(t, err, errWouldBlock, "NewConn wanted more than a complete hello")
 	})
@@ -307,4 +306,114 @@ func TestHelloArrived(t *testing.T) {
 	_, err = io.ReadFull(server, got)
 	require.NoError(t, err)
 	assert.Equal(t, hello, got, "helloArrived read nothing")
+
+	// A hello with ECH is for the goroutines, which decrypt.
+	e := newEnv(t)
+	_, err = client.Write(captureHello(t, e.clientConfig(tlsName, e.list)))
+	require.NoError(t, err)
+	time.Sleep(50 * time.Millisecond)
+	assert.False(t, helloArrived(server), "with ECH")
+}
+
+// silentAddr returns the address of a listener whose accept queue is full,
+// for the test's duration: it drops the SYNs that come, a backend that
+// never answers a connect.
+func silentAddr(t *testing.T) string {
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	require.NoError(t, err)
+	t.Cleanup(func() { syscall.Close(fd) })
+	require.NoError(t, syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}))
+	require.NoError(t, syscall.Listen(fd, 0))
+	sa, err := syscall.Getsockname(fd)
+	require.NoError(t, err)
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(sa.(*syscall.SockaddrInet4).Port))
+	for n := 0; ; n++ {
+		c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
+		if err != nil {
+			return addr // the queue is full
+		}
+		t.Cleanup(func() { c.Close() })
+		require.Less(t, n, 16, "the accept queue never filled")
+	}
+}
+
+// TestPassthroughInLoopShutdown closes the router while a loop connects to
+// a backend that does not answer: Close ends the connection at once, and
+// it is logged without an error.
+func TestPassthroughInLoopShutdown(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.r.DialTimeout = time.Minute
+	e.serve(Route{Name: "silent", ServerNames: []string{tlsName}, Mode: ModePassthrough, Backend: silentAddr(t)})
+	conn, err := net.Dial("tcp", e.addr)
+	require.NoError(t, err)
+	defer conn.Close()
+	_, err = conn.Write(captureHello(t, e.clientConfig(tlsName, nil)))
+	require.NoError(t, err)
+	connecting := func() bool {
+		e.r.mu.Lock()
+		defer e.r.mu.Unlock()
+		for _, closer := range e.r.conns {
+			if p, ok := closer.(*pipe); ok {
+				p.mu.Lock()
+				c := p.loop != nil && p.loop.connecting
+				p.mu.Unlock()
+				return c
+			}
+		}
+		return false
+	}
+	require.Eventually(t, connecting, 5*time.Second, time.Millisecond, "the loop connects")
+
+	start := time.Now()
+	require.NoError(t, e.r.Close())
+	assert.Less(t, time.Since(start), 5*time.Second)
+	conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, err = conn.Read(make([]byte, 1))
+	require.Error(t, err)
+	assert.False(t, errors.Is(err, os.ErrDeadlineExceeded), "the client's connection is closed")
+	l := e.log()
+	assert.Equal(t, "silent", l["route"])
+	assert.Empty(t, l["error"], "a shutdown is not the backend's failure")
+}
+
+// TestRoutesToLoop checks which connections the accepting goroutine routes
+// itself: those a loop connects to their backend.
+func TestRoutesToLoop(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	routes := []Route{
+		{Name: "ip", ServerNames: []string{tlsName}, Mode: ModePassthrough, Backend: "127.0.0.1:1"},
+		{Name: "name", ServerNames: []string{"byname.example"}, Mode: ModePassthrough, Backend: "localhost:1"},
+		{Name: "terminate", ServerNames: []string{plainName}, Mode: ModeTerminate, Backend: "127.0.0.1:1", Certificate: e.cert(plainName)},
+	}
+	for _, tc := range []struct {
+		name string
+		cfg  *tls.Config
+		want bool
+	}{
+		{"passthrough to an IP address", e.clientConfig(tlsName, nil), true},
+		{"ECH accepted", e.clientConfig(tlsName, e.list), false},
+		{"passthrough to a host name", e.clientConfig("byname.example", nil), false},
+		{"terminate", e.clientConfig(plainName, nil), false},
+		{"public name", e.clientConfig(publicName, nil), false},
+		{"no route", e.clientConfig("other.example", nil), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			require.NoError(t, err)
+			defer ln.Close()
+			client, err := net.Dial("tcp", ln.Addr().String())
+			require.NoError(t, err)
+			defer client.Close()
+			_, err = client.Write(captureHello(t, tc.cfg))
+			require.NoError(t, err)
+			conn, err := ln.Accept()
+			require.NoError(t, err)
+			defer conn.Close()
+			c, err := ech.NewConn(context.Background(), conn, ech.WithKeySet(e.ks))
+			require.NoError(t, err)
+			assert.Equal(t, tc.want, e.r.routesToLoop(c, routes))
+		})
+	}
 }

@@ -2,6 +2,7 @@ package router
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -234,7 +235,7 @@ func (p *pipe) result() (in, out int64, err error) {
 	case errors.Is(r.err, errIdleTimeout), errors.Is(r.err, errFinTimeout):
 		return in, out, r.err
 	case r.fromBackend:
-		return in, out, errors.Join(errBackend, r.err)
+		return in, out, fmt.Errorf("%w: %w", errBackend, r.err)
 	}
 	return in, out, r.err
 }
