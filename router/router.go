@@ -295,12 +295,12 @@ func (r *Router) ServeListener(ln net.Listener, l Listener) error {
 			g.done(c.NetConn())
 		})
 	}
-	// A connection whose whole hello has come when it is accepted (as
-	// usual: TCP_DEFER_ACCEPT) is read at once, on the accepting
-	// goroutine, and routed there if its route is a loop's from the
-	// start; the others go on in a goroutine of their own. That spares a
-	// goroutine, and a hand-over to another thread, on the path of every
-	// new connection: 227 µs against 300 µs for a short passthrough
+	// A connection whose whole hello, without ECH, has come when it is
+	// accepted (as usual: TCP_DEFER_ACCEPT) is read at once, on the
+	// accepting goroutine, and routed there if its route is a loop's
+	// from the start; the others go on in a goroutine of their own. That
+	// spares a goroutine, and a hand-over to another thread, on the path
+	// of a new connection: 227 µs against 300 µs for a short passthrough
 	// connection (BenchmarkRouterNewConnection).
 	g.arrived = func(conn net.Conn) {
 		c, err := ech.NewConn(context.Background(), conn, helloOpts...)
@@ -327,8 +327,8 @@ func (r *Router) ServeListener(ln net.Listener, l Listener) error {
 // connections over max_connections before their hello is read, logs bursts
 // of temporary accept errors (the ech.Listener backs off), and remembers
 // when each connection was accepted, for the log and the metrics. A
-// connection whose whole hello has come already it gives to arrived, on
-// the accepting goroutine, rather than to the ech.Listener.
+// connection whose whole hello, without ECH, has come already it gives to
+// arrived, on the accepting goroutine, rather than to the ech.Listener.
 type gate struct {
 	net.Listener
 	r        *Router
