@@ -39,6 +39,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -302,8 +303,11 @@ func (r *Router) ServeListener(ln net.Listener, l Listener) error {
 	// spares a goroutine, and a hand-over to another thread, on the path
 	// of a new connection: 227 µs against 300 µs for a short passthrough
 	// connection (BenchmarkRouterNewConnection).
+	// Its hello has come whole and without ECH, so no HelloRetryRequest
+	// is watched for: no deadline, whose timer would wake a thread.
+	arrivedOpts := append(slices.Clip(helloOpts), ech.WithHandshakeTimeout(0))
 	g.arrived = func(conn net.Conn) {
-		c, err := ech.NewConn(context.Background(), conn, helloOpts...)
+		c, err := ech.NewConn(context.Background(), conn, arrivedOpts...)
 		if err != nil {
 			conn.Close()
 			el.OnError(conn, err)
