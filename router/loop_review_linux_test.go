@@ -52,7 +52,7 @@ func TestLoopEOFBeforeHandoff(t *testing.T) {
 		c.Close()
 	})
 	e.serve(Route{Name: "r", ServerNames: []string{tlsName}, Mode: ModePassthrough, Backend: backend,
-		IdleTimeout: 8 * time.Second, FinTimeout: 500 * time.Millisecond})
+		IdleTimeout: 8 * time.Second, FinTimeout: 2 * time.Second})
 	raw, err := net.Dial("tcp", e.addr)
 	require.NoError(t, err)
 	defer raw.Close()
@@ -68,7 +68,7 @@ func TestLoopEOFBeforeHandoff(t *testing.T) {
 		t.Logf("logged after %v: %v", time.Since(start), l)
 		assert.NotEqual(t, "0", l["bytes_in"], "the hello was forwarded")
 	case <-time.After(3 * time.Second):
-		t.Fatalf("both sides closed, fin timeout 500ms, and the connection has not ended after 3s (idle timeout 8s)")
+		t.Fatalf("both sides closed, fin timeout 2s, and the connection has not ended after 3s (idle timeout 8s)")
 	}
 }
 

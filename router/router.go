@@ -275,13 +275,15 @@ func (r *Router) ServeListener(ln net.Listener, l Listener) error {
 		ech.WithHandshakeTimeout(orDefault(r.HandshakeTimeout, DefaultHandshakeTimeout))}
 	el := ech.NewListener(g, helloOpts...)
 	el.OnError = func(conn net.Conn, err error) {
-		defer g.done(conn)
 		l := &connLog{start: g.acceptedAt(conn), listener: addr, client: conn.RemoteAddr().String(),
 			configID: -1, refused: true, err: err}
 		l.hello = time.Since(l.start)
 		if he := (*ech.HelloError)(nil); errors.As(err, &he) && he.Parsed {
 			l.helloParsed, l.helloECH, l.outerName = true, he.ECHPresented, he.OuterServerName
 		}
+		// Its place under max_connections is free before the line is
+		// logged: whoever reads the log may connect again at once.
+		g.done(conn)
 		r.log(l)
 	}
 	// Each connection is routed on the goroutine that read its hello.
