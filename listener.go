@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -68,9 +69,20 @@ type Listener struct {
 	// Accept then only waits for the Listener to end.
 	Handle func(c *Conn)
 
-	ln     net.Listener
-	opts   []Option
-	logger *slog.Logger
+	// Inline, if not nil, is offered each connection whose whole
+	// ClientHello, without ECH, is already in its socket when it is
+	// accepted (on Linux; a peek tells). NewConn reads that hello on the
+	// accepting goroutine, where it cannot wait, and Inline runs there
+	// too, saving a goroutine and a hand-over to another thread. Inline
+	// must not block, as the next accept waits for it: it returns false
+	// to have the connection given to Handle (or Accept) as the others
+	// are.
+	Inline func(c *Conn) bool
+
+	ln       net.Listener
+	opts     []Option
+	maxHello int // NewConn's largest hello, for the peek
+	logger   *slog.Logger
 
 	ctx    context.Context // canceled by Close
 	cancel context.CancelFunc
@@ -100,13 +112,14 @@ func NewListener(ln net.Listener, opts ...Option) *Listener {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Listener{
-		ln:      ln,
-		opts:    opts,
-		logger:  o.logger,
-		ctx:     ctx,
-		cancel:  cancel,
-		ready:   make(chan *Conn),
-		stopped: make(chan struct{}),
+		ln:       ln,
+		opts:     opts,
+		maxHello: o.maxHelloSize,
+		logger:   o.logger,
+		ctx:      ctx,
+		cancel:   cancel,
+		ready:    make(chan *Conn),
+		stopped:  make(chan struct{}),
 	}
 }
 
@@ -157,11 +170,11 @@ func (l *Listener) run() {
 		n = DefaultMaxPending
 	}
 	l.slots = make(chan struct{}, n)
-	onError, handle := l.OnError, l.Handle
-	l.loop.Go(func() { l.acceptLoop(onError, handle) })
+	onError, handle, inline := l.OnError, l.Handle, l.Inline
+	l.loop.Go(func() { l.acceptLoop(onError, handle, inline) })
 }
 
-func (l *Listener) acceptLoop(onError func(net.Conn, error), handle func(*Conn)) {
+func (l *Listener) acceptLoop(onError func(net.Conn, error), handle func(*Conn), inline func(*Conn) bool) {
 	var hellos sync.WaitGroup
 	defer func() {
 		hellos.Wait()
@@ -203,30 +216,50 @@ func (l *Listener) acceptLoop(onError func(net.Conn, error), handle func(*Conn))
 		}
 		delay = 0
 		hellos.Add(1)
-		go func() {
-			c := l.readHello(conn, onError)
-			if c != nil && handle == nil {
-				select {
-				case l.ready <- c: // for Accept
-				case <-l.ctx.Done():
-					c.Close()
-				}
-				c = nil
+		if inline != nil && arrivedWithoutECH(conn, l.maxHello) {
+			// Nothing to wait for, and no ECH whose watch the
+			// handshake timeout would bound: no deadline, whose timer
+			// would wake a thread.
+			if c := l.readHello(conn, onError, WithHandshakeTimeout(0)); c != nil && !inline(c) {
+				go l.deliver(c, handle, &hellos)
+				continue
 			}
 			<-l.slots
 			hellos.Done()
-			if c != nil {
-				handle(c)
-			}
-		}()
+			continue
+		}
+		go func() { l.deliver(l.readHello(conn, onError), handle, &hellos) }()
 	}
 }
 
-// readHello runs NewConn on conn and returns the Conn, or nil if NewConn
-// failed (conn is closed, and the error reported to onError) or the
-// Listener was closed meanwhile.
-func (l *Listener) readHello(conn net.Conn, onError func(net.Conn, error)) *Conn {
-	c, err := NewConn(l.ctx, conn, l.opts...)
+// deliver gives c, unless nil, to handle, or to Accept if handle is nil,
+// and ends its time as a pending connection, which hellos counts.
+func (l *Listener) deliver(c *Conn, handle func(*Conn), hellos *sync.WaitGroup) {
+	if c != nil && handle == nil {
+		select {
+		case l.ready <- c: // for Accept
+		case <-l.ctx.Done():
+			c.Close()
+		}
+		c = nil
+	}
+	<-l.slots
+	hellos.Done()
+	if c != nil {
+		handle(c)
+	}
+}
+
+// readHello runs NewConn on conn, with the Listener's options and then
+// opts, and returns the Conn, or nil if NewConn failed (conn is closed,
+// and the error reported to onError) or the Listener was closed meanwhile.
+func (l *Listener) readHello(conn net.Conn, onError func(net.Conn, error), opts ...Option) *Conn {
+	if len(opts) > 0 {
+		opts = append(slices.Clip(l.opts), opts...)
+	} else {
+		opts = l.opts
+	}
+	c, err := NewConn(l.ctx, conn, opts...)
 	if err != nil {
 		conn.Close()
 		if onError != nil && l.ctx.Err() == nil {

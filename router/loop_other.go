@@ -4,7 +4,6 @@ package router
 
 import (
 	"errors"
-	"net"
 	"sync/atomic"
 
 	"github.com/echkit/ech"
@@ -34,7 +33,3 @@ func (r *Router) passthroughInLoop(*ech.Conn, string, *Route, func(in, out int64
 
 // routesToLoop is false where there are no loops.
 func (r *Router) routesToLoop(*ech.Conn, []Route) bool { return false }
-
-// helloArrived is false where there are no loops: each hello is read on a
-// goroutine of its own.
-func helloArrived(net.Conn) bool { return false }

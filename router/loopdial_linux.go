@@ -10,13 +10,11 @@ import (
 	"net/netip"
 	"os"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 	"unsafe"
 
 	"github.com/echkit/ech"
-	"golang.org/x/crypto/cryptobyte"
 )
 
 // A passthrough connection with nothing left to watch of its handshake (no
@@ -149,92 +147,6 @@ func (r *Router) routesToLoop(c *ech.Conn, routes []Route) bool {
 	}
 	_, ok := loopable(c, rt)
 	return ok
-}
-
-// helloPeekSize is the most of a hello helloArrived looks at: more than a
-// hello with a post-quantum key share and ECH. A larger hello is read on
-// a goroutine of its own.
-const helloPeekSize = 8 << 10
-
-// helloArrived reports whether conn's socket holds a whole ClientHello
-// without ECH already, without reading it: NewConn then reads it without
-// waiting, and without the work of decrypting, which is for the
-// goroutines of the ech.Listener to share out among the processors.
-func helloArrived(conn net.Conn) bool {
-	fd, err := socketFD(conn)
-	if err != nil {
-		return false
-	}
-	buf := peekBufs.Get().(*[helloPeekSize]byte)
-	defer peekBufs.Put(buf)
-	n, _, errno := syscall.RawSyscall6(syscall.SYS_RECVFROM, uintptr(fd), uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)),
-		syscall.MSG_PEEK|syscall.MSG_DONTWAIT, 0, 0)
-	if errno != 0 {
-		return false
-	}
-	msg, ok := helloMessage(buf[:n])
-	return ok && !offersECH(msg)
-}
-
-// peekBufs holds helloArrived's buffers (not on the stack: the parsers
-// keep slices of them).
-var peekBufs = sync.Pool{New: func() any { return new([helloPeekSize]byte) }}
-
-// helloMessage returns the handshake message b starts with, if b holds it
-// whole: records of type 22 whose bodies add up to the four bytes of the
-// message's header and the length it announces. NewConn then needs nothing
-// more to read the message, or to refuse it.
-func helloMessage(b []byte) ([]byte, bool) {
-	var msg []byte // the message so far, when it spans records
-	for len(b) >= 5 && b[0] == 22 {
-		n := int(b[3])<<8 | int(b[4])
-		if len(b) < 5+n {
-			return nil, false
-		}
-		body := b[5 : 5+n]
-		if msg == nil && n >= 4 {
-			if l := 4 + (int(body[1])<<16 | int(body[2])<<8 | int(body[3])); n >= l {
-				return body[:l], true // in one record, as usual
-			}
-		}
-		msg = append(msg, body...)
-		if len(msg) >= 4 {
-			if l := 4 + (int(msg[1])<<16 | int(msg[2])<<8 | int(msg[3])); len(msg) >= l {
-				return msg[:l], true
-			}
-		}
-		b = b[5+n:]
-	}
-	return nil, false
-}
-
-// offersECH reports whether the ClientHello msg has an
-// encrypted_client_hello extension, or cannot be parsed as far as its
-// extensions.
-func offersECH(msg []byte) bool {
-	s := cryptobyte.String(msg[4:])
-	var sessionID, suites, compression, exts cryptobyte.String
-	if !s.Skip(2+32) || !s.ReadUint8LengthPrefixed(&sessionID) || !s.ReadUint16LengthPrefixed(&suites) ||
-		!s.ReadUint8LengthPrefixed(&compression) {
-		return true
-	}
-	if s.Empty() {
-		return false // no extensions
-	}
-	if !s.ReadUint16LengthPrefixed(&exts) {
-		return true
-	}
-	for !exts.Empty() {
-		var typ uint16
-		var body cryptobyte.String
-		if !exts.ReadUint16(&typ) || !exts.ReadUint16LengthPrefixed(&body) {
-			return true
-		}
-		if typ == extensionECH {
-			return true
-		}
-	}
-	return false
 }
 
 // helloCapture is the writer passthroughInLoop gives ech.Conn's WriteTo:

@@ -10,7 +10,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -36,20 +35,14 @@ type loopDialResult struct {
 // the end's.
 func startLoopDial(t *testing.T, e *env, cfg *tls.Config, rt Route) (took bool, client <-chan loopDialResult, ended chan loopDialResult, c *ech.Conn) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	defer ln.Close()
+	conn, clientConn := tcpPair(t)
 	errc := make(chan loopDialResult, 1)
 	go func() {
-		conn, err := net.DialTimeout("tcp", ln.Addr().String(), 5*time.Second)
-		if err != nil {
-			errc <- loopDialResult{err: err}
-			return
-		}
-		cc := &countingConn{Conn: conn}
+		var err error
+		cc := &countingConn{Conn: clientConn}
 		defer func() { errc <- loopDialResult{cc.written.Load(), cc.read.Load(), err} }()
-		defer conn.Close()
-		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		defer clientConn.Close()
+		clientConn.SetDeadline(time.Now().Add(10 * time.Second))
 		tc := tls.Client(cc, cfg)
 		if err = tc.Handshake(); err != nil {
 			return
@@ -66,10 +59,7 @@ func startLoopDial(t *testing.T, e *env, cfg *tls.Config, rt Route) (took bool, 
 			err = io.ErrUnexpectedEOF
 		}
 	}()
-	conn, err := ln.Accept()
-	require.NoError(t, err)
-	t.Cleanup(func() { conn.Close() })
-	c, err = ech.NewConn(context.Background(), conn, ech.WithKeySet(e.ks))
+	c, err := ech.NewConn(context.Background(), conn, ech.WithKeySet(e.ks))
 	require.NoError(t, err)
 	endc := make(chan loopDialResult, 1)
 	took = e.r.passthroughInLoop(c, strings.TrimSuffix(c.ServerName(), "."), &rt, func(in, out int64, err error) {
@@ -164,157 +154,6 @@ func TestPassthroughInLoopDialTimeout(t *testing.T) {
 	assert.Contains(t, r.err.Error(), "dial tcp "+addr+": i/o timeout")
 }
 
-// fragment reframes the handshake bytes of the hello record rec into
-// records of at most size bytes.
-func fragment(rec []byte, size int) []byte {
-	var out []byte
-	for body := rec[5:]; len(body) > 0; {
-		n := min(size, len(body))
-		out = append(out, 22, 3, 1, byte(n>>8), byte(n))
-		out = append(out, body[:n]...)
-		body = body[n:]
-	}
-	return out
-}
-
-func TestHelloMessage(t *testing.T) {
-	t.Parallel()
-	hello := captureHello(t, &tls.Config{ServerName: tlsName})
-	third := (len(hello)-5)/3 + 1
-	in3 := fragment(hello, third)
-	last := 5 + (len(hello) - 5 - 2*third) // the third record, framed
-	for _, tc := range []struct {
-		name string
-		b    []byte
-		want bool
-	}{
-		{"whole", hello, true},
-		{"whole, more after", append(slices.Clone(hello), 23, 3, 3, 0, 1, 0), true},
-		{"a byte short", hello[:len(hello)-1], false},
-		{"header only", hello[:5], false},
-		{"message header split", fragment(hello, 2), true},
-		{"in three records", in3, true},
-		{"two of three records", in3[:len(in3)-last], false},
-		{"not a handshake record", append([]byte{23}, hello[1:]...), false},
-		{"nothing", nil, false},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			msg, ok := helloMessage(tc.b)
-			require.Equal(t, tc.want, ok)
-			if ok {
-				assert.Equal(t, hello[5:], msg)
-			}
-		})
-	}
-}
-
-func TestOffersECH(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
-	plain := captureHello(t, &tls.Config{ServerName: tlsName})
-	withECH := captureHello(t, e.clientConfig(tlsName, e.list))
-	assert.False(t, offersECH(plain[5:]))
-	assert.True(t, offersECH(withECH[5:]))
-	assert.True(t, offersECH(plain[5:60]), "cut short: NewConn is to judge it")
-	tls12 := captureHello(t, &tls.Config{ServerName: tlsName, MaxVersion: tls.VersionTLS12, InsecureSkipVerify: true})
-	assert.False(t, offersECH(tls12[5:]))
-}
-
-// errWouldBlock is what a stalledConn's reads return once its bytes are
-// read.
-var errWouldBlock = errors.New("would block")
-
-// stalledConn is a connection whose peer sent b, then nothing: a read
-// past b would block.
-type stalledConn struct {
-	net.Conn // nil: not called
-	b        []byte
-}
-
-func (c *stalledConn) Read(p []byte) (int, error) {
-	if len(c.b) == 0 {
-		return 0, errWouldBlock
-	}
-	n := copy(p, c.b)
-	c.b = c.b[n:]
-	return n, nil
-}
-
-func (c *stalledConn) Write(p []byte) (int, error)      { return len(p), nil }
-func (c *stalledConn) Close() error                     { return nil }
-func (c *stalledConn) SetDeadline(time.Time) error      { return nil }
-func (c *stalledConn) SetReadDeadline(time.Time) error  { return nil }
-func (c *stalledConn) SetWriteDeadline(time.Time) error { return nil }
-func (c *stalledConn) RemoteAddr() net.Addr             { return &net.TCPAddr{} }
-func (c *stalledConn) LocalAddr() net.Addr              { return &net.TCPAddr{} }
-
-// FuzzHelloMessage checks the promise the accepting goroutine relies on:
-// when helloMessage says the bytes hold a whole hello, NewConn reads it,
-// or refuses it, without waiting for more bytes (which would hold up
-// every connection behind it); and offersECH does not panic.
-func FuzzHelloMessage(f *testing.F) {
-	ks, err := ech.NewKeySet(newKey(f))
-	require.NoError(f, err)
-	list, err := ks.ConfigList()
-	require.NoError(f, err)
-	for _, cfg := range []*tls.Config{
-		{ServerName: tlsName},
-		{ServerName: tlsName, EncryptedClientHelloConfigList: list, MinVersion: tls.VersionTLS13},
-	} {
-		hello := captureHello(f, cfg)
-		f.Add(hello)
-		f.Add(fragment(hello, 1))
-		f.Add(fragment(hello, 100))
-		f.Add(hello[:len(hello)-1])
-	}
-	f.Fuzz(func(t *testing.T, b []byte) {
-		msg, ok := helloMessage(b)
-		if !ok {
-			return
-		}
-		offersECH(msg)
-		_, err := ech.NewConn(context.Background(), &stalledConn{b: b}, ech.WithKeySet(ks))
-		assert.NotErrorIs(t, err, errWouldBlock, "NewConn wanted more than a complete hello")
-	})
-}
-
-// TestHelloArrived checks helloArrived on a real socket: false until the
-// whole hello has come, and the hello still there to read after.
-func TestHelloArrived(t *testing.T) {
-	t.Parallel()
-	hello := captureHello(t, &tls.Config{ServerName: tlsName})
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	defer ln.Close()
-	client, err := net.Dial("tcp", ln.Addr().String())
-	require.NoError(t, err)
-	defer client.Close()
-	server, err := ln.Accept()
-	require.NoError(t, err)
-	defer server.Close()
-
-	assert.False(t, helloArrived(server), "nothing yet")
-	_, err = client.Write(hello[:len(hello)/2])
-	require.NoError(t, err)
-	time.Sleep(50 * time.Millisecond)
-	assert.False(t, helloArrived(server), "half")
-	_, err = client.Write(hello[len(hello)/2:])
-	require.NoError(t, err)
-	require.Eventually(t, func() bool { return helloArrived(server) }, 5*time.Second, time.Millisecond)
-	got := make([]byte, len(hello))
-	server.SetReadDeadline(time.Now().Add(5 * time.Second))
-	_, err = io.ReadFull(server, got)
-	require.NoError(t, err)
-	assert.Equal(t, hello, got, "helloArrived read nothing")
-
-	// A hello with ECH is for the goroutines, which decrypt.
-	e := newEnv(t)
-	_, err = client.Write(captureHello(t, e.clientConfig(tlsName, e.list)))
-	require.NoError(t, err)
-	time.Sleep(50 * time.Millisecond)
-	assert.False(t, helloArrived(server), "with ECH")
-}
-
 // silentAddr returns the address of a listener whose accept queue is full,
 // for the test's duration: it drops the SYNs that come, a backend that
 // never answers a connect.
@@ -400,17 +239,9 @@ func TestRoutesToLoop(t *testing.T) {
 		{"no route", e.clientConfig("other.example", nil), false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			conn, client := tcpPair(t)
+			_, err := client.Write(captureHello(t, tc.cfg))
 			require.NoError(t, err)
-			defer ln.Close()
-			client, err := net.Dial("tcp", ln.Addr().String())
-			require.NoError(t, err)
-			defer client.Close()
-			_, err = client.Write(captureHello(t, tc.cfg))
-			require.NoError(t, err)
-			conn, err := ln.Accept()
-			require.NoError(t, err)
-			defer conn.Close()
 			c, err := ech.NewConn(context.Background(), conn, ech.WithKeySet(e.ks))
 			require.NoError(t, err)
 			assert.Equal(t, tc.want, e.r.routesToLoop(c, routes))

@@ -39,7 +39,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -271,9 +270,8 @@ func (r *Router) ServeListener(ln net.Listener, l Listener) error {
 	// never holds up the others, and backs off on temporary accept errors;
 	// the gate under it admits connections (max_connections) and logs
 	// those errors.
-	helloOpts := []ech.Option{ech.WithKeySet(r.Keys),
-		ech.WithHandshakeTimeout(orDefault(r.HandshakeTimeout, DefaultHandshakeTimeout))}
-	el := ech.NewListener(g, helloOpts...)
+	el := ech.NewListener(g, ech.WithKeySet(r.Keys),
+		ech.WithHandshakeTimeout(orDefault(r.HandshakeTimeout, DefaultHandshakeTimeout)))
 	el.OnError = func(conn net.Conn, err error) {
 		l := &connLog{start: g.acceptedAt(conn), listener: addr, client: conn.RemoteAddr().String(),
 			configID: -1, refused: true, err: err}
@@ -299,27 +297,16 @@ func (r *Router) ServeListener(ln net.Listener, l Listener) error {
 		})
 	}
 	// A connection whose whole hello, without ECH, has come when it is
-	// accepted (as usual: TCP_DEFER_ACCEPT) is read at once, on the
-	// accepting goroutine, and routed there if its route is a loop's
-	// from the start; the others go on in a goroutine of their own. That
-	// spares a goroutine, and a hand-over to another thread, on the path
-	// of a new connection: 227 µs against 300 µs for a short passthrough
-	// connection (BenchmarkRouterNewConnection).
-	// Its hello has come whole and without ECH, so no HelloRetryRequest
-	// is watched for: no deadline, whose timer would wake a thread.
-	arrivedOpts := append(slices.Clip(helloOpts), ech.WithHandshakeTimeout(0))
-	g.arrived = func(conn net.Conn) {
-		c, err := ech.NewConn(context.Background(), conn, arrivedOpts...)
-		if err != nil {
-			conn.Close()
-			el.OnError(conn, err)
-			return
+	// accepted (as usual: TCP_DEFER_ACCEPT) is read on the accepting
+	// goroutine, and routed there if its route is a loop's from the
+	// start: 227 µs against 300 µs for a short passthrough connection
+	// (BenchmarkRouterNewConnection).
+	el.Inline = func(c *ech.Conn) bool {
+		if !r.routesToLoop(c, routes) {
+			return false
 		}
-		if r.routesToLoop(c, routes) {
-			el.Handle(c)
-			return
-		}
-		go el.Handle(c)
+		el.Handle(c)
+		return true
 	}
 	defer el.Close()
 	_, err := el.Accept() // until the listener ends
@@ -332,9 +319,7 @@ func (r *Router) ServeListener(ln net.Listener, l Listener) error {
 // gate is the net.Listener under a router's ech.Listener: it refuses
 // connections over max_connections before their hello is read, logs bursts
 // of temporary accept errors (the ech.Listener backs off), and remembers
-// when each connection was accepted, for the log and the metrics. A
-// connection whose whole hello, without ECH, has come already it gives to
-// arrived, on the accepting goroutine, rather than to the ech.Listener.
+// when each connection was accepted, for the log and the metrics.
 type gate struct {
 	net.Listener
 	r        *Router
@@ -344,7 +329,6 @@ type gate struct {
 	failures int   // accept errors in this burst; only the accept loop uses it
 	refused  int64 // connections refused over max
 	accepted sync.Map
-	arrived  func(net.Conn)
 }
 
 func (g *gate) Accept() (net.Conn, error) {
@@ -380,10 +364,6 @@ func (g *gate) Accept() (net.Conn, error) {
 		g.inFlight.Add(1)
 		g.r.Metrics.Active(g.addr, 1)
 		g.accepted.Store(conn, time.Now())
-		if g.arrived != nil && helloArrived(conn) {
-			g.arrived(conn)
-			continue
-		}
 		return conn, nil
 	}
 }
