@@ -3,13 +3,13 @@ package ech
 import (
 	"bytes"
 	"net"
-	"slices"
 	"syscall"
 )
 
 // arrivedWithoutECH reports whether conn's socket already holds a whole
 // ClientHello of at most maxHello bytes without an encrypted_client_hello
-// extension, without reading it (a peek): NewConn then reads it without
+// extension, without reading it (a peek of a record's worth: a larger hello
+// is read on a goroutine of its own): NewConn then reads it without
 // waiting, and decrypts nothing. A hello that does not parse is not one.
 func arrivedWithoutECH(conn net.Conn, maxHello int) bool {
 	c, ok := conn.(syscall.Conn)
@@ -20,15 +20,17 @@ func arrivedWithoutECH(conn net.Conn, maxHello int) bool {
 	if err != nil {
 		return false
 	}
-	bp := getBuf()
-	defer putBuf(bp)
-	*bp = slices.Grow((*bp)[:0], peekSize)
-	buf := (*bp)[:peekSize]
-	n := 0
+	bp := copyBufPool.Get().(*[]byte)
+	buf, n := *bp, 0
+	defer func() {
+		clear(buf[:n])
+		copyBufPool.Put(bp)
+	}()
 	rc.Control(func(fd uintptr) {
 		n, _, err = syscall.Recvfrom(int(fd), buf, syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
 	})
 	if err != nil || n <= 0 {
+		n = 0
 		return false
 	}
 	hr := handshakeReader{conn: bytes.NewReader(buf[:n]), maxSize: maxHello, first: true}
@@ -41,8 +43,3 @@ func arrivedWithoutECH(conn net.Conn, maxHello int) bool {
 	defer sc.release()
 	return parseClientHello(&sc.outer, msg[handshakeHeaderLen:]) == nil && !sc.outer.hasECH
 }
-
-// peekSize is the most of a hello arrivedWithoutECH looks at: more than a
-// hello with a post-quantum key share. A larger one is read on a goroutine
-// of its own.
-const peekSize = 8 << 10

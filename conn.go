@@ -719,20 +719,31 @@ func (c *Conn) readSettled() bool {
 	return c.settleLocked()
 }
 
+// copyBufPool holds buffers of a whole record: copyHandshake's, which
+// every connection copied by WriteTo or ReadFrom needs for its first
+// records, and arrivedWithoutECH's. Unlike the hello buffers of bufPool,
+// they do not grow with what arrives; whoever used one clears what it
+// used before putting it back.
+var copyBufPool = sync.Pool{New: func() any {
+	b := make([]byte, recordHeaderLen+maxCiphertext)
+	return &b
+}}
+
 // copyHandshake copies src to dst through a buffer until done reports
 // true. It reports whether the copy ended (EOF or an error) before that.
 func copyHandshake(dst io.Writer, src io.Reader, done func() bool) (n int64, ended bool, err error) {
 	if done() {
 		return 0, false, nil
 	}
-	// A pooled buffer, cleared when put back: it may hold a
-	// ClientHelloInner.
-	bp := getBuf()
-	defer putBuf(bp)
-	*bp = slices.Grow((*bp)[:0], recordHeaderLen+maxCiphertext)
-	buf := (*bp)[:recordHeaderLen+maxCiphertext]
+	bp := copyBufPool.Get().(*[]byte)
+	buf, used := *bp, 0
+	defer func() {
+		clear(buf[:used]) // it may have held a ClientHelloInner
+		copyBufPool.Put(bp)
+	}()
 	for !done() {
 		m, rerr := src.Read(buf)
+		used = max(used, m)
 		if m > 0 {
 			wm, werr := dst.Write(buf[:m])
 			n += int64(wm)

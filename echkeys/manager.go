@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/echkit/ech"
+	"github.com/echkit/ech/internal/boundedfile"
 )
 
 // Defaults of the [Manager] fields.
@@ -365,20 +366,11 @@ func scan(dir string) ([]keyFile, error) {
 			continue
 		}
 		path := filepath.Join(dir, n)
-		fi, err := os.Stat(path)
-		if errors.Is(err, fs.ErrNotExist) {
-			// Deleted by another Manager since ReadDir, or a link left
-			// dangling by a volume's swap.
-			continue
-		}
-		if err != nil {
-			return nil, fmt.Errorf("echkeys: %w", err)
-		}
-		if !fi.Mode().IsRegular() {
-			continue // as LoadKeyDir: a directory, socket, FIFO...
-		}
 		data, err := readBounded(path, ech.MaxKeyFileSize)
-		if errors.Is(err, fs.ErrNotExist) {
+		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, boundedfile.ErrNotRegular) {
+			// Deleted by another Manager since ReadDir, a link left
+			// dangling by a volume's swap, or (as LoadKeyDir skips it)
+			// a directory, socket, FIFO...
 			continue
 		}
 		if err != nil {

@@ -127,7 +127,6 @@ func BenchmarkRouterNewConnection(b *testing.B) {
 		require.NoError(b, err)
 		b.Cleanup(func() { ln.Close() })
 		go acceptLoop(ln, func(c net.Conn) {
-			defer c.Close()
 			if _, err := io.ReadFull(c, make([]byte, len(hello))); err == nil {
 				c.Write([]byte{1})
 			}

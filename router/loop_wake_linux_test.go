@@ -4,8 +4,6 @@ package router
 
 import (
 	"bytes"
-	"context"
-	"crypto/tls"
 	"io"
 	"math/rand/v2"
 	"net"
@@ -13,7 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/echkit/ech"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -143,32 +140,6 @@ func TestLoopLeavesGoPoller(t *testing.T) {
 		assert.NoError(t, err)
 	case <-time.After(5 * time.Second):
 		t.Fatal("the connection did not end after both half-closes")
-	}
-}
-
-// TestSettledToClient: a hello without ECH leaves nothing to watch in
-// what the backend sends, so that direction goes to a loop without a
-// goroutine; an accepted ECH hello does not, as the server's first
-// message (a HelloRetryRequest or not) must be seen.
-func TestSettledToClient(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
-	for _, tc := range []struct {
-		name    string
-		list    ech.ConfigList
-		settled bool
-	}{{"no ECH", nil, true}, {"ECH", e.list, false}} {
-		t.Run(tc.name, func(t *testing.T) {
-			routerSide, client := tcpPair(t)
-			go tls.Client(client, e.clientConfig(tlsName, tc.list)).Handshake()
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			defer cancel()
-			c, err := ech.NewConn(ctx, routerSide, ech.WithKeySet(e.ks))
-			require.NoError(t, err)
-			assert.Equal(t, tc.name == "ECH", c.Status() == ech.StatusAccepted)
-			p := &pipe{client: c, clientTCP: routerSide}
-			assert.Equal(t, tc.settled, p.settledToClient())
-		})
 	}
 }
 

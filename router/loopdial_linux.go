@@ -9,7 +9,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"strings"
 	"syscall"
 	"time"
 	"unsafe"
@@ -42,9 +41,6 @@ func (r *Router) passthroughInLoop(c *ech.Conn, name string, rt *Route, end func
 		return false
 	}
 	p := r.newPipe(c, c.NetConn(), nil, rt)
-	if !p.settledToClient() {
-		return false // not after loopable: a hello whose ECH was accepted
-	}
 	pend := loopBufs.Get().(*[]byte)
 	*pend = (*pend)[:0]
 	fail := func(err error) bool {
@@ -113,20 +109,15 @@ func (r *Router) passthroughInLoop(c *ech.Conn, name string, rt *Route, end func
 	return true
 }
 
-// loopBackend returns the address a loop connects to for backend: an IP
-// address and port. A name is for Go's resolver, and a scoped address for
-// Go's dialer.
-func loopBackend(backend string) (netip.AddrPort, bool) {
-	ap, err := netip.ParseAddrPort(backend)
-	return ap, err == nil && ap.Addr().Zone() == ""
-}
-
 // loopable returns the address a loop connects to for c on route rt, if
-// one can: rt's backend is an IP address, c's handshake has nothing to
-// watch (its ECH was not accepted), c is over TCP, and the loops run.
+// one can: rt is a passthrough to an IP address and port (a host name is
+// for Go's resolver, a scoped address for Go's dialer), c's handshake has
+// nothing to watch (its ECH was not accepted), c is over TCP, and the
+// loops run.
 func loopable(c *ech.Conn, rt *Route) (netip.AddrPort, bool) {
-	ap, ok := loopBackend(rt.Backend)
-	return ap, ok && rt.Mode == ModePassthrough && !c.ECHAccepted() && isTCP(c.NetConn()) && useLoops.Load() && haveLoops()
+	ap, err := netip.ParseAddrPort(rt.Backend)
+	return ap, err == nil && ap.Addr().Zone() == "" && rt.Mode == ModePassthrough && !c.ECHAccepted() &&
+		isTCP(c.NetConn()) && useLoops.Load() && haveLoops()
 }
 
 // routesToLoop reports whether c, whose hello was read, goes to a loop
@@ -134,18 +125,11 @@ func loopable(c *ech.Conn, rt *Route) (netip.AddrPort, bool) {
 // goroutine that routes it. A hello for the public name does not, nor one
 // refused.
 func (r *Router) routesToLoop(c *ech.Conn, routes []Route) bool {
-	if isPublicName(c.ServerName(), r.PublicName) {
+	_, i, err := r.destination(c.ServerName(), routes, c.ALPNProtos())
+	if err != nil || i < 0 {
 		return false
 	}
-	name := strings.TrimSuffix(c.ServerName(), ".")
-	if checkServerName(name) != nil {
-		return false
-	}
-	rt := findRoute(routes, name, c.ALPNProtos())
-	if rt == nil {
-		return false
-	}
-	_, ok := loopable(c, rt)
+	_, ok := loopable(c, &routes[i])
 	return ok
 }
 

@@ -92,42 +92,17 @@ var errHandedOff = errors.New("router: handed to a loop")
 func (p *pipe) start(done func(in, out int64, err error)) {
 	p.done = done
 	p.active.Store(time.Now().UnixNano())
-	_, passthrough := p.client.(*ech.Conn) // not under a TLS layer
+	c, passthrough := p.client.(*ech.Conn) // not under a TLS layer
 	handoff := useLoops.Load() && passthrough && isTCP(p.clientTCP) && isTCP(p.backend)
-	if handoff && p.settledToClient() {
-		// No goroutine for a direction with nothing to watch: the
-		// loop's from the start.
+	if handoff && !c.ECHAccepted() {
+		// No goroutine for a direction with nothing to watch (only the
+		// server's answer to an accepted ECH hello is): the loop's from
+		// the start.
 		p.resolve(1, dirResult{err: errHandedOff})
 	} else {
 		go p.direction(1, 0, handoff)
 	}
 	p.direction(0, 0, handoff)
-}
-
-// settledToClient reports whether the client's ech.Conn has nothing to
-// watch in what the backend sends (no ECH, or nothing left of the
-// handshake), so that the direction from the backend can go to a loop at
-// once. It asks ech.Conn's ReadFrom with a source that only answers
-// whether ReadFrom went straight to the client's TCP connection; if
-// ReadFrom would read through ech.Conn first, the source fails its first
-// read, before anything is copied.
-func (p *pipe) settledToClient() bool {
-	_, err := p.client.(io.ReaderFrom).ReadFrom(settledProbe{p})
-	return errors.Is(err, errHandedOff)
-}
-
-// settledProbe is the source of settledToClient.
-type settledProbe struct{ p *pipe }
-
-var errNotSettled = errors.New("router: handshake to watch")
-
-func (settledProbe) Read([]byte) (int, error) { return 0, errNotSettled }
-
-func (s settledProbe) WriteTo(w io.Writer) (int64, error) {
-	if w == s.p.clientTCP {
-		return 0, errHandedOff
-	}
-	return 0, errNotSettled
 }
 
 func isTCP(c net.Conn) bool {
@@ -252,8 +227,7 @@ func (p *pipe) Close() error {
 		// The goroutines end, and report (a direction that hands off
 		// now finds p closed).
 		p.closed = true
-		p.client.Close()
-		p.backend.Close()
+		p.closeConns(nil)
 	}
 	p.mu.Unlock()
 	return nil
@@ -372,10 +346,8 @@ func (p *pipe) closeConns(failed net.Conn) {
 	switch failed {
 	case p.client:
 		abort(p.backend)
-		p.client.Close()
 	case p.backend:
 		abort(p.clientTCP)
-		p.backend.Close()
 	}
 	p.client.Close()
 	p.backend.Close()

@@ -53,11 +53,12 @@ func h3Request(ctx context.Context, addr string, cfg *tls.Config, path string) (
 // the public name, as its log says it started one, or "".
 func (e *env) publicQUICAddr() string {
 	const msg = "public name's QUIC server address="
-	for _, l := range e.all.matching(msg) {
-		_, addr, _ := strings.Cut(l, msg)
-		return strings.Fields(addr)[0]
+	ls := e.all.matching(msg)
+	if len(ls) == 0 {
+		return ""
 	}
-	return ""
+	_, addr, _ := strings.Cut(ls[0], msg)
+	return strings.Fields(addr)[0]
 }
 
 // publicQUICGoroutines returns the stacks of the goroutines of a

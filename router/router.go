@@ -632,32 +632,20 @@ func (r *Router) handle(c *ech.Conn, listener string, start time.Time, routes []
 		l.innerName = c.ServerName()
 	}
 
-	// RFC 9849, Section 7.1: a hello whose ECH did not decrypt (GREASE, an
-	// unknown config_id, a stale key) is routed by its outer name exactly
-	// like a hello without ECH. A GREASE client has no config and names
-	// the real server in the clear; only a hello for the public name (a
-	// client with a stale config) or for no name is served by the public
-	// name's server, which sends retry configs (Section 6.1.6). No route
-	// may take the public name, not even "*".
-	// The name routes and goes to the backend in the PROXY header: it
-	// must be a DNS name. A final dot is dropped (RFC 6066, Section 3,
-	// forbids it; some clients send it).
-	name := strings.TrimSuffix(c.ServerName(), ".")
-	if c.ServerName() != "" {
-		if err := checkServerName(name); err != nil {
-			sendAlert(c, alertUnrecognizedName)
-			l.err = err
-			return
-		}
-	}
-	if isPublicName(c.ServerName(), r.PublicName) {
+	name, i, err := r.destination(c.ServerName(), routes, l.alpn)
+	switch {
+	case err != nil:
+		sendAlert(c, alertUnrecognizedName)
+		l.err = err
+		return
+	case i == routePublic:
 		l.route, l.mode = "public", "terminate"
 		cc := &countingConn{Conn: c}
 		l.negotiated, l.err = r.servePublic(c, cc)
 		l.in, l.out = cc.read.Load(), cc.written.Load()
 		return
-	}
-	if rt := findRoute(routes, name, l.alpn); rt != nil {
+	case i >= 0:
+		rt := &routes[i]
 		l.route, l.mode = rt.Name, rt.Mode.String()
 		forwarded = true
 		end := func(in, out int64, err error) {
@@ -676,14 +664,42 @@ func (r *Router) handle(c *ech.Conn, listener string, start time.Time, routes []
 	l.err = errNoRoute
 }
 
-// findRoute returns the first of routes for name and alpn, or nil.
-func findRoute(routes []Route, name string, alpn []string) *Route {
-	for i := range routes {
-		if routes[i].matches(name, alpn) {
-			return &routes[i]
+// Where destination sends a hello that no route takes.
+const (
+	routeNone   = -1 // no route serves the name
+	routePublic = -2 // the public name's server
+)
+
+// destination returns where a hello naming serverName (in the clear, or
+// inside when ECH was accepted) and offering alpn goes: the index of the
+// first of routes for it, routePublic or routeNone; and the name, without
+// a final dot (RFC 6066, Section 3, forbids it; some clients send it). The
+// name goes to backends in PROXY headers, so one that is not a DNS name is
+// refused with an error.
+//
+// RFC 9849, Section 7.1: a hello whose ECH did not decrypt (GREASE, an
+// unknown config_id, a stale key) is routed by its outer name exactly like
+// a hello without ECH. A GREASE client has no config and names the real
+// server in the clear; only a hello for the public name (a client with a
+// stale config) or for no name is served by the public name's server,
+// which sends retry configs (Section 6.1.6). No route may take the public
+// name, not even "*".
+func (r *Router) destination(serverName string, routes []Route, alpn []string) (name string, i int, err error) {
+	name = strings.TrimSuffix(serverName, ".")
+	if serverName != "" {
+		if err := checkServerName(name); err != nil {
+			return name, routeNone, err
 		}
 	}
-	return nil
+	if isPublicName(name, r.PublicName) {
+		return name, routePublic, nil
+	}
+	for i := range routes {
+		if routes[i].matches(name, alpn) {
+			return name, i, nil
+		}
+	}
+	return name, routeNone, nil
 }
 
 // TLS alerts the router writes itself (RFC 8446, Section 6).

@@ -637,18 +637,13 @@ func (r *Router) QUICProxy(l QUICListener) (*echquic.Proxy, error) {
 	route := func(info echquic.Info) (net.Addr, error) {
 		lg := &quicLog{info: info, listener: l.Name}
 		defer r.logQUIC(lg)
-		host := strings.TrimSuffix(info.ServerName, ".")
-		if info.ServerName != "" {
-			if err := checkServerName(host); err != nil {
-				lg.err = err
-				return nil, err
-			}
-		}
-		// As on TCP (see Router.handle): only a hello for the public name
-		// or for no name goes to the public name's server, which sends
-		// retry configs; a hello whose ECH did not decrypt is routed by
-		// its name in the clear.
-		if isPublicName(info.ServerName, r.PublicName) {
+		// As on TCP (see Router.destination).
+		_, i, err := r.destination(info.ServerName, l.Routes, info.ALPNProtos)
+		switch {
+		case err != nil:
+			lg.err = err
+			return nil, err
+		case i == routePublic:
 			lg.route = "public"
 			if l.PublicBackend == "" {
 				lg.err = errNoPublicQUIC
@@ -662,17 +657,12 @@ func (r *Router) QUICProxy(l QUICListener) (*echquic.Proxy, error) {
 				lg.err = fmt.Errorf("%w: %w", errBackend, err)
 			}
 			return a, lg.err
-		}
-		for i := range l.Routes {
-			rt := &l.Routes[i]
-			if !rt.matches(host, info.ALPNProtos) {
-				continue
-			}
-			lg.route = rt.Name
+		case i >= 0:
+			lg.route = l.Routes[i].Name
 			if backends[i] != nil {
 				return backends[i], nil
 			}
-			a, err := net.ResolveUDPAddr("udp", rt.Backend)
+			a, err := net.ResolveUDPAddr("udp", l.Routes[i].Backend)
 			if err != nil {
 				lg.err = fmt.Errorf("%w: %w", errBackend, err)
 			}
