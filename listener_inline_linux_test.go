@@ -28,8 +28,9 @@ func TestListenerInline(t *testing.T) {
 		})
 		return err
 	}}
-	raw, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
+	l, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
 	require.NoError(t, err)
+	raw := &countingListener{Listener: l}
 	ks := echtest.NewKeySet(t, publicName)
 	list, err := ks.ConfigList()
 	require.NoError(t, err)
@@ -91,7 +92,10 @@ func TestListenerInline(t *testing.T) {
 
 	hello := captureHello(t, &tls.Config{ServerName: "split.example"})
 	conn := send(hello[:len(hello)/2])
-	time.Sleep(100 * time.Millisecond) // accepted with half its hello
+	// Accepted with half its hello, and looked at: the peek follows the
+	// accept on the same goroutine.
+	require.Eventually(t, func() bool { return raw.accepted.Load() == 3 }, testTimeout, time.Millisecond)
+	time.Sleep(200 * time.Millisecond)
 	_, err = conn.Write(hello[len(hello)/2:])
 	require.NoError(t, err)
 	assert.Equal(t, "split.example", next(handled, "split handled").ServerName())
