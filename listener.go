@@ -81,7 +81,8 @@ type Listener struct {
 
 	ln       net.Listener
 	opts     []Option
-	maxHello int // NewConn's largest hello, for the peek
+	maxHello int      // NewConn's largest hello, for the peek
+	inline   []Option // opts for a hello read inline: no deadline
 	logger   *slog.Logger
 
 	ctx    context.Context // canceled by Close
@@ -115,11 +116,15 @@ func NewListener(ln net.Listener, opts ...Option) *Listener {
 		ln:       ln,
 		opts:     opts,
 		maxHello: o.maxHelloSize,
-		logger:   o.logger,
-		ctx:      ctx,
-		cancel:   cancel,
-		ready:    make(chan *Conn),
-		stopped:  make(chan struct{}),
+		// Nothing to wait for, and no ECH whose watch the handshake
+		// timeout would bound: no deadline, whose timer would wake a
+		// thread.
+		inline:  append(slices.Clip(opts), WithHandshakeTimeout(0)),
+		logger:  o.logger,
+		ctx:     ctx,
+		cancel:  cancel,
+		ready:   make(chan *Conn),
+		stopped: make(chan struct{}),
 	}
 }
 
@@ -217,10 +222,7 @@ func (l *Listener) acceptLoop(onError func(net.Conn, error), handle func(*Conn),
 		delay = 0
 		hellos.Add(1)
 		if inline != nil && arrivedWithoutECH(conn, l.maxHello) {
-			// Nothing to wait for, and no ECH whose watch the
-			// handshake timeout would bound: no deadline, whose timer
-			// would wake a thread.
-			if c := l.readHello(conn, onError, WithHandshakeTimeout(0)); c != nil && !inline(c) {
+			if c := l.readHello(conn, onError, l.inline); c != nil && !inline(c) {
 				go l.deliver(c, handle, &hellos)
 				continue
 			}
@@ -228,7 +230,7 @@ func (l *Listener) acceptLoop(onError func(net.Conn, error), handle func(*Conn),
 			hellos.Done()
 			continue
 		}
-		go func() { l.deliver(l.readHello(conn, onError), handle, &hellos) }()
+		go func() { l.deliver(l.readHello(conn, onError, l.opts), handle, &hellos) }()
 	}
 }
 
@@ -250,15 +252,10 @@ func (l *Listener) deliver(c *Conn, handle func(*Conn), hellos *sync.WaitGroup) 
 	}
 }
 
-// readHello runs NewConn on conn, with the Listener's options and then
-// opts, and returns the Conn, or nil if NewConn failed (conn is closed,
-// and the error reported to onError) or the Listener was closed meanwhile.
-func (l *Listener) readHello(conn net.Conn, onError func(net.Conn, error), opts ...Option) *Conn {
-	if len(opts) > 0 {
-		opts = append(slices.Clip(l.opts), opts...)
-	} else {
-		opts = l.opts
-	}
+// readHello runs NewConn on conn with opts, and returns the Conn, or nil
+// if NewConn failed (conn is closed, and the error reported to onError) or
+// the Listener was closed meanwhile.
+func (l *Listener) readHello(conn net.Conn, onError func(net.Conn, error), opts []Option) *Conn {
 	c, err := NewConn(l.ctx, conn, opts...)
 	if err != nil {
 		conn.Close()
