@@ -44,7 +44,9 @@ func (r *Router) passthroughInLoop(c *ech.Conn, name string, rt *Route, end func
 	pend := loopBufs.Get().(*[]byte)
 	*pend = (*pend)[:0]
 	fail := func(err error) bool {
-		putLoopBuf(pend)
+		if pend != nil {
+			putLoopBuf(pend)
+		}
 		abort(c.NetConn()) // the client gets a reset, as when a dial fails
 		end(0, 0, err)
 		return true
@@ -83,10 +85,7 @@ func (r *Router) passthroughInLoop(c *ech.Conn, name string, rt *Route, end func
 		p.backend.Close()
 		return fail(nil)
 	}
-	// The client's bytes wait for the backend's socket to be connected
-	// (see waitsFor).
-	s := &loopState{l: l, fd: [2]int{clientFD, fd}, inLoop: [2]bool{true, true}, connecting: true}
-	s.dir[0].pend = pend
+	s := &loopState{l: l, fd: [2]int{clientFD, fd}, inLoop: [2]bool{true, true}}
 	s.dir[0].n = -int64(header) // the bytes forwarded are the client's
 	p.mu.Lock()
 	if p.closed {
@@ -97,14 +96,40 @@ func (r *Router) passthroughInLoop(c *ech.Conn, name string, rt *Route, end func
 		return true
 	}
 	p.resolved = [2]bool{true, true} // no goroutine copies
+	// A backend on the same host has mostly accepted the connection when
+	// connect returns: the client's bytes go at once, and the loop is
+	// first woken by the backend's answer, not by the socket getting
+	// writable. Otherwise (EAGAIN), or with bytes left, they wait for that
+	// (see waitsFor).
+	n, _, err := writeAll(fd, *pend)
+	if err != nil {
+		p.closed = true
+		p.backend.Close()
+		p.mu.Unlock()
+		return fail(fmt.Errorf("%w: %w", errBackend, dialError(ap, os.NewSyscallError("connect", err))))
+	}
+	s.dir[0].n += int64(n)
+	timeout := p.idle
+	switch {
+	case n == len(*pend):
+		putLoopBuf(pend)
+	case n > 0:
+		s.dir[0].pend, s.dir[0].off, s.blocked[0] = pend, n, true
+	default:
+		s.dir[0].pend, s.connecting = pend, true
+		timeout = orDefault(r.DialTimeout, DefaultDialTimeout) // the dial timeout
+	}
 	if err := p.register(s); err != nil {
 		p.closed = true
 		p.backend.Close()
 		p.mu.Unlock()
+		if s.dir[0].pend == nil {
+			pend = nil // back in the pool
+		}
 		return fail(err)
 	}
 	p.leaveGoPoller()
-	s.idleT = time.AfterFunc(orDefault(r.DialTimeout, DefaultDialTimeout), p.onIdle)
+	s.idleT = time.AfterFunc(timeout, p.onIdle)
 	p.mu.Unlock()
 	return true
 }
