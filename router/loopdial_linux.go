@@ -20,7 +20,7 @@ import (
 // ECH, or a hello whose ECH did not decrypt and is routed by its outer
 // name) needs no goroutine once routed: a loop connects to the backend
 // itself, with a non-blocking socket that only its epoll set knows, writes
-// the hello (and the PROXY header) when the socket is connected, and
+// the hello (and the PROXY header) as soon as the socket takes it, and
 // forwards from then on. Go's dialer would register the socket in Go's
 // poller, park the routing goroutine until it is connected, ask the system
 // for both addresses, and take the socket out of the poller again at the
