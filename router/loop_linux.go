@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"time"
 	"unsafe"
+
+	"github.com/echkit/ech/internal/sysmonhold"
 )
 
 // A forwarded connection spends most of its life idle: an IMAP client in
@@ -88,10 +90,11 @@ func loopFor() (*loop, error) {
 }
 
 // haveLoops reports whether the loops run, starting them the first time:
-// one per processor the runtime uses, at most 4.
+// one per processor the runtime uses (but one sysmonhold holds), at most
+// 4.
 func haveLoops() bool {
 	loops.once.Do(func() {
-		for range min(runtime.GOMAXPROCS(0), 4) {
+		for range min(max(runtime.GOMAXPROCS(0)-sysmonhold.Held(), 1), 4) {
 			fd, err := syscall.EpollCreate1(syscall.EPOLL_CLOEXEC)
 			if err == nil {
 				err = syscall.SetNonblock(fd, true) // for Go's poller
