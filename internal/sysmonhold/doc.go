@@ -12,22 +12,22 @@
 // of the router's), and the router made 7.7 to 8.1 context switches per
 // connection (all its threads), against HAProxy's 6.
 //
-// Start gives the runtime one processor more than it had and parks a
-// goroutine on it in a system call that the runtime does not see
-// (ppoll, made raw, with a 5 ms timeout): that processor never counts as
-// idle, so the monitor never sleeps for good, and with nothing to take
-// back from system calls it backs off to its longest period, 10 ms. The
-// parked goroutine uses no CPU; it yields its processor every 5 ms, and
-// at once when a signal interrupts its ppoll (the runtime's preemption
-// signal, as when it stops the world for the garbage collector), so that
-// the runtime never waits for it. With Start, the monitor spent 2 to 5 µs
-// per connection, and the router made 5.3 to 5.7 context switches.
+// Start gives the runtime (if it has 2 processors or more) one processor
+// more than it had and parks a goroutine on it in a system call that the
+// runtime does not see (ppoll, made raw, with a 5 ms timeout): that
+// processor never counts as idle, so the monitor never sleeps for good,
+// and with nothing to take back from system calls it backs off to its
+// longest period, 10 ms. The parked goroutine uses next to no CPU; it
+// yields its processor every 5 ms, and at once when a signal interrupts
+// its ppoll (the runtime's preemption signal, as when it stops the world
+// for the garbage collector), so that the runtime never waits for it.
+// With Start, the monitor spent 2 to 5 µs per connection, and the router
+// made 5.3 to 5.7 context switches.
 //
 // The cost: the runtime no longer adjusts GOMAXPROCS to a changed CPU
 // limit of its cgroup (Start sets it), timers left on the held processor
 // may run up to 5 ms late while the others are busy, and an idle process
 // wakes about 500 times a second (the parked goroutine and the monitor;
-// 0 without Start).
-// It is for servers, in their main package: a library has no business
+// 0 without Start). It is for servers, in their main package: a library has no business
 // changing GOMAXPROCS. Start does nothing on systems other than Linux.
 package sysmonhold

@@ -15,6 +15,9 @@ import (
 // runtime works around the held one: the garbage collector stops the
 // world, and timers fire.
 func TestStart(t *testing.T) {
+	if runtime.GOMAXPROCS(0) < 2 {
+		runtime.GOMAXPROCS(2) // as on a machine with 2 CPUs (see TestStartOneProcessor)
+	}
 	before := runtime.GOMAXPROCS(0)
 	Start()
 	Start()
@@ -51,10 +54,29 @@ func TestGCWithoutPreemptionSignals(t *testing.T) {
 	exe, err := os.Executable()
 	require.NoError(t, err)
 	cmd := exec.Command(exe, "-test.run=^TestGCWithoutPreemptionSignals$", "-test.v")
-	cmd.Env = append(os.Environ(), "SYSMONHOLD_CHILD=1", "GODEBUG=asyncpreemptoff=1")
+	cmd.Env = append(os.Environ(), "SYSMONHOLD_CHILD=1", "GODEBUG=asyncpreemptoff=1", "GOMAXPROCS=2")
 	start := time.Now()
 	out, err := cmd.CombinedOutput()
 	require.NoError(t, err, "%s", out)
 	assert.Contains(t, string(out), "PASS")
 	t.Logf("20 collections in %v", time.Since(start).Round(time.Millisecond))
+}
+
+// TestStartOneProcessor runs a process whose runtime has one processor:
+// Start holds none (see Start).
+func TestStartOneProcessor(t *testing.T) {
+	if os.Getenv("SYSMONHOLD_CHILD") == "one" {
+		Start()
+		if n, h := runtime.GOMAXPROCS(0), Held(); n != 1 || h != 0 {
+			t.Fatalf("GOMAXPROCS %d, %d held; want 1, 0", n, h)
+		}
+		return
+	}
+	exe, err := os.Executable()
+	require.NoError(t, err)
+	cmd := exec.Command(exe, "-test.run=^TestStartOneProcessor$", "-test.v")
+	cmd.Env = append(os.Environ(), "SYSMONHOLD_CHILD=one", "GOMAXPROCS=1")
+	out, err := cmd.CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	assert.Contains(t, string(out), "--- PASS: TestStartOneProcessor")
 }
