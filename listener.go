@@ -222,8 +222,7 @@ func (l *Listener) acceptLoop(onError func(net.Conn, error), handle func(*Conn),
 		delay = 0
 		hellos.Add(1)
 		if inline != nil && arrivedWithoutECH(conn, l.maxHello) {
-			// The hello is there: nothing waits, for Close to interrupt.
-			if c := l.readHello(context.Background(), conn, onError, l.inline); c != nil && !inline(c) {
+			if c := l.readHello(conn, onError, l.inline); c != nil && !inline(c) {
 				go l.deliver(c, handle, &hellos)
 				continue
 			}
@@ -231,7 +230,7 @@ func (l *Listener) acceptLoop(onError func(net.Conn, error), handle func(*Conn),
 			hellos.Done()
 			continue
 		}
-		go func() { l.deliver(l.readHello(l.ctx, conn, onError, l.opts), handle, &hellos) }()
+		go func() { l.deliver(l.readHello(conn, onError, l.opts), handle, &hellos) }()
 	}
 }
 
@@ -253,11 +252,13 @@ func (l *Listener) deliver(c *Conn, handle func(*Conn), hellos *sync.WaitGroup) 
 	}
 }
 
-// readHello runs NewConn on conn with ctx and opts, and returns the Conn,
-// or nil if NewConn failed (conn is closed, and the error reported to
-// onError) or the Listener was closed meanwhile.
-func (l *Listener) readHello(ctx context.Context, conn net.Conn, onError func(net.Conn, error), opts []Option) *Conn {
-	c, err := NewConn(ctx, conn, opts...)
+// readHello runs NewConn on conn with opts, and returns the Conn, or nil
+// if NewConn failed (conn is closed, and the error reported to onError) or
+// the Listener was closed meanwhile. Close interrupts it, even a read
+// inline, which has no deadline: it should not wait, the hello having
+// arrived, but nothing else would bound it if it did.
+func (l *Listener) readHello(conn net.Conn, onError func(net.Conn, error), opts []Option) *Conn {
+	c, err := NewConn(l.ctx, conn, opts...)
 	if err != nil {
 		conn.Close()
 		if onError != nil && l.ctx.Err() == nil {
