@@ -55,6 +55,7 @@ func park() {
 		// here: Gosched alone would not (it is nosplit, and the runtime
 		// clears the request when it runs the goroutine again), and the
 		// garbage collector would ask again every few µs, for tens of ms.
+		//lint:ignore SA4017 called for the preemption check in its prologue
 		safePoint(1)
 		// Let the processor run what waits for it, and its timers.
 		runtime.Gosched()
