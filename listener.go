@@ -224,10 +224,9 @@ func (l *Listener) acceptLoop(onError func(net.Conn, error), handle func(*Conn),
 		if inline != nil && arrivedWithoutECH(conn, l.maxHello) {
 			if c := l.readHello(conn, onError, l.inline); c != nil && !inline(c) {
 				go l.deliver(c, handle, &hellos)
-				continue
+			} else {
+				l.deliver(nil, handle, &hellos) // refused, or taken by inline
 			}
-			<-l.slots
-			hellos.Done()
 			continue
 		}
 		go func() { l.deliver(l.readHello(conn, onError, l.opts), handle, &hellos) }()

@@ -466,7 +466,7 @@ func (p *pipe) pump(dir int, drain bool, buf []byte, budget int) error {
 			d.n += int64(n)
 			moved = moved || n > 0
 			if s.connecting && err != nil {
-				err = dialError(p.backend.(*rawSocket).addr, os.NewSyscallError("connect", err))
+				err = connectError(p.backend.(*rawSocket).addr, err)
 			} else if s.connecting && n > 0 {
 				p.connected()
 			}

@@ -32,4 +32,4 @@ func (r *Router) passthroughInLoop(*ech.Conn, string, *Route, func(in, out int64
 }
 
 // routesToLoop is false where there are no loops.
-func (r *Router) routesToLoop(*ech.Conn, []Route) bool { return false }
+func (r *Router) routesToLoop(*ech.Conn, []Route, dest) bool { return false }

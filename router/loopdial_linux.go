@@ -106,7 +106,7 @@ func (r *Router) passthroughInLoop(c *ech.Conn, name string, rt *Route, end func
 		p.closed = true
 		p.backend.Close()
 		p.mu.Unlock()
-		return fail(fmt.Errorf("%w: %w", errBackend, dialError(ap, os.NewSyscallError("connect", err))))
+		return fail(fmt.Errorf("%w: %w", errBackend, connectError(ap, err)))
 	}
 	s.dir[0].n += int64(n)
 	timeout := p.idle
@@ -146,15 +146,14 @@ func loopable(c *ech.Conn, rt *Route) (netip.AddrPort, bool) {
 }
 
 // routesToLoop reports whether c, whose hello was read, goes to a loop
-// from the start, through passthroughInLoop: nothing on its way blocks the
-// goroutine that routes it. A hello for the public name does not, nor one
-// refused.
-func (r *Router) routesToLoop(c *ech.Conn, routes []Route) bool {
-	_, i, err := r.destination(c.ServerName(), routes, c.ALPNProtos())
-	if err != nil || i < 0 {
+// from the start when forwarded to d among routes, through
+// passthroughInLoop: nothing on its way blocks the goroutine that routes
+// it. A hello for the public name does not, nor one refused.
+func (r *Router) routesToLoop(c *ech.Conn, routes []Route, d dest) bool {
+	if d.err != nil || d.i < 0 {
 		return false
 	}
-	_, ok := loopable(c, &routes[i])
+	_, ok := loopable(c, &routes[d.i])
 	return ok
 }
 
@@ -178,6 +177,12 @@ func (p *pipe) connected() {
 	s := p.loop
 	s.connecting = false
 	s.idleT.Reset(p.idle)
+}
+
+// connectError is the error of a first write to a backend's socket that
+// found it not connected (refused, reset): a failed connect to ap.
+func connectError(ap netip.AddrPort, err error) error {
+	return dialError(ap, os.NewSyscallError("connect", err))
 }
 
 // dialError is the error of a failed connect to ap, as Go's dialer words

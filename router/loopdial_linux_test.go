@@ -244,7 +244,7 @@ func TestRoutesToLoop(t *testing.T) {
 			require.NoError(t, err)
 			c, err := ech.NewConn(context.Background(), conn, ech.WithKeySet(e.ks))
 			require.NoError(t, err)
-			assert.Equal(t, tc.want, e.r.routesToLoop(c, routes))
+			assert.Equal(t, tc.want, e.r.routesToLoop(c, routes, e.r.destOf(c, routes)))
 		})
 	}
 }

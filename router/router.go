@@ -284,28 +284,31 @@ func (r *Router) ServeListener(ln net.Listener, l Listener) error {
 		g.done(conn)
 		r.log(l)
 	}
-	// Each connection is routed on the goroutine that read its hello.
-	el.Handle = func(c *ech.Conn) {
+	// serve forwards c to d, and frees its place when it has ended.
+	serve := func(c *ech.Conn, d dest) {
 		if !r.trackConn(c.NetConn()) {
 			c.Close()
 			g.done(c.NetConn())
 			return
 		}
-		r.handle(c, addr, g.acceptedAt(c.NetConn()), routes, func() {
+		r.handle(c, addr, g.acceptedAt(c.NetConn()), routes, d, func() {
 			r.untrackConn(c.NetConn())
 			g.done(c.NetConn())
 		})
 	}
+	// Each connection is routed on the goroutine that read its hello.
+	el.Handle = func(c *ech.Conn) { serve(c, r.destOf(c, routes)) }
 	// A connection whose whole hello, without ECH, has come when it is
 	// accepted (as usual: TCP_DEFER_ACCEPT) is read on the accepting
 	// goroutine, and routed there if its route is a loop's from the
 	// start: 227 µs against 300 µs for a short passthrough connection
 	// (BenchmarkRouterNewConnection).
 	el.Inline = func(c *ech.Conn) bool {
-		if !r.routesToLoop(c, routes) {
+		d := r.destOf(c, routes)
+		if !r.routesToLoop(c, routes, d) {
 			return false
 		}
-		el.Handle(c)
+		serve(c, d)
 		return true
 	}
 	defer el.Close()
@@ -612,10 +615,10 @@ func (r *Router) logConnection(attrs []slog.Attr, route string, err error) {
 	r.logger().LogAttrs(context.Background(), level, "connection", attrs...)
 }
 
-// handle routes c, whose ClientHello the ech.Listener read, accepted at
-// start, and calls finish once when the connection has ended and been
+// handle forwards c, whose ClientHello the ech.Listener read, accepted at
+// start, to d, and calls finish once when the connection has ended and been
 // logged: maybe after handle has returned, when a loop forwards it.
-func (r *Router) handle(c *ech.Conn, listener string, start time.Time, routes []Route, finish func()) {
+func (r *Router) handle(c *ech.Conn, listener string, start time.Time, routes []Route, d dest, finish func()) {
 	l := &connLog{start: start, hello: time.Since(start), listener: listener, client: c.RemoteAddr().String(), configID: -1}
 	forwarded := false
 	defer func() {
@@ -632,11 +635,11 @@ func (r *Router) handle(c *ech.Conn, listener string, start time.Time, routes []
 		l.innerName = c.ServerName()
 	}
 
-	name, i, err := r.destination(c.ServerName(), routes, l.alpn)
+	name, i := d.name, d.i
 	switch {
-	case err != nil:
+	case d.err != nil:
 		sendAlert(c, alertUnrecognizedName)
-		l.err = err
+		l.err = d.err
 		return
 	case i == routePublic:
 		l.route, l.mode = "public", "terminate"
@@ -662,6 +665,20 @@ func (r *Router) handle(c *ech.Conn, listener string, start time.Time, routes []
 	}
 	sendAlert(c, alertUnrecognizedName)
 	l.err = errNoRoute
+}
+
+// dest is where a hello goes: see destination.
+type dest struct {
+	name string
+	i    int
+	err  error
+}
+
+// destOf returns where c goes among routes: by the name it was read for
+// (the inner name when ECH was accepted) and its ALPN.
+func (r *Router) destOf(c *ech.Conn, routes []Route) dest {
+	name, i, err := r.destination(c.ServerName(), routes, c.ALPNProtos())
+	return dest{name, i, err}
 }
 
 // Where destination sends a hello that no route takes.
